@@ -1,0 +1,1 @@
+"""Video LoRA fine-tuning: recipes, model families, cache, trainer, export, inference."""

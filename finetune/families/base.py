@@ -1,0 +1,193 @@
+"""The model-family protocol: everything the generic code (config, cache, trainer, export,
+inference) needs to know about a base model family, and nothing more.
+
+A family file (``finetune/families/<name>.py``) subclasses :class:`Family`, fills the class
+attributes and implements the abstract methods, then registers itself with
+``@register``. Generic code never branches on a family name; it calls these methods.
+
+Shapes used throughout:
+  videos:  [B, 3, F, H, W] float in [-1, 1] (pixel space)
+  latents: [B, C, f, h, w] normalised so the flow-matching prior N(0, 1) fits them
+  text:    dict of tensors, each with a leading batch dim [B, ...]
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """Valid frame counts are ``temporal_factor * k + 1`` (k >= 0): the VAE keeps the first
+    frame and compresses the rest ``temporal_factor`` to one."""
+
+    temporal_factor: int
+
+    def is_valid(self, frames: int) -> bool:
+        return frames >= 1 and (frames - 1) % self.temporal_factor == 0
+
+    def floor(self, frames: int) -> int:
+        """Largest valid count <= ``frames`` (1 if ``frames`` < 1)."""
+        return max(1, (max(frames, 1) - 1) // self.temporal_factor * self.temporal_factor + 1)
+
+    def nearest(self, frames: int) -> int:
+        """Closest valid count; ties go up."""
+        lo = self.floor(frames)
+        hi = lo + self.temporal_factor
+        return hi if (hi - frames) <= (frames - lo) else lo
+
+    def describe(self) -> str:
+        return f"{self.temporal_factor}k+1"
+
+
+@dataclass
+class ModelSpec:
+    """Where the weights come from. ``tiny`` builds a seeded random model from a config in code
+    (same classes as the real model) instead of calling ``from_pretrained`` on ``pretrained``."""
+
+    pretrained: str
+    revision: str | None = None
+    tiny: bool = False
+    tiny_seed: int = 0
+    dtype: torch.dtype = torch.float32
+    # "none" | "int8" | "nf4": bitsandbytes quantisation of the frozen transformer (CUDA only).
+    quantization: str = "none"
+
+    @property
+    def display_id(self) -> str:
+        return f"tiny-random(seed={self.tiny_seed})" if self.tiny else self.pretrained
+
+
+@dataclass
+class Components:
+    """The loaded modules of one base model. Encoders may be ``None`` once released."""
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module | None
+    tokenizer: Any
+    scheduler: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Family(ABC):
+    """One base-model family (Wan, LTX-Video, ...). Instances hold the loaded components."""
+
+    # --- facts, usable before any weights load (recipe validation, data_prep) ---
+    name: ClassVar[str]
+    frame_rule: ClassVar[FrameRule]
+    # height and width must be multiples of this (VAE spatial factor x transformer patch size)
+    spatial_factor: ClassVar[int]
+    default_lora_targets: ClassVar[tuple[str, ...]]
+    default_model_id: ClassVar[str]
+    # diffusers pipeline class: builds the inference pipeline and (de)serialises LoRA weights
+    pipeline_class: ClassVar[type]
+    default_fps: ClassVar[int]
+
+    def __init__(self, components: Components, spec: ModelSpec):
+        self.components = components
+        self.spec = spec
+
+    # --- loading ---
+    @classmethod
+    def load(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> "Family":
+        """Build the family with weights from ``spec``: the real ``from_pretrained`` path or the
+        tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``."""
+        if spec.tiny:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.tiny_seed)
+                components = cls.build_tiny()
+            components.transformer.to(spec.dtype)
+            for m in (components.vae, components.text_encoder):
+                if m is not None:
+                    m.to(spec.dtype)
+        else:
+            components = cls.load_pretrained(spec)
+        for m in (components.transformer, components.vae, components.text_encoder):
+            if m is not None:
+                m.requires_grad_(False)
+                m.eval()
+                if spec.quantization == "none" or m is not components.transformer:
+                    m.to(device)
+        return cls(components, spec)
+
+    @classmethod
+    @abstractmethod
+    def load_pretrained(cls, spec: ModelSpec) -> Components:
+        """Load every component with ``from_pretrained(spec.pretrained, subfolder=..., revision=...)``
+        in ``spec.dtype``; quantise the transformer with bitsandbytes if ``spec.quantization`` says so."""
+
+    @classmethod
+    @abstractmethod
+    def build_tiny(cls) -> Components:
+        """A tiny random model from configs in code, same classes as the real one. Called under a
+        fixed torch seed; must refill all-zero parameters (gates, modulation) with small noise so
+        LoRA gradients are not blocked."""
+
+    # --- encoding (cache time) ---
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Text-encoder outputs for ``prompts``: a dict of tensors with batch dim ``len(prompts)``,
+        exactly what :meth:`predict` takes as ``text``."""
+
+    @abstractmethod
+    def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """videos: [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w]."""
+
+    def release_encoders(self) -> None:
+        """Drop the text encoder and VAE so their memory is free for training."""
+        self.components.text_encoder = None
+        self.components.vae = None
+
+    # --- training ---
+    @abstractmethod
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        fps: float,
+    ) -> torch.Tensor:
+        """Run ``transformer`` (maybe wrapped by DDP/PEFT) on noisy latents [B, C, f, h, w] at
+        ``timesteps`` [B] in [0, 1000]; returns the velocity prediction [B, C, f, h, w]."""
+
+    @abstractmethod
+    def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
+        """Shift s applied to flow-matching sigmas, sigma' = s*sigma / (1 + (s-1)*sigma), for
+        latents of ``latent_shape`` [B, C, f, h, w]."""
+
+    def shift_sigmas(self, sigmas: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        s = self.timestep_shift(latent_shape)
+        return s * sigmas / (1 + (s - 1) * sigmas)
+
+    def noisy_input_and_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rectified flow: x_t = (1 - sigma) x_0 + sigma * noise, target velocity = noise - x_0.
+        sigmas: [B] in [0, 1]."""
+        s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+        return (1 - s) * latents + s * noise, noise - latents
+
+    # --- inference ---
+    @abstractmethod
+    def pipeline(self) -> Any:
+        """A diffusers pipeline (``pipeline_class``) over the current components; the encoders
+        must not have been released."""
+
+    def pipeline_call_kwargs(self, fps: float) -> dict[str, Any]:
+        """Extra keyword arguments this family's pipeline call needs (e.g. LTX ``frame_rate``)."""
+        return {}
+
+    # --- helpers shared by families ---
+    @staticmethod
+    def resolution_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
+        """exp(mu) with mu linear in the token count, as the LTX/Flux schedulers do."""
+        m = (max_shift - base_shift) / (max_seq - base_seq)
+        mu = seq_len * m + (base_shift - m * base_seq)
+        return math.exp(mu)
