@@ -9,7 +9,7 @@ import importlib
 from finetune.families.base import Components, Family, FrameRule, ModelSpec
 
 _REGISTRY: dict[str, type[Family]] = {}
-# One module per family; add a new family by adding its module name here.
+# One module per family, named as the family; add a new family by adding its name here.
 _FAMILY_MODULES = ("wan", "ltx")
 
 
@@ -30,12 +30,14 @@ def family_names() -> list[str]:
 
 
 def get_family(name: str) -> type[Family]:
-    """The family class registered as ``name``. Raises KeyError naming the closest family."""
-    _load_all()
+    """The family class registered as ``name``, importing only its module.
+    Raises KeyError naming the closest known family."""
+    if name not in _REGISTRY and name in _FAMILY_MODULES:
+        importlib.import_module(f"finetune.families.{name}")
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        close = difflib.get_close_matches(name, _FAMILY_MODULES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KeyError(f"unknown model family {name!r}{hint}; known: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(f"unknown model family {name!r}{hint}; known: {', '.join(sorted(_FAMILY_MODULES))}")
     return _REGISTRY[name]
 
 

@@ -1,0 +1,260 @@
+"""Recipes: typed, validated training configuration.
+
+A recipe is a YAML file with the sections below. ``load_recipe`` reads it, applies
+``key=value`` overrides from the command line, and validates everything *before* any weights
+load: unknown keys (with the closest valid name), wrong types, out-of-range values and
+family rules (frame counts, sizes) are all collected and raised together as one
+:class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from finetune.errors import RecipeError
+
+# ---------------------------------------------------------------------------- sections
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    family: str = Field("wan", description="Model family, a name registered in finetune/families (wan, ltx).")
+    pretrained: str | None = Field(
+        None, description="Hub id or local folder of the diffusers-format base model; null = the family default."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    tiny: bool = Field(False, description="Build a tiny random model from a config in code (demo and tests).")
+    tiny_seed: int = Field(0, ge=0, description="Seed of the tiny random model.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="bitsandbytes quantisation of the frozen transformer (CUDA only)."
+    )
+
+
+class DataConfig(_Section):
+    manifest: str | None = Field(None, description="JSONL manifest of clips (path, caption), e.g. from data_prep.")
+    frames: int = Field(..., ge=1, le=1025, description="Frames per training clip; must fit the family rule.")
+    height: int = Field(..., ge=16, le=4096, description="Clip height in pixels; a multiple of the family factor.")
+    width: int = Field(..., ge=16, le=4096, description="Clip width in pixels; a multiple of the family factor.")
+    fps: float | None = Field(None, gt=0, le=120, description="Frame rate clips are resampled to; null = family default.")
+    trigger: str = Field("", description="Trigger word(s) recorded with the adapter; added to captions lacking it.")
+    repeats: int = Field(1, ge=1, le=1000, description="How many times each clip appears per epoch.")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(32, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targets: list[str] | None = Field(None, description="Module names to adapt; null = the family's default targets.")
+
+
+class OptimConfig(_Section):
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="AdamW (torch) or AdamW8bit (bitsandbytes).")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["constant", "cosine"] = Field("constant", description="LR shape after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, le=64, description="Clips per process per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=256, description="Micro-batches accumulated per optimizer step.")
+    seed: int = Field(42, ge=0, description="Seed of data order, noise and timesteps.")
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep distribution.")
+    logit_std: float = Field(1.0, gt=0, description="Std of the logit-normal timestep distribution.")
+
+
+class MemoryConfig(_Section):
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="Autocast precision; auto = bf16 on a GPU, none on CPU."
+    )
+
+
+class CacheConfig(_Section):
+    dir: str | None = Field(None, description="Latent/embedding cache folder; null = <manifest folder>/.cache.")
+
+
+class ValidationConfig(_Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered as samples during training.")
+    every: int = Field(0, ge=0, description="Render samples every N steps; 0 = only at the end (if prompts).")
+    steps: int = Field(30, ge=1, le=500, description="Inference steps for samples.")
+    guidance: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance scale for samples.")
+    seed: int = Field(0, ge=0, description="Seed of the samples.")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(250, ge=0, description="Save a resumable checkpoint every N steps; 0 = never.")
+    keep_last: int = Field(3, ge=1, le=1000, description="How many recent checkpoints to keep.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/lora", description="Run folder: adapter, resolved recipe, checkpoints, logs, samples.")
+    log_every: int = Field(1, ge=1, description="Log scalars to TensorBoard every N steps.")
+
+
+class Recipe(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    # Derived values that depend on the family are resolved here, once.
+    def family_cls(self):
+        from finetune.families import get_family
+
+        return get_family(self.model.family)
+
+    @property
+    def fps(self) -> float:
+        return float(self.data.fps or self.family_cls().default_fps)
+
+    @property
+    def pretrained(self) -> str:
+        return self.model.pretrained or self.family_cls().default_model_id
+
+    @property
+    def lora_targets(self) -> list[str]:
+        return list(self.lora.targets or self.family_cls().default_lora_targets)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def family_problems(data: dict) -> list[str]:
+    """Cross-field checks that need the family's rules, run on the raw recipe dict so they are
+    reported together with field errors. Values of the wrong type are left to field validation."""
+    from finetune.families import get_family
+
+    model, dat, lora = (data.get(k) if isinstance(data.get(k), dict) else {} for k in ("model", "data", "lora"))
+    name = model.get("family", ModelConfig.model_fields["family"].default)
+    try:
+        fam = get_family(str(name))
+    except KeyError as e:
+        return [f"model.family={name!r}: {e.args[0]}"]
+    out = []
+    rule, f = fam.frame_rule, dat.get("frames")
+    if isinstance(f, int) and f >= 1 and not rule.is_valid(f):
+        out.append(f"data.frames={f} must be {rule.describe()} for {fam.name} (try {rule.nearest(f)})")
+    for axis in ("height", "width"):
+        v = dat.get(axis)
+        if isinstance(v, int) and v > 0 and v % fam.spatial_factor:
+            near = max(fam.spatial_factor, round(v / fam.spatial_factor) * fam.spatial_factor)
+            out.append(f"data.{axis}={v} must be a multiple of {fam.spatial_factor} for {fam.name} (try {near})")
+    if lora.get("targets") == []:
+        out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
+    if model.get("quantization", "none") != "none" and model.get("tiny"):
+        out.append(
+            f"model.quantization={model['quantization']!r} needs real weights on a GPU (set it to none for tiny models)"
+        )
+    return out
+
+
+def _closest(name: str, options: list[str]) -> str:
+    """Hint naming the valid key most like ``name``: a spelling neighbour, else one that
+    ``name`` extends (``lr_rate`` -> ``lr``)."""
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if not close:
+        close = sorted((o for o in options if name.startswith(o) or o.startswith(name)), key=len, reverse=True)[:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The pydantic section class that owns the field at ``path`` (for unknown-key hints)."""
+    cls: Any = Recipe
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def _describe_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            options = list(owner.model_fields) if owner else []
+            problems.append(
+                f"{dotted}: unknown key{_closest(str(loc[-1]), options)}; valid keys here: {', '.join(options)}"
+            )
+        elif e["type"] == "missing":
+            owner = _model_at(loc[:-1])
+            desc = owner.model_fields[str(loc[-1])].description if owner else ""
+            problems.append(f"{dotted}: missing; add it ({desc})")
+        else:
+            problems.append(f"{dotted}={e.get('input')!r}: {e['msg']}")
+    return problems
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-4", "data.frames=33"]`` -> nested dict. Values are parsed as YAML."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError("command line", [f"{item!r}: overrides look like section.key=value (e.g. optim.lr=5e-5)"])
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    """Validate ``data``; raises RecipeError listing every problem."""
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"top level must be a mapping of sections, found {type(data).__name__}"])
+    problems = family_problems(data)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = _describe_errors(err) + problems
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``key=value`` overrides, validate. Raises RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), ["recipe file not found (pass --recipe recipes/<family>/<file>.yaml)"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(str(path), [f"not valid YAML: {e}"]) from None
+    data = _merge(data, parse_overrides(overrides or []))
+    return recipe_from_dict(data, source=str(path))
