@@ -1,0 +1,150 @@
+"""Latent and text-embedding cache.
+
+Each clip's VAE latents and each caption's text-encoder outputs are computed once and stored as
+safetensors, named by a fingerprint of everything that determines them:
+
+  latents:  clip content (sha256), model id + revision, family, frames, height, width, fps
+  text:     caption text, model id + revision, family
+
+so changing one caption re-encodes that caption only, and changing the resolution recomputes
+the latents but keeps the text embeddings. Files are written to a temp name then renamed, so an
+interrupted run never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from finetune.data import Clip
+from finetune.families.base import Family
+from finetune.video import read_clip
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    latents: Path
+    text: Path
+
+
+@dataclass
+class CacheStats:
+    latents_computed: int = 0
+    latents_reused: int = 0
+    text_computed: int = 0
+    text_reused: int = 0
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """The non-clip parts of a fingerprint."""
+
+    family: str
+    model_id: str
+    revision: str | None
+    frames: int
+    height: int
+    width: int
+    fps: float
+
+
+@lru_cache(maxsize=4096)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the lru key so an edited file is hashed again.
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    st = path.stat()
+    return _file_sha256(path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def latent_fingerprint(clip: Clip, key: CacheKey) -> str:
+    return _digest({"kind": "latents", "clip": content_hash(clip.path), "family": key.family, "model": key.model_id,
+                    "revision": key.revision, "frames": key.frames, "height": key.height, "width": key.width,
+                    "fps": key.fps})
+
+
+def text_fingerprint(caption: str, key: CacheKey) -> str:
+    return _digest({"kind": "text", "caption": caption, "family": key.family, "model": key.model_id,
+                    "revision": key.revision})
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def build_cache(
+    family: Family, clips: list[Clip], key: CacheKey, cache_dir: str | Path, show_progress: bool = True
+) -> tuple[list[CacheEntry], CacheStats]:
+    """Make sure every clip's latents and caption embeddings are in ``cache_dir``.
+
+    Returns one CacheEntry per clip (same order) and what was computed vs reused.
+    Raises DataError (from read_clip) for a clip that is too short or unreadable.
+    """
+    cache_dir = Path(cache_dir)
+    stats = CacheStats()
+    entries = [
+        CacheEntry(latents=cache_dir / "latents" / f"{latent_fingerprint(c, key)}.safetensors",
+                   text=cache_dir / "text" / f"{text_fingerprint(c.caption, key)}.safetensors")
+        for c in clips
+    ]
+    todo_latents = [(c, e) for c, e in zip(clips, entries) if not e.latents.is_file()]
+    stats.latents_reused = len(clips) - len(todo_latents)
+    device = next(family.components.vae.parameters()).device if todo_latents else None
+    for clip, entry in tqdm(todo_latents, desc="cache latents", unit="clip", disable=not show_progress):
+        video = read_clip(clip.path, key.frames, key.fps, key.height, key.width)
+        vae_dtype = next(family.components.vae.parameters()).dtype
+        # Seeded by the fingerprint: the cached sample does not depend on clip order.
+        gen = torch.Generator(device="cpu").manual_seed(int(entry.latents.stem[:15], 16))
+        with torch.no_grad():
+            latents = family.encode_videos(video.unsqueeze(0).to(device, vae_dtype), generator=gen)
+        _save_atomic({"latents": latents[0]}, entry.latents)
+        stats.latents_computed += 1
+
+    unique_text = {e.text: c.caption for c, e in zip(clips, entries)}
+    todo_text = [(p, cap) for p, cap in unique_text.items() if not p.is_file()]
+    stats.text_computed = len(todo_text)
+    stats.text_reused = len(unique_text) - len(todo_text)
+    for path, caption in tqdm(todo_text, desc="cache text", unit="prompt", disable=not show_progress):
+        with torch.no_grad():
+            out = family.encode_prompts([caption])
+        _save_atomic({k: v[0] for k, v in out.items()}, path)
+    return entries, stats
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Item i: {"latents": [C, f, h, w], **text tensors} read from the cache files."""
+
+    def __init__(self, entries: list[CacheEntry]):
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        e = self.entries[i]
+        return {**load_file(str(e.latents)), **load_file(str(e.text))}
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

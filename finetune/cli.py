@@ -1,0 +1,20 @@
+"""What the entry scripts share: user errors become one clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from finetune.errors import UserError
+
+USER_ERROR_EXIT = 2
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Call ``main``; a UserError prints ``error: <message>`` (no traceback) and exits 2.
+    Any other exception propagates with its traceback: that is a bug, not bad input."""
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT

@@ -1,0 +1,63 @@
+"""The clip manifest the trainer reads: JSONL, one clip per line, ``path`` (relative to the
+manifest's folder, or absolute) and ``caption`` required. ``data_prep`` writes it; other keys
+(frames, fps, width, height, source, shot, start/end) are kept for people and checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import DataError
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    caption: str
+
+
+def apply_trigger(caption: str, trigger: str) -> str:
+    """Put the trigger word in front of the caption unless the caption already has it."""
+    if not trigger or trigger in caption:
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
+    """Clips listed in ``manifest``, captions carrying ``trigger``.
+
+    Raises DataError naming the manifest and, for bad lines or missing clip files, how many
+    there are and the first few, so all can be fixed in one pass.
+    """
+    if manifest is None:
+        raise DataError("data.manifest is not set: pass data.manifest=path/to/manifest.jsonl "
+                        "(python -m data_prep prepare footage/ dataset/ writes one)")
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError(f"data.manifest={manifest}: file not found (python -m data_prep prepare footage/ dataset/ "
+                        f"writes dataset/manifest.jsonl; or fix the path)")
+    clips, problems = [], []
+    for n, line in enumerate(manifest.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: not JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("caption"), str):
+            problems.append(f"line {n}: needs string keys 'path' and 'caption'")
+            continue
+        path = Path(row["path"])
+        path = path if path.is_absolute() else manifest.parent / path
+        if not path.is_file():
+            problems.append(f"line {n}: clip {path} not found")
+            continue
+        clips.append(Clip(path=path, caption=apply_trigger(row["caption"].strip(), trigger)))
+    if problems:
+        head = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
+        raise DataError(f"{manifest}: {len(problems)} of {len(problems) + len(clips)} entries unusable: {head}")
+    if not clips:
+        raise DataError(f"{manifest}: no clips listed (one JSON object per line with 'path' and 'caption')")
+    return clips

@@ -1,0 +1,261 @@
+"""The LoRA trainer: one flat loop under accelerate, reaching model code only through the
+family protocol.
+
+Determinism: the data order, noise, timesteps and dropout of optimizer step ``s`` are drawn from
+seeds derived from (optim.seed, s, micro-batch, process), not from a running RNG, so a run
+resumed from a checkpoint at step s continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from peft import LoraConfig as PeftLoraConfig
+from tqdm.auto import tqdm
+
+from finetune import checkpoint as ckpt
+from finetune.cache import CacheKey, CachedDataset, build_cache, collate
+from finetune.config import Recipe
+from finetune.data import load_manifest
+from finetune.errors import TrainingDiverged
+from finetune.export import RunInfo, save_adapter, write_text_atomic
+from finetune.families.base import Family, ModelSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter: Path
+    steps: int
+    start_step: int
+    last_loss: float
+
+
+def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
+    # Half precision on a CPU is slow and poorly supported; frozen weights stay fp32 there.
+    dtype = DTYPES[recipe.model.dtype] if device.type == "cuda" else torch.float32
+    return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
+                     tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization)
+
+
+def cache_key(recipe: Recipe, spec: ModelSpec) -> CacheKey:
+    return CacheKey(family=recipe.model.family, model_id=spec.display_id, revision=spec.revision,
+                    frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps)
+
+
+def default_cache_dir(recipe: Recipe) -> Path:
+    return Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.data.manifest).parent / ".cache"
+
+
+def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
+    """Attach a PEFT LoRA adapter named "default"; returns its (fp32) trainable parameters."""
+    transformer.add_adapter(PeftLoraConfig(
+        r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+        target_modules=recipe.lora_targets, init_lora_weights=True,
+    ))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        # Trainable weights in fp32 even when the frozen base is bf16: updates this small vanish in bf16.
+        p.data = p.data.float()
+    return params
+
+
+def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    o = recipe.optim
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # imported here: only this optimizer needs it
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, total, shape = recipe.optim.warmup_steps, recipe.optim.steps, recipe.optim.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if shape == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
+
+
+def batch_indices(n_items: int, seed: int, micro_step: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Indices for one process's micro-batch: positions in an endless stream of seeded
+    permutations (one per epoch), so any step's batch can be recomputed on resume."""
+    out = []
+    for j in range(batch_size):
+        pos = (micro_step * world + rank) * batch_size + j
+        epoch, k = divmod(pos, n_items)
+        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(int(perm[k]))
+    return out
+
+
+def sample_sigmas(recipe: Recipe, family: Family, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Logit-normal sigmas [B] in (0, 1), shifted by the family's timestep shift."""
+    u = torch.sigmoid(torch.randn(shape[0], generator=gen) * recipe.optim.logit_std + recipe.optim.logit_mean)
+    return family.shift_sigmas(u, shape)
+
+
+def denoising_loss(family: Family, transformer, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor,
+                   fps: float) -> torch.Tensor:
+    """MSE between the predicted and the flow-matching target velocity, in fp32."""
+    latents = batch["latents"]
+    text = {k: v for k, v in batch.items() if k != "latents"}
+    noisy, target = family.noisy_input_and_target(latents, noise, sigmas)
+    pred = family.predict(transformer, noisy, sigmas * 1000.0, text, fps)
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    mp = recipe.memory.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(
+        mixed_precision=mp, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+
+
+def prepare_data(recipe: Recipe, family: Family, spec: ModelSpec, accelerator: Accelerator) -> CachedDataset:
+    """Manifest -> cached latents and text embeddings. The main process encodes; others reuse."""
+    clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    with accelerator.main_process_first():
+        entries, stats = build_cache(family, clips, cache_key(recipe, spec), default_cache_dir(recipe),
+                                     show_progress=accelerator.is_local_main_process)
+    if accelerator.is_main_process:
+        print(f"cache: {stats.latents_computed} clips encoded, {stats.latents_reused} reused; "
+              f"{stats.text_computed} prompts encoded, {stats.text_reused} reused")
+    return CachedDataset(entries * recipe.data.repeats)
+
+
+def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
+    """Train a LoRA as ``recipe`` says. ``resume``: None, "latest" or a checkpoint folder.
+
+    Raises: DataError (manifest, clips), CheckpointError (resume), TrainingDiverged (NaN/inf loss).
+    """
+    # 1. Run folder, accelerator, resolved recipe.
+    run_dir = Path(recipe.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start_ckpt = ckpt.resolve_resume(run_dir, resume) if resume else None
+    accelerator = make_accelerator(recipe, run_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+
+    # 2. Base model through the family protocol.
+    family_cls = recipe.family_cls()
+    spec = model_spec(recipe, device)
+    family = family_cls.load(spec, device=device)
+
+    # 3. Data: manifest -> cache; then the encoders leave memory.
+    dataset = prepare_data(recipe, family, spec, accelerator)
+    family.release_encoders()
+
+    # 4. LoRA, gradient checkpointing, optimizer, LR schedule.
+    transformer = family.components.transformer
+    params = add_lora(transformer, recipe)
+    if recipe.memory.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = make_optimizer(params, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    ckpt.register_lora_hooks(accelerator, transformer)
+
+    # 5. Resume: weights, optimizer, scheduler and RNG from the checkpoint; step counter continues.
+    start_step = 0
+    if start_ckpt is not None:
+        accelerator.load_state(str(start_ckpt))
+        start_step = ckpt.read_step(start_ckpt)
+        accelerator.print(f"resumed from {start_ckpt} at step {start_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train", config={"lr": recipe.optim.lr, "rank": recipe.lora.rank})
+
+    # 6. The loop.
+    o = recipe.optim
+    bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="train", unit="step",
+               disable=not accelerator.is_local_main_process)
+    loss_value = float("nan")
+    for step in bar:
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=device)
+        for micro in range(o.grad_accum):
+            seed = step_seed(o.seed, step, micro, rank)
+            torch.manual_seed(seed)  # LoRA dropout
+            gen = torch.Generator().manual_seed(seed)
+            idx = batch_indices(len(dataset), o.seed, step * o.grad_accum + micro, o.batch_size, rank, world)
+            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
+            shape = tuple(batch["latents"].shape)
+            sigmas = sample_sigmas(recipe, family, shape, gen).to(device)
+            noise = torch.randn(shape, generator=gen).to(device, batch["latents"].dtype)
+            sync = accelerator.no_sync(transformer) if micro < o.grad_accum - 1 else nullcontext()
+            with sync, accelerator.autocast():
+                loss = denoising_loss(family, transformer, batch, sigmas, noise, recipe.fps) / o.grad_accum
+            accelerator.backward(loss)
+            total += loss.detach()
+        loss_value = accelerator.reduce(total, reduction="mean").item()
+        if not math.isfinite(loss_value):
+            last = ckpt.list_checkpoints(run_dir)
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {step + 1}; stopped without saving. "
+                f"Last good checkpoint: {last[-1] if last else 'none'} (untouched). "
+                f"Lower optim.lr (now {o.lr:g}) or keep optim.max_grad_norm > 0, then --resume latest."
+            )
+        grad_norm = _clip(accelerator, params, o.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        seconds = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if done % recipe.output.log_every == 0:
+            accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                             "seconds_per_step": seconds, "peak_memory_gb": peak_memory_gb(device)}, step=done)
+        if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < o.steps:
+            ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
+
+    # 7. Final adapter and the run description.
+    accelerator.wait_for_everyone()
+    adapter = run_dir / "pytorch_lora_weights.safetensors"
+    if accelerator.is_main_process:
+        info = RunInfo(family=recipe.model.family, base_model=spec.pretrained, revision=spec.revision,
+                       tiny=spec.tiny, tiny_seed=spec.tiny_seed, trigger=recipe.data.trigger, steps=o.steps,
+                       weight_name=adapter.name, recipe=recipe.model_dump(mode="json"))
+        adapter = save_adapter(accelerator.unwrap_model(transformer), family_cls.pipeline_class, run_dir, info)
+    accelerator.end_training()
+    return TrainResult(run_dir=run_dir, adapter=adapter, steps=o.steps, start_step=start_step, last_loss=loss_value)
+
+
+def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+

@@ -1,0 +1,60 @@
+"""Render a video with a base model and trained LoRA adapters.
+
+    python infer.py --lora runs/my-style --prompt "a fox in the snow, mystyle" --out fox.mp4
+    python infer.py --lora runs/my-style:0.8 --lora runs/other:0.5 --merge --save-merged merged/ --prompt "..."
+    python infer.py --base runs/my-style --prompt "..." --out base.mp4      # the base model alone
+
+The base model and family are read from each run folder's video_lora.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from finetune.cli import run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]", help="run folder, repeatable")
+    p.add_argument("--base", type=Path, help="run folder whose base model to use without its adapter")
+    p.add_argument("--merge", action="store_true", help="fuse the adapters into the base weights")
+    p.add_argument("--save-merged", type=Path, metavar="DIR", help="write the merged pipeline (implies --merge)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--frames", type=int, help="default: the training recipe's")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--fps", type=float)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="on a GPU; CPU uses fp32")
+    p.add_argument("--out", type=Path, default=Path("out.mp4"))
+    args = p.parse_args(argv)
+
+    import torch  # heavy imports after argument parsing
+
+    from finetune.inference import LoraRef, RenderArgs, apply_loras, load_base, render_to_file
+    from finetune.trainer import DTYPES
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loras = [LoraRef.parse(s) for s in args.lora]
+    family, info = load_base(loras, args.base, device, DTYPES[args.dtype])
+    pipe = family.pipeline()
+    apply_loras(pipe, loras, merge=args.merge or args.save_merged is not None)
+    if args.save_merged:
+        pipe.save_pretrained(str(args.save_merged))
+        print(f"merged model: {args.save_merged}")
+    render_args = RenderArgs(prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
+                             height=args.height, width=args.width, fps=args.fps, steps=args.steps,
+                             guidance=args.guidance, seed=args.seed)
+    out = render_to_file(family, pipe, render_args, info, args.out)
+    print(f"video: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

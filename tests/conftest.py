@@ -1,0 +1,57 @@
+"""Shared fixtures: synthetic clips written as real mp4 files, and tiny recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_frames(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """[F, H, W, 3] uint8: a coloured square moving over a gradient, different per seed."""
+    rng = np.random.default_rng(seed)
+    bg = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, size=(1, 1, 3))
+    colour = rng.integers(0, 256, size=3)
+    side = max(4, min(height, width) // 3)
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        img = np.broadcast_to(bg, (height, width, 3)).copy()
+        y = (t * 3 + seed * 5) % max(1, height - side)
+        x = (t * 4 + seed * 7) % max(1, width - side)
+        img[y:y + side, x:x + side] = colour
+        out[t] = img.astype(np.uint8)
+    return out
+
+
+def write_clips(folder: Path, n: int, frames: int, height: int, width: int, fps: float = 8,
+                captions: list[str] | None = None) -> Path:
+    """Write ``n`` mp4 clips and a manifest.jsonl in ``folder``; returns the manifest path."""
+    from finetune.video import write_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = f"clip{i:03d}.mp4"
+        write_video(synthetic_frames(frames, height, width, seed=i), folder / name, fps)
+        caption = captions[i] if captions else f"a coloured square number {i} sliding over a gradient"
+        rows.append({"path": name, "caption": caption, "frames": frames, "fps": fps, "width": width, "height": height})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture
+def clips(tmp_path):
+    """A manifest of 2 clips, 12 frames at 8 fps, 64x64: enough for both tiny families."""
+    return write_clips(tmp_path / "clips", n=2, frames=12, height=64, width=64)
+
+
+def tiny_recipe(family: str, manifest: Path, out: Path, *overrides: str):
+    from finetune.config import load_recipe
+
+    return load_recipe(ROOT / "recipes" / "tiny" / f"{family}.yaml",
+                       [f"data.manifest={manifest}", f"output.dir={out}", *overrides])

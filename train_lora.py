@@ -1,0 +1,38 @@
+"""Train a video LoRA from a recipe.
+
+    accelerate launch train_lora.py --recipe recipes/wan/t2v-1.3b_24gb.yaml \
+        data.manifest=my_clips/manifest.jsonl output.dir=runs/my-style [--resume latest]
+
+Any ``section.key=value`` after the recipe overrides it. The recipe is validated before any
+weights load; the resolved recipe is written to ``<output.dir>/recipe.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from finetune.cli import run_main
+from finetune.config import load_recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/wan/t2v-1.3b_24gb.yaml")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=5e-5")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+
+    from finetune.trainer import train  # heavy imports only after the recipe is known to be valid
+
+    result = train(recipe, resume=args.resume)
+    if result.adapter.is_file():
+        print(f"adapter:     {result.adapter}")
+        print(f"tensorboard: tensorboard --logdir {result.run_dir / 'logs'}")
+        print(f"render:      python infer.py --lora {result.run_dir} --prompt \"...\" --out out.mp4")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
