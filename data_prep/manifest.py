@@ -1,0 +1,80 @@
+"""manifest: the JSONL file the trainer's ``data.manifest`` reads, the rejected list, and a short
+dataset card.
+
+One clip per line with exactly the keys in ``MANIFEST_KEYS``. ``path`` is relative to the
+manifest's folder; ``start_time``/``end_time`` are seconds in the source (end = start + frames/fps);
+``start_frame``/``end_frame`` index the source's decoded frames, end exclusive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MANIFEST_KEYS = (
+    "path", "caption", "frames", "fps", "width", "height", "source", "shot",
+    "start_time", "end_time", "start_frame", "end_frame",
+)  # fmt: skip
+
+
+def manifest_row(plan: dict, caption: str, clip_rel: str) -> dict:
+    row = {"path": clip_rel, "caption": caption}
+    row.update({k: plan[k] for k in MANIFEST_KEYS[2:]})
+    return row
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write atomically unless the file already holds exactly ``text``. Returns True if written."""
+    path = Path(path)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def dataset_card(rows: list[dict], rejected: list[dict], settings: dict, skipped: list[tuple[str, str]]) -> str:
+    """A short README.md for the dataset folder: what is in it and how to train on it."""
+    seconds = sum(r["frames"] / r["fps"] for r in rows)
+    sizes = sorted({f"{r['width']}x{r['height']}" for r in rows})
+    sources = sorted({r["source"] for r in rows})
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        key = r["reason"].split(" (")[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    lines = [
+        "# Video clip dataset",
+        "",
+        f"{len(rows)} clips ({seconds:.1f} s) from {len(sources)} source files, made by `python -m data_prep`.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    lines += [
+        f"| bucket sizes used | {', '.join(sizes) or '-'} |",
+        "",
+        f"Set aside: {len(rejected)} clips" + (" (" + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())) + ")" if reasons else "") + "; see `rejected.jsonl` and `report.html`.",
+        f"Skipped inputs: {len(skipped)}" + (": " + ", ".join(f"{Path(p).name} ({r})" for p, r in skipped[:5]) + (", ..." if len(skipped) > 5 else "") if skipped else "") + ".",
+        "",
+        "## Use",
+        "",
+        "Train on it with `data.manifest: <this folder>/manifest.jsonl` in a recipe, or load it with",
+        "`datasets.load_dataset(\"json\", data_files=\"manifest.jsonl\")`. Each line: "
+        + ", ".join(f"`{k}`" for k in MANIFEST_KEYS)
+        + ". Clips are constant-frame-rate H.264 MP4 (yuv420p) with exactly `frames` frames.",
+        "",
+        "Edit a caption by writing `clips/<clip>.txt`; later caption runs keep it unless `--overwrite`.",
+        "",
+    ]
+    return "\n".join(lines)

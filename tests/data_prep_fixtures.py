@@ -1,0 +1,148 @@
+"""Generators for the data_prep tests: a corpus of good and bad inputs, small (64x48, < 2 s) and built
+with PyAV in code. The one exception is Theora: PyAV ships no Theora encoder, so that file is made
+with the ffmpeg binary inside the imageio-ffmpeg wheel (a pip dependency, so CI has it too)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+ASSETS = Path(__file__).parent / "assets"
+SYNTH = ASSETS / "synth_lavfi.mp4"
+SYNTH_CUTS = [60, 110, 155, 210, 250, 315]
+SYNTH_FRAMES = 365
+
+W, H = 64, 48
+
+
+def texture_frame(i: int, w: int = W, h: int = H, seed: int = 0, shift: int = 1) -> np.ndarray:
+    """A sharp, bright, moving frame [h, w, 3] uint8: a seeded random texture rolled ``shift`` px per frame."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 255, size=(h // 8 + 1, w // 2 + 1, 3), dtype=np.uint8)
+    base = np.repeat(np.repeat(base, 8, axis=0), 8, axis=1)[:h, : w * 4]
+    x = (i * shift) % (w * 3)
+    return np.ascontiguousarray(base[:, x : x + w])
+
+
+def write_video(
+    path: Path,
+    n: int,
+    fps: int = 16,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    size: tuple[int, int] = (W, H),
+    rotation: int = 0,
+    pts_ms: list[int] | None = None,
+    frame_fn=None,
+    fmt: str | None = None,
+    start_pts: int = 0,
+) -> Path:
+    """Write ``n`` frames. ``pts_ms`` gives explicit millisecond timestamps (variable frame rate)."""
+    w, h = size
+    seed = sum(path.name.encode())  # every file its own texture, so none is a duplicate of another
+    frame_fn = frame_fn or (lambda i: texture_frame(i, w, h, seed=seed))
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        if pts_ms is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(frame_fn(i), format="rgb24")
+            f.pts = pts_ms[i] if pts_ms is not None else start_pts + i
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def write_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        t = np.arange(16000 // 2) / 16000
+        samples = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :]
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        frame.pts = 0
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def write_theora(path: Path, seconds: float = 1.5) -> Path:
+    import imageio_ffmpeg
+
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    cmd = [exe, "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=16:duration={seconds}"]
+    subprocess.run(cmd + ["-c:v", "libtheora", "-q:v", "7", str(path)], check=True)
+    return path
+
+
+def cut_frame(cut: int):
+    """frame_fn with a hard cut at frame ``cut``: the texture, then its photographic negative."""
+    return lambda i: texture_frame(i) if i < cut else 255 - texture_frame(i, seed=7)
+
+
+# Bad inputs and the words their reason must contain.
+BAD = {
+    "zero.mp4": "zero-byte",
+    "truncated.mp4": "truncated",
+    "notes.mp4": "not a readable media file",
+    "audio_only.mp4": "no video stream",
+}
+# Files that open but are too short for one clip of the corpus settings.
+TOO_SHORT = {"one_frame.mp4": "too short"}
+GOOD = [
+    "plain.mp4",
+    "portrait_rot90.mp4",
+    "vfr.mp4",
+    "tenbit.mp4",
+    "theora.ogv",
+    "mpegps_offset.mpg",
+]
+# The MPEG-PS file has a hard cut here (a decord trap: its stream does not start at 0).
+MPEGPS_CUT = 20
+
+
+def build_corpus(root: Path) -> Path:
+    """A folder with every good and bad file above (plus a caption sidecar for plain.mp4)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "zero.mp4").write_bytes(b"")
+    full = write_video(root / "_full.mp4", 24)
+    data = full.read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    full.unlink()
+    (root / "notes.mp4").write_text("these are my notes, not a video\n" * 20)
+    write_audio_only(root / "audio_only.mp4")
+    write_video(root / "one_frame.mp4", 1)
+    write_video(root / "plain.mp4", 24)
+    (root / "plain.txt").write_text("a textured wall sliding left")
+    write_video(root / "portrait_rot90.mp4", 24, rotation=90)
+    pts, t = [], 0
+    for i in range(30):
+        pts.append(t)
+        t += 40 if i % 2 else 80
+    write_video(root / "vfr.mp4", 30, pts_ms=pts)
+    write_video(root / "tenbit.mp4", 24, pix_fmt="yuv420p10le")
+    write_theora(root / "theora.ogv")
+    write_video(
+        root / "mpegps_offset.mpg", 40, fps=25, codec="mpeg2video", fmt="mpeg", start_pts=12,
+        frame_fn=cut_frame(MPEGPS_CUT),
+    )
+    return root
+
+
+def copy_synth(dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SYNTH, dst / SYNTH.name)
+    return dst
