@@ -1,0 +1,274 @@
+"""Model families on their tiny random builds: determinism, shapes, and the LoRA invariants of
+diffusers' tests/lora/utils.py (an adapter changes the output, save then load reproduces it,
+fused equals unfused, unloading restores the base), with adapters added exactly as the trainer
+adds them. CPU, offline, seeded."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+from finetune.families import ModelSpec, family_names, get_family
+
+FAMILIES = ["wan", "ltx"]
+PROMPT = "a red ball bouncing"
+FRAMES = 9  # 4k+1 and 8k+1
+
+
+def load(name: str, seed: int = 0):
+    cls = get_family(name)
+    return cls.load(ModelSpec(pretrained=cls.default_model_id, tiny=True, tiny_seed=seed))
+
+
+def clip_size(cls) -> int:
+    """Smallest frame side giving a 2x2 token grid."""
+    return 2 * cls.spatial_factor
+
+
+def add_lora(transformer, cls, rank: int = 4, alpha: int = 4, seed: int = 0) -> None:
+    """Adapter added as the trainer adds it; peft draws lora_A from the global RNG, so seed it."""
+    torch.manual_seed(seed)
+    transformer.add_adapter(peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                                            target_modules=list(cls.default_lora_targets)))
+
+
+@torch.no_grad()
+def fake_training(transformer, seed: int = 1, std: float = 0.3) -> None:
+    """Random non-zero lora_B, as a few optimiser steps would leave it."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def lora_modules(transformer) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in transformer.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0}
+
+
+def run(fam, pipe, steps: int = 2, **kw) -> torch.Tensor:
+    """Frames [1, F, 3, H, W] in [0, 1] from a tiny seeded pipeline call."""
+    size = clip_size(type(fam))
+    pipe.set_progress_bar_config(disable=True)
+    kw = {**fam.pipeline_call_kwargs(type(fam).default_fps), **kw}
+    return pipe(PROMPT, num_frames=FRAMES, height=size, width=size, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0), output_type="pt", **kw).frames
+
+
+def random_videos(cls, batch: int = 2) -> torch.Tensor:
+    size = clip_size(cls)
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(batch, 3, FRAMES, size, size, generator=gen) * 2 - 1
+
+
+def test_both_families_registered():
+    assert set(FAMILIES) <= set(family_names())
+
+
+# --- 1. determinism ---
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_build_is_deterministic_per_seed(name):
+    a, b, c = load(name, 0), load(name, 0), load(name, 1)
+    for part in ("transformer", "vae", "text_encoder"):
+        sa, sb, sc = (getattr(f.components, part).state_dict() for f in (a, b, c))
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{name}: same seed gave a different {part}"
+        assert any(not torch.equal(sa[k], sc[k]) for k in sa), f"{name}: seeds 0 and 1 gave the same {part}"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tiny_transformer_has_no_all_zero_parameters(name):
+    zero = [n for n, p in load(name).components.transformer.named_parameters() if not p.any()]
+    assert zero == []
+
+
+# --- 2. shapes ---
+@pytest.mark.parametrize("name", FAMILIES)
+def test_encode_and_predict_shapes_follow_the_family_rules(name):
+    cls = get_family(name)
+    fam = load(name)
+    videos = random_videos(cls)
+    latents = fam.encode_videos(videos, generator=torch.Generator().manual_seed(0))
+    b, ch, f, h, w = latents.shape
+    assert (b, ch) == (2, fam.components.transformer.config.in_channels)
+    assert f == (FRAMES - 1) // cls.frame_rule.temporal_factor + 1
+    vae_factor = videos.shape[-1] // w
+    assert videos.shape[-2] == h * vae_factor and cls.spatial_factor % vae_factor == 0
+    with torch.no_grad():  # the latent grid is the VAE's: decoding gives the clip's shape back
+        assert fam.components.vae.decode(latents).sample.shape == videos.shape
+
+    text = fam.encode_prompts([PROMPT, "b"])
+    assert "prompt_embeds" in text and text["prompt_embeds"].ndim == 3
+    assert all(v.shape[0] == 2 for v in text.values())
+
+    sigmas = torch.tensor([0.2, 0.9])
+    shifted = fam.shift_sigmas(sigmas, latents.shape)
+    noisy, target = fam.noisy_input_and_target(latents, torch.randn_like(latents), shifted)
+    with torch.no_grad():
+        pred = fam.predict(fam.components.transformer, noisy, sigmas * 1000, text, cls.default_fps)
+    assert pred.shape == latents.shape == target.shape
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bad_clip_shape_is_rejected_with_a_fix(name):
+    cls = get_family(name)
+    fam = load(name)
+    size = clip_size(cls)
+    with pytest.raises(ValueError, match=r"try \d+"):
+        fam.encode_videos(torch.zeros(1, 3, FRAMES + 1, size, size))
+    with pytest.raises(ValueError, match=f"multiple of {cls.spatial_factor}"):
+        fam.encode_videos(torch.zeros(1, 3, FRAMES, size + 8, size))
+
+
+# --- 3. gradients reach every LoRA layer ---
+def lora_grads(fam, cls) -> dict[str, tuple[float, float]]:
+    """Per adapted module: (|grad lora_A|, |grad lora_B|) after one denoising-loss backward."""
+    tr = fam.components.transformer
+    tr.zero_grad(set_to_none=True)
+    latents = fam.encode_videos(random_videos(cls), generator=torch.Generator().manual_seed(0))
+    text = fam.encode_prompts([PROMPT, "b"])
+    gen = torch.Generator().manual_seed(0)
+    sigmas = fam.shift_sigmas(torch.tensor([0.3, 0.8]), latents.shape)
+    noisy, target = fam.noisy_input_and_target(latents, torch.randn(latents.shape, generator=gen), sigmas)
+    pred = fam.predict(tr, noisy, sigmas * 1000, text, cls.default_fps)
+    torch.nn.functional.mse_loss(pred.float(), target.float()).backward()
+    return {n: (m.lora_A["default"].weight.grad.abs().sum().item(), m.lora_B["default"].weight.grad.abs().sum().item())
+            for n, m in lora_modules(tr).items()}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_only_lora_is_trainable_and_every_lora_layer_gets_gradients(name):
+    cls = get_family(name)
+    fam = load(name)
+    tr = fam.components.transformer
+    add_lora(tr, cls)
+    trainable = [n for n, p in tr.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    modules = lora_modules(tr)
+    for target in cls.default_lora_targets:
+        assert any(n.endswith("." + target) for n in modules), f"{name}: no module matches LoRA target {target!r}"
+
+    # Step one of training: lora_B is zero, so only B can get a gradient, and it must, everywhere.
+    grads = lora_grads(fam, cls)
+    assert [n for n, (_, gb) in grads.items() if gb == 0] == []
+    # Later steps: with B non-zero, A and B get gradients in every adapted module.
+    fake_training(tr)
+    grads = lora_grads(fam, cls)
+    assert [n for n, (ga, gb) in grads.items() if ga == 0 or gb == 0] == []
+
+
+# --- 4-6. LoRA invariants on the pipeline output ---
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_changes_output_and_save_load_fuse_unload_behave(name, tmp_path):
+    cls = get_family(name)
+    base_fam = load(name)
+    base = run(base_fam, base_fam.pipeline())
+
+    # alpha != rank, so a lost lora_alpha would change the scale (2 -> 1) and the output.
+    fam = load(name)
+    add_lora(fam.components.transformer, cls, rank=4, alpha=8)
+    fake_training(fam.components.transformer)
+    trained = run(fam, fam.pipeline())
+    assert trained.shape == base.shape
+    assert (trained - base).abs().max() > 1e-3, f"{name}: a trained adapter did not change the output"
+
+    tr = fam.components.transformer
+    cls.pipeline_class.save_lora_weights(
+        tmp_path, transformer_lora_layers=peft.get_peft_model_state_dict(tr),
+        transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict(),
+    )
+    fresh = load(name)
+    pipe = fresh.pipeline()
+    pipe.load_lora_weights(tmp_path, adapter_name="x")
+    config = pipe.transformer.peft_config["x"]
+    assert (config.r, config.lora_alpha) == (4, 8)
+    loaded = run(fresh, pipe)
+    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=0)
+
+    with pytest.raises(ValueError, match="nope"):
+        pipe.set_adapters("nope")
+
+    pipe.fuse_lora()
+    fused = run(fresh, pipe)
+    torch.testing.assert_close(fused, trained, atol=1e-5, rtol=0)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert not lora_modules(pipe.transformer)
+    torch.testing.assert_close(run(fresh, pipe), base, atol=1e-5, rtol=0)
+
+
+# --- training and inference call the transformer the same way ---
+def first_transformer_call(fam, **call) -> tuple[dict, torch.Tensor]:
+    """Keyword arguments and output of the pipeline's first transformer call (no CFG)."""
+    seen = []
+    hook = fam.components.transformer.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append((kwargs, out[0])), with_kwargs=True
+    )
+    try:
+        run(fam, fam.pipeline(), guidance_scale=1.0, **call)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def test_wan_predict_matches_the_pipeline_call():
+    fam = load("wan")
+    kwargs, out = first_transformer_call(fam)
+    text = fam.encode_prompts([PROMPT])
+    assert text["prompt_embeds"].shape == kwargs["encoder_hidden_states"].shape
+    pred = fam.predict(fam.components.transformer, kwargs["hidden_states"], kwargs["timestep"], text, fps=16)
+    torch.testing.assert_close(pred, out, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fps", [24.0, 8.0])
+@torch.no_grad()
+def test_ltx_predict_matches_the_pipeline_call(fps):
+    import diffusers
+
+    fam = load("ltx")
+    kwargs, out = first_transformer_call(fam, frame_rate=fps)
+    assert kwargs["rope_interpolation_scale"][0] == pytest.approx(8 / fps)
+    text = fam.encode_prompts([PROMPT])
+    assert torch.equal(text["prompt_attention_mask"], kwargs["encoder_attention_mask"])
+    grid = (kwargs["num_frames"], kwargs["height"], kwargs["width"])
+    latents = diffusers.LTXPipeline._unpack_latents(kwargs["hidden_states"], *grid)
+    pred = fam.predict(fam.components.transformer, latents, kwargs["timestep"], text, fps=fps)
+    torch.testing.assert_close(diffusers.LTXPipeline._pack_latents(pred), out, atol=1e-6, rtol=0)
+
+
+def test_ltx_shift_is_the_pipelines_resolution_dependent_mu():
+    import math
+
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+    fam = load("ltx")
+    cfg = fam.components.scheduler.config
+    for shape in [(1, 128, 3, 16, 22), (1, 128, 21, 16, 24)]:  # 17 and 161 frames at 512x704 / 512x768
+        seq = shape[2] * shape[3] * shape[4]
+        mu = calculate_shift(seq, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+        assert fam.timestep_shift(shape) == pytest.approx(math.exp(mu))
+    assert fam.timestep_shift((1, 128, 21, 16, 24)) > fam.timestep_shift((1, 128, 3, 16, 22))
+
+
+def test_wan_shift_is_the_sampling_flow_shift():
+    fam = load("wan")
+    assert fam.timestep_shift((1, 16, 21, 60, 104)) == fam.components.scheduler.config.flow_shift == 3.0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_released_encoders_fail_clearly(name):
+    fam = load(name)
+    fam.release_encoders()
+    with pytest.raises(RuntimeError, match="release_encoders"):
+        fam.encode_prompts([PROMPT])
+    with pytest.raises(RuntimeError, match="release_encoders"):
+        fam.pipeline()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_quantization_needs_a_known_mode(name):
+    cls = get_family(name)
+    spec = ModelSpec(pretrained=cls.default_model_id, quantization="fp4")
+    with pytest.raises(ValueError, match="quantization='fp4'"):
+        cls.load_pretrained(spec)
