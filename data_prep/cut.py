@@ -21,7 +21,8 @@ import numpy as np
 from data_prep.probe import ProbeResult
 from data_prep.split import ShotList
 
-_EPS = 1e-6
+# Timestamps are stored rounded to 1 us; compare with a margin well above that, far below a frame.
+_EPS = 1e-4
 
 
 @dataclass
