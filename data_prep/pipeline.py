@@ -357,6 +357,8 @@ def prepare(footage: str | Path, out: str | Path, options: PrepOptions | None = 
     footage = Path(footage)
     if not footage.exists():
         raise UserError(f"footage folder {footage} does not exist (give a folder of videos or one video file)")
+    if "cut" in steps:  # a wrong frame count or size fails now, not after probing and splitting
+        resolve_clip_settings(opts, family_facts(opts.family))
     ds = Dataset(out)
     ds.root.mkdir(parents=True, exist_ok=True)
     summary = Summary(dataset=str(out))
