@@ -67,6 +67,7 @@ def save_adapter(transformer: torch.nn.Module, pipeline_class: type, run_dir: st
         # Weights first, description last: a folder with video_lora.json is always complete.
         os.replace(Path(tmp) / WEIGHT_NAME, run_dir / WEIGHT_NAME)
         os.replace(Path(tmp) / RUN_INFO, run_dir / RUN_INFO)
+    (run_dir / WEIGHT_NAME).chmod(0o644)  # the temp folder's files are private; an adapter is for sharing
     return run_dir / WEIGHT_NAME
 
 

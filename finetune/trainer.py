@@ -39,6 +39,7 @@ class TrainResult:
     steps: int
     start_step: int
     last_loss: float
+    family: Family  # encoders released; components.transformer is the unwrapped, adapted model
 
 
 def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
@@ -167,6 +168,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({device})")
 
     # 2. Base model through the family protocol.
     family_cls = recipe.family_cls()
@@ -177,8 +179,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     dataset = prepare_data(recipe, family, spec, accelerator)
     family.release_encoders()
 
-    # 4. LoRA, gradient checkpointing, optimizer, LR schedule.
+    # 4. LoRA (its init seeded), gradient checkpointing, optimizer, LR schedule.
     transformer = family.components.transformer
+    torch.manual_seed(recipe.optim.seed)
     params = add_lora(transformer, recipe)
     if recipe.memory.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -234,7 +237,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         done = step + 1
 
         seconds = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if done % recipe.output.log_every == 0:
             accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                              "seconds_per_step": seconds, "peak_memory_gb": peak_memory_gb(device)}, step=done)
@@ -250,7 +253,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                        weight_name=adapter.name, recipe=recipe.model_dump(mode="json"))
         adapter = save_adapter(accelerator.unwrap_model(transformer), family_cls.pipeline_class, run_dir, info)
     accelerator.end_training()
-    return TrainResult(run_dir=run_dir, adapter=adapter, steps=o.steps, start_step=start_step, last_loss=loss_value)
+    family.components.transformer = accelerator.unwrap_model(transformer)
+    return TrainResult(run_dir=run_dir, adapter=adapter, steps=o.steps, start_step=start_step, last_loss=loss_value,
+                       family=family)
 
 
 def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:

@@ -1,0 +1,114 @@
+"""The real entry scripts, run as a user runs them: accelerate launch, infer.py, resume after
+SIGKILL, two processes, and bad input that must end in one clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_clips
+from finetune.cli import USER_ERROR_EXIT
+from finetune.video import probe_frames
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+# Run the script with save_checkpoint wrapped to SIGKILL the process right after the first
+# checkpoint is complete: a crash at the worst moment, deterministically.
+KILL_AFTER_CHECKPOINT = """
+import os, runpy, signal, sys
+import finetune.checkpoint as c
+real = c.save_checkpoint
+def save_then_die(*a, **k):
+    real(*a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)
+c.save_checkpoint = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **env}
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def tiny_args(family: str, manifest: Path, out: Path, *extra: str) -> list[str]:
+    return ["train_lora.py", "--recipe", f"recipes/tiny/{family}.yaml", f"data.manifest={manifest}",
+            f"output.dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_clips(tmp_path_factory.mktemp("clips"), n=2, frames=12, height=64, width=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,frames,size", [("wan", 9, 32), ("ltx", 9, 64)])
+def test_accelerate_launch_then_infer(family, frames, size, manifest, tmp_path):
+    out = tmp_path / "run"
+    res = run([*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", *tiny_args(family, manifest, out, "optim.steps=12", "checkpoint.every=5")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("pytorch_lora_weights.safetensors", "video_lora.json", "recipe.yaml"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000005", "step-00000010"]
+    info = json.loads((out / "video_lora.json").read_text())
+    assert info["family"] == family and info["tiny"] and info["trigger"] == "mystyle"
+    assert info["recipe"]["optim"]["steps"] == 12
+
+    video = tmp_path / "lora.mp4"
+    res = run([sys.executable, "infer.py", "--lora", f"{out}:0.8", "--prompt", "mystyle, a square", "--steps", "2",
+               "--out", str(video)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"video: {video}" in res.stdout
+    n, h, w, fps = probe_frames(video)
+    assert (n, h, w) == (frames, size, size) and fps == 8
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(manifest, tmp_path):
+    common = ("optim.steps=8", "checkpoint.every=4", "optim.grad_accum=2", "lora.dropout=0.1", "optim.scheduler=cosine",
+              "optim.warmup_steps=2")
+    straight = run([sys.executable, *tiny_args("wan", manifest, tmp_path / "a", *common)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, *tiny_args("wan", manifest, tmp_path / "b", *common)])
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (tmp_path / "b" / "checkpoints" / "step-00000004").is_dir()
+    assert not (tmp_path / "b" / "pytorch_lora_weights.safetensors").exists()
+
+    resumed = run([sys.executable, *tiny_args("wan", manifest, tmp_path / "b", *common), "--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 4" in resumed.stdout + resumed.stderr
+    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_gloo(manifest, tmp_path):
+    out = tmp_path / "run"
+    res = run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", "29517",
+               *tiny_args("wan", manifest, out, "optim.steps=4", "checkpoint.every=2")], ACCELERATE_USE_CPU="true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 processes" in res.stdout
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["pytorch_lora_weights.safetensors"]
+    assert (out / "checkpoints" / "step-00000002" / "random_states_1.pkl").is_file()
+
+
+@pytest.mark.slow
+def test_bad_input_exits_with_a_message_not_a_traceback(tmp_path):
+    res = run([sys.executable, *tiny_args("wan", tmp_path / "missing.jsonl", tmp_path / "run")])
+    assert res.returncode == USER_ERROR_EXIT
+    assert "Traceback" not in res.stderr
+    assert f"error: data.manifest={tmp_path / 'missing.jsonl'}: file not found" in res.stderr

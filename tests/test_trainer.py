@@ -1,0 +1,131 @@
+"""Trainer behaviour, in process: what trains, that it learns, the cache, divergence handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe, write_clips
+from finetune import trainer
+from finetune.cache import CachedDataset, CacheEntry, build_cache, collate
+from finetune.data import load_manifest
+from finetune.errors import TrainingDiverged
+from finetune.families import get_family
+
+FAMILIES = ["wan", "ltx"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_lora_parameters_change(family, clips, tmp_path):
+    recipe = tiny_recipe(family, clips, tmp_path / "run", "optim.steps=4", "checkpoint.every=0")
+    result = trainer.train(recipe)
+    trained = result.family.components.transformer.state_dict()
+    base = get_family(family).load(trainer.model_spec(recipe, torch.device("cpu"))).components.transformer.state_dict()
+    lora_keys = [k for k in trained if "lora_" in k]
+    assert lora_keys
+    for key, value in trained.items():
+        if "lora_" not in key:
+            assert torch.equal(value, base[key.replace(".base_layer", "")]), key
+    saved = load_file(str(result.adapter))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k), "LoRA B never left zero"
+    # The encoders were released before the loop.
+    assert result.family.components.text_encoder is None and result.family.components.vae is None
+
+
+def _fixed_loss(family, transformer, batch, fps) -> float:
+    """Denoising loss at fixed noise, averaged over fixed sigmas: the 10%..90% quantiles of the
+    training distribution (logit-normal, then the family's shift)."""
+    gen = torch.Generator().manual_seed(1234)
+    shape = tuple(batch["latents"].shape)
+    quantiles = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.1, 0.9, 5)))
+    losses = []
+    with torch.no_grad():
+        for s in family.shift_sigmas(quantiles, shape).tolist():
+            noise = torch.randn(shape, generator=gen)
+            sigmas = torch.full((shape[0],), s)
+            losses.append(trainer.denoising_loss(family, transformer, batch, sigmas, noise, fps).item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_learns_one_clip(family, tmp_path):
+    manifest = write_clips(tmp_path / "clip", n=1, frames=12, height=64, width=64)
+    recipe = tiny_recipe(family, manifest, tmp_path / "run", "optim.steps=150", "optim.lr=3e-3",
+                         "lora.rank=16", "lora.alpha=16", "checkpoint.every=0")
+    result = trainer.train(recipe)
+    fam = result.family
+    entries, _ = _cache_entries(tmp_path / "clip" / ".cache")
+    batch = collate([CachedDataset(entries)[0]])
+    transformer = fam.components.transformer
+    transformer.eval()
+    with_lora = _fixed_loss(fam, transformer, batch, recipe.fps)
+    transformer.disable_adapters()
+    base = _fixed_loss(fam, transformer, batch, recipe.fps)
+    transformer.enable_adapters()
+    print(f"{family}: base loss {base:.4f}, with LoRA {with_lora:.4f}, margin {1 - with_lora / base:.1%}")
+    assert with_lora <= 0.7 * base
+
+
+def _cache_entries(cache_dir):
+    latents = sorted((cache_dir / "latents").glob("*.safetensors"))
+    texts = sorted((cache_dir / "text").glob("*.safetensors"))
+    assert len(latents) == 1 and len(texts) == 1
+    return [CacheEntry(latents[0], texts[0])], None
+
+
+def test_cache_reencodes_only_what_changed(tmp_path):
+    manifest = write_clips(tmp_path / "c", n=3, frames=12, height=64, width=64)
+    recipe = tiny_recipe("wan", manifest, tmp_path / "run")
+    spec = trainer.model_spec(recipe, torch.device("cpu"))
+    fam = get_family("wan").load(spec)
+    key = trainer.cache_key(recipe, spec)
+    cache_dir = tmp_path / "cache"
+
+    _, first = build_cache(fam, load_manifest(manifest), key, cache_dir, show_progress=False)
+    assert (first.latents_computed, first.text_computed) == (3, 3)
+
+    again_entries, again = build_cache(fam, load_manifest(manifest), key, cache_dir, show_progress=False)
+    assert (again.latents_computed, again.text_computed, again.latents_reused) == (0, 0, 3)
+
+    lines = manifest.read_text().splitlines()
+    lines[1] = lines[1].replace("number 1", "number one")
+    manifest.write_text("\n".join(lines) + "\n")
+    _, caption = build_cache(fam, load_manifest(manifest), key, cache_dir, show_progress=False)
+    assert (caption.latents_computed, caption.text_computed, caption.text_reused) == (0, 1, 2)
+
+    bigger = trainer.cache_key(tiny_recipe("wan", manifest, tmp_path / "run", "data.height=48", "data.width=48"), spec)
+    entries, res = build_cache(fam, load_manifest(manifest), bigger, cache_dir, show_progress=False)
+    assert (res.latents_computed, res.text_computed) == (3, 0)
+    item = CachedDataset(entries)[0]
+    assert item["latents"].shape[-2:] == (3, 3)  # 48 / 8 (VAE) = 6, before the 2x2 patching: 6 ... see below
+    assert CachedDataset(again_entries)[0]["latents"].shape[-2:] == (4, 4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(clips, tmp_path, monkeypatch):
+    recipe = tiny_recipe("wan", clips, tmp_path / "run", "optim.steps=10", "checkpoint.every=4")
+    real = trainer.denoising_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(trainer, "denoising_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6.*step-00000004 \(untouched\)"):
+        trainer.train(recipe)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
+    assert (ckpt / "lora.safetensors").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "step-00000008").exists()
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    a = [trainer.batch_indices(5, 3, m, 2, r, 2) for m in range(6) for r in range(2)]
+    b = [trainer.batch_indices(5, 3, m, 2, r, 2) for m in range(6) for r in range(2)]
+    assert a == b
+    # Each epoch (5 items) is a permutation: the first 10 draws cover every item twice.
+    flat = [i for batch in a for i in batch][:10]
+    assert sorted(flat) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
