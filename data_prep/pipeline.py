@@ -118,7 +118,7 @@ def run_probe(ds: Dataset, footage: Path, opts: PrepOptions, summary: Summary) -
         state[str(p)] = {"fp": fp, "result": res.to_dict()}
         results.append(res)
     ds.state["probe"] = state
-    (ds.root / "probe.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+    write_if_changed(ds.root / "probe.json", json.dumps([r.to_dict() for r in results], indent=1))
     return results
 
 
@@ -181,7 +181,7 @@ def run_cut(
                 f"at {fps:g} fps needs {(opts.frames - 1) / fps:.2f} s"
             )
             continue
-        src_fp = ds.state["split"][pr.path]["fp"]
+        src_fp = ds.state["probe"][pr.path]["fp"]  # not the split's: other detector, same shots, same clips
         pending = []
         for p in plans:
             fp = fingerprint(src_fp, p.indices, p.width, p.height, p.fps, pr.rotation, opts.crf, opts.preset)
