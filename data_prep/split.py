@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import av
-import cv2
 
 from data_prep.probe import ProbeResult
 
 # As PySceneDetect's SceneManager does: detect on frames about 256 px wide (speed; the detectors'
-# thresholds are tuned for it) using the same cv2 resize.
+# thresholds are tuned for it), area-averaged. swscale does the resize during the colour conversion,
+# which saves converting full-size frames; the sample videos' cuts are unchanged by it.
 _DETECT_WIDTH = 256
 
 
@@ -99,11 +99,11 @@ def detect_shots(
                 t = float(frame.time) if frame.time is not None else i / rate
                 t0 = t if t0 is None else t0
                 times.append(round(t - t0, 6))
-                img = frame.to_ndarray(format="bgr24")
-                factor = compute_downscale_factor(img.shape[1], _DETECT_WIDTH)
+                factor = compute_downscale_factor(frame.width, _DETECT_WIDTH)
+                w, h = frame.width, frame.height
                 if factor > 1:
-                    size = (max(1, round(img.shape[1] / factor)), max(1, round(img.shape[0] / factor)))
-                    img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+                    w, h = max(1, round(w / factor)), max(1, round(h / factor))
+                img = frame.to_ndarray(format="bgr24", width=w, height=h, interpolation="AREA")
                 cuts += [tc.frame_num for tc in det.process_frame(FrameTimecode(i, rate), img)]
         except av.FFmpegError as err:
             error = f"decoding stopped after {len(times)} frames: {err}"
