@@ -102,9 +102,9 @@ class Family(ABC):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)
                 components = cls.build_tiny()
-            components.transformer.to(spec.dtype)
-            for m in (components.vae, components.text_encoder):
-                if m is not None:
+            for m in (components.transformer, components.vae, components.text_encoder):
+                # Tiny models are built in fp32; cast only when asked for another dtype.
+                if m is not None and spec.dtype != torch.float32:
                     m.to(spec.dtype)
         else:
             components = cls.load_pretrained(spec)
