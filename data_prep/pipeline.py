@@ -51,10 +51,12 @@ class Summary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): inputs with no clips
     cuts: dict[str, list[int]] = field(default_factory=dict)  # source -> first frame of each new shot
     dataset: str = ""
+    makes_clips: bool = True  # False for probe/split alone: success then means usable files, not clips
 
     @property
     def exit_code(self) -> int:
-        if self.clips == 0 and (self.skipped or self.files_found == 0):
+        usable = self.clips if self.makes_clips else self.files_found - len(self.skipped)
+        if usable == 0 and (self.skipped or self.files_found == 0):
             return EXIT_FAILED
         return EXIT_SKIPPED if self.skipped else EXIT_OK
 
@@ -361,7 +363,7 @@ def prepare(footage: str | Path, out: str | Path, options: PrepOptions | None = 
         resolve_clip_settings(opts, family_facts(opts.family))
     ds = Dataset(out)
     ds.root.mkdir(parents=True, exist_ok=True)
-    summary = Summary(dataset=str(out))
+    summary = Summary(dataset=str(out), makes_clips="cut" in steps)
     probes = run_probe(ds, footage, opts, summary)
     ds.save()
     if "split" in steps or "cut" in steps:

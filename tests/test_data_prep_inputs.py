@@ -143,3 +143,20 @@ def test_bad_options_are_all_reported_before_any_work(tmp_path, corpus, capsys):
     assert "frames=80 must be 4k+1 for wan (try 81)" in err
     assert "size 100x48 must be a multiple of 16" in err and "(try 96x48)" in err
     assert not (tmp_path / "ds" / "clips").exists()
+
+
+def test_cli_probe_runs_as_a_program_without_torch(corpus, tmp_path):
+    """`python -m data_prep probe` and `split` never import torch or the families (they stay fast)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from data_prep.__main__ import main; "
+        f"rc = main(['split', {str(corpus)!r}, {str(tmp_path / 'ds')!r}, '--no-progress']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == EXIT_SKIPPED, run.stderr
+    assert "mpegps_offset.mpg: 2 shots, cuts at frames [20]" in run.stdout
+    help_text = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True).stdout
+    assert "exit status:" in help_text and "3  clips were made, but some inputs were skipped" in help_text
