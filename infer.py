@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # heavy imports after argument parsing
 
-    from finetune.inference import LoraRef, RenderArgs, apply_loras, load_base, render_to_file
+    from finetune.inference import LoraRef, RenderArgs, apply_loras, complete_args, load_base, render_to_file
     from finetune.trainer import DTYPES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     render_args = RenderArgs(prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
                              height=args.height, width=args.width, fps=args.fps, steps=args.steps,
                              guidance=args.guidance, seed=args.seed)
-    out = render_to_file(family, pipe, render_args, info, args.out)
+    out = render_to_file(family, pipe, complete_args(render_args, family, info), args.out)
     print(f"video: {out}")
     return 0
 

@@ -81,19 +81,18 @@ def render_pair(run_dir: Path, out: Path) -> tuple[Path, Path]:
     import numpy as np
     import torch
 
-    from finetune.inference import LoraRef, RenderArgs, apply_loras, load_base, render
-
+    from finetune.inference import LoraRef, RenderArgs, apply_loras, complete_args, load_base, render
     from finetune.video import write_video
 
     family, info = load_base([], run_dir, torch.device("cpu"), torch.float32)
     pipe = family.pipeline()
-    args = RenderArgs(prompt=PROMPT, steps=8, guidance=1.0, seed=0)
-    base_video, fps = render(family, pipe, args, info)
+    args = complete_args(RenderArgs(prompt=PROMPT, steps=8, guidance=1.0, seed=0), family, info)
+    base_video = render(family, pipe, args)
     apply_loras(pipe, [LoraRef(run_dir)], merge=False)
-    lora_video, _ = render(family, pipe, args, info)
+    lora_video = render(family, pipe, args)
     diff = float(np.abs(base_video.numpy() - lora_video.numpy()).mean())
     print(f"mean |LoRA - base| per pixel: {diff:.4f} (0..1 scale)")
-    return write_video(base_video, out / "base.mp4", fps), write_video(lora_video, out / "lora.mp4", fps)
+    return write_video(base_video, out / "base.mp4", args.fps), write_video(lora_video, out / "lora.mp4", args.fps)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ scale) or merged into the base weights. The base model comes from the run folder
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,30 +87,33 @@ class RenderArgs:
     seed: int = 0
 
 
-def render(family: Family, pipe, args: RenderArgs, info: RunInfo) -> tuple[torch.Tensor, float]:
-    """Run the pipeline. Returns frames [F, H, W, 3] float in [0, 1] and the fps to write them at.
-    Frames and size default to the training recipe's and are checked against the family rules."""
+def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs:
+    """Fill unset frames, size and fps from the training recipe; check them against the family.
+    Raises UserError naming the flag and a valid value."""
     data = info.recipe.get("data", {})
-    frames = args.frames or data.get("frames")
-    height, width = args.height or data.get("height"), args.width or data.get("width")
-    fps = float(args.fps or data.get("fps") or family.default_fps)
-    if not family.frame_rule.is_valid(frames):
-        raise UserError(f"--frames {frames} must be {family.frame_rule.describe()} for {family.name} "
-                        f"(try {family.frame_rule.nearest(frames)})")
-    for flag, v in (("--height", height), ("--width", width)):
+    done = replace(args, frames=args.frames or data.get("frames"), height=args.height or data.get("height"),
+                   width=args.width or data.get("width"), fps=float(args.fps or data.get("fps") or family.default_fps))
+    if not family.frame_rule.is_valid(done.frames):
+        raise UserError(f"--frames {done.frames} must be {family.frame_rule.describe()} for {family.name} "
+                        f"(try {family.frame_rule.nearest(done.frames)})")
+    for flag, v in (("--height", done.height), ("--width", done.width)):
         if v % family.spatial_factor:
             raise UserError(f"{flag} {v} must be a multiple of {family.spatial_factor} for {family.name}")
+    return done
+
+
+def render(family: Family, pipe, args: RenderArgs) -> torch.Tensor:
+    """Run the pipeline with complete ``args``. Returns frames [F, H, W, 3] float in [0, 1]."""
     device = next(family.components.transformer.parameters()).device
     out = pipe(
-        prompt=args.prompt, negative_prompt=args.negative_prompt or None, num_frames=frames, height=height,
-        width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        prompt=args.prompt, negative_prompt=args.negative_prompt or None, num_frames=args.frames, height=args.height,
+        width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
         generator=torch.Generator(device=device).manual_seed(args.seed), output_type="pt",
-        **family.pipeline_call_kwargs(fps),
+        **family.pipeline_call_kwargs(args.fps),
     )
     video = out.frames[0]  # [F, 3, H, W] in [0, 1]
-    return video.permute(0, 2, 3, 1).float().cpu(), fps
+    return video.permute(0, 2, 3, 1).float().cpu()
 
 
-def render_to_file(family: Family, pipe, args: RenderArgs, info: RunInfo, out: Path) -> Path:
-    video, fps = render(family, pipe, args, info)
-    return write_video(video, out, fps)
+def render_to_file(family: Family, pipe, args: RenderArgs, out: Path) -> Path:
+    return write_video(render(family, pipe, args), out, args.fps)

@@ -175,9 +175,13 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     spec = model_spec(recipe, device)
     family = family_cls.load(spec, device=device)
 
-    # 3. Data: manifest -> cache; then the encoders leave memory.
+    # 3. Data: manifest -> cache; then the encoders leave accelerator memory (kept in RAM only
+    #    when validation samples will need them).
     dataset = prepare_data(recipe, family, spec, accelerator)
-    family.release_encoders()
+    if recipe.validation.prompts:
+        family.move_encoders("cpu")
+    else:
+        family.release_encoders()
 
     # 4. LoRA (its init seeded), gradient checkpointing, optimizer, LR schedule.
     transformer = family.components.transformer
@@ -243,6 +247,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                              "seconds_per_step": seconds, "peak_memory_gb": peak_memory_gb(device)}, step=done)
         if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < o.steps:
             ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
+        v = recipe.validation
+        if v.prompts and (done == o.steps or (v.every and done % v.every == 0)):
+            render_samples(accelerator, family, transformer, recipe, done)
 
     # 7. Final adapter and the run description.
     accelerator.wait_for_everyone()
@@ -256,6 +263,28 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     family.components.transformer = accelerator.unwrap_model(transformer)
     return TrainResult(run_dir=run_dir, adapter=adapter, steps=o.steps, start_step=start_step, last_loss=loss_value,
                        family=family)
+
+
+def render_samples(accelerator: Accelerator, family: Family, transformer, recipe: Recipe, step: int) -> list[Path]:
+    """Render each validation prompt with the adapter as trained so far into
+    ``<run>/samples/step-<step>-<k>.mp4`` (main process; the others wait)."""
+    from finetune.inference import RenderArgs, render_to_file  # inference code only when sampling
+
+    paths = []
+    if accelerator.is_main_process:
+        v, d = recipe.validation, recipe.data
+        family.move_encoders(accelerator.device)
+        transformer.eval()
+        pipe = family.pipeline()
+        for k, prompt in enumerate(v.prompts):
+            args = RenderArgs(prompt=prompt, frames=d.frames, height=d.height, width=d.width, fps=recipe.fps,
+                              steps=v.steps, guidance=v.guidance, seed=v.seed)
+            with torch.no_grad(), accelerator.autocast():
+                paths.append(render_to_file(family, pipe, args, Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"))
+        transformer.train()
+        family.move_encoders("cpu")
+    accelerator.wait_for_everyone()
+    return paths
 
 
 def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:

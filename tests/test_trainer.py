@@ -129,3 +129,15 @@ def test_batches_are_a_pure_function_of_the_step():
     # Each epoch (5 items) is a permutation: the first 10 draws cover every item twice.
     flat = [i for batch in a for i in batch][:10]
     assert sorted(flat) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_validation_samples_are_rendered_during_training(clips, tmp_path):
+    from finetune.video import probe_frames
+
+    recipe = tiny_recipe("wan", clips, tmp_path / "run", "optim.steps=4", "checkpoint.every=0",
+                         "validation.prompts=[mystyle a square, mystyle a circle]", "validation.every=2",
+                         "validation.steps=2")
+    trainer.train(recipe)
+    samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert samples == ["step-00000002-0.mp4", "step-00000002-1.mp4", "step-00000004-0.mp4", "step-00000004-1.mp4"]
+    assert probe_frames(tmp_path / "run" / "samples" / samples[0])[:3] == (9, 32, 32)

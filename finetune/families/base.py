@@ -144,6 +144,12 @@ class Family(ABC):
         self.components.text_encoder = None
         self.components.vae = None
 
+    def move_encoders(self, device: torch.device | str) -> None:
+        """Park the encoders on ``device`` (the CPU between validation renders)."""
+        for m in (self.components.text_encoder, self.components.vae):
+            if m is not None:
+                m.to(device)
+
     # --- training ---
     @abstractmethod
     def predict(
