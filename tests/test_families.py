@@ -157,6 +157,24 @@ def test_only_lora_is_trainable_and_every_lora_layer_gets_gradients(name):
     assert [n for n, (ga, gb) in grads.items() if ga == 0 or gb == 0] == []
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gradient_checkpointing_keeps_lora_gradients(name):
+    cls = get_family(name)
+    grads = []
+    for checkpointing in (False, True):
+        fam = load(name)
+        tr = fam.components.transformer
+        add_lora(tr, cls)
+        fake_training(tr)
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        tr.train()  # the trainer's mode; checkpointing only acts with grad enabled
+        grads.append(lora_grads(fam, cls))
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-8, msg=n)
+
+
 # --- 4-6. LoRA invariants on the pipeline output ---
 @pytest.mark.parametrize("name", FAMILIES)
 def test_lora_changes_output_and_save_load_fuse_unload_behave(name, tmp_path):

@@ -1,7 +1,8 @@
 """Helpers shared by the tiny random builders (``Family.build_tiny``).
 
 Tests never touch the network, so a tiny model needs everything a real one downloads, made in
-code: a tokenizer and random weights that do not block LoRA gradients.
+code: a tokenizer, random weights that do not block LoRA gradients, and latent statistics that
+fit its own random VAE the way the shipped statistics fit the real one.
 """
 
 from __future__ import annotations
@@ -44,3 +45,23 @@ def refill_zero_params(module: torch.nn.Module, std: float = 0.02) -> list[str]:
             param.normal_(0.0, std)
             refilled.append(name)
     return refilled
+
+
+def calibration_videos(frames: int, height: int, width: int, batch: int = 2) -> torch.Tensor:
+    """[batch, 3, frames, height, width] in [-1, 1]: smooth random colour fields (noise on a grid
+    8x coarser in space, 2x in time, trilinearly upsampled), closer to real clips than white
+    noise. Draws from the global torch RNG, so it is deterministic under the caller's seed."""
+    coarse = torch.rand(batch, 3, max(2, frames // 2), max(2, height // 8), max(2, width // 8)) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(frames, height, width), mode="trilinear", align_corners=True)
+
+
+@torch.no_grad()
+def channel_stats(latents: torch.Tensor, eps: float = 1e-6) -> tuple[list[float], list[float]]:
+    """latents [B, C, f, h, w] -> (mean, std) per channel, each a list of C floats (std >= eps).
+
+    Real checkpoints ship per-channel latent statistics measured on their own VAE; a random VAE
+    needs its own, or normalised latents are a constant offset with the clip content nearly
+    invisible, and a LoRA has nothing to learn."""
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4)).clamp_min(eps)
+    return mean.tolist(), std.tolist()

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from finetune.families import register
-from finetune.families._tiny import refill_zero_params, tiny_t5_tokenizer
+from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_t5_tokenizer
 from finetune.families.base import Components, Family, FrameRule, ModelSpec
 
 # components.extra key for the prompt length; only the tiny model sets it (see text_len).
@@ -87,8 +87,8 @@ class LTXFamily(Family):
     def build_tiny(cls) -> Components:
         """Same classes as the real model: 2-layer transformer (4 heads x 8), a VAE with 8
         channels per block that keeps the real compression (patch 4, three 2x spatio-temporal
-        downsamples: 32x space, 8x time) and 8 latent channels, 1-layer T5 with d_model 32,
-        character tokenizer, the real scheduler config."""
+        downsamples: 32x space, 8x time) and 8 latent channels (its latent statistics measured on
+        calibration clips), 1-layer T5 with d_model 32, character tokenizer, the real scheduler config."""
         text_len = cls.tiny_max_sequence_length
         tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
         text_encoder = transformers.T5EncoderModel(
@@ -123,6 +123,13 @@ class LTXFamily(Family):
             decoder_causal=False,
             timestep_conditioning=False,  # as 0.9.0, the default checkpoint
         )
+        # The checkpoint's latents_mean/std buffers fit the real VAE; measure the tiny one's the
+        # same way (on posterior samples, what encode_videos uses) so normalisation is not a no-op.
+        with torch.no_grad():
+            raw = vae.encode(calibration_videos(frames=9, height=64, width=64)).latent_dist.sample()
+            mean, std = channel_stats(raw)
+            vae.latents_mean.copy_(torch.tensor(mean))
+            vae.latents_std.copy_(torch.tensor(std))
         transformer = diffusers.LTXVideoTransformer3DModel(
             in_channels=8,
             out_channels=8,

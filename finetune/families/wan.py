@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from finetune.families import register
-from finetune.families._tiny import refill_zero_params, tiny_t5_tokenizer
+from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_t5_tokenizer
 from finetune.families.base import Components, Family, FrameRule, ModelSpec
 
 # components.extra key for the prompt length; only the tiny model sets it (see text_len).
@@ -75,9 +75,10 @@ class WanFamily(Family):
 
     @classmethod
     def build_tiny(cls) -> Components:
-        """Same classes as the real model: 2-layer transformer (2 heads x 12), 3-channel-base VAE
-        that keeps the real 8x spatial / 4x temporal compression and 16 latent channels, 1-layer
-        umT5 with d_model 32, character tokenizer, the real UniPC scheduler config."""
+        """Same classes as the real model: 2-layer transformer (4 heads x 32), 3-channel-base VAE
+        that keeps the real 8x spatial / 4x temporal compression and 16 latent channels (its
+        latent statistics measured on calibration clips), 1-layer umT5 with d_model 32, character
+        tokenizer, the real UniPC scheduler config."""
         text_len = cls.tiny_max_sequence_length
         tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
         text_encoder = transformers.UMT5EncoderModel(
@@ -104,15 +105,23 @@ class WanFamily(Family):
             num_res_blocks=1,
             temperal_downsample=[False, True, True],  # two 2x in time: 4x, as the real VAE
         )
+        # The shipped latents_mean/std fit the real VAE; measure the tiny one's the same way (on
+        # posterior modes, what encode_videos uses) so normalised tiny latents are ~N(0, 1) too.
+        with torch.no_grad():
+            raw = vae.encode(calibration_videos(frames=9, height=32, width=32)).latent_dist.mode()
+        mean, std = channel_stats(raw)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
         transformer = diffusers.WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
+            # Inner dim 128, twice the 64 outputs per token (16 channels x (1, 2, 2) patch): like
+            # the real model (1536), wide enough that a LoRA can fit a clip.
+            num_attention_heads=4,
+            attention_head_dim=32,
             in_channels=16,
             out_channels=16,
             text_dim=32,
             freq_dim=256,
-            ffn_dim=32,
+            ffn_dim=128,
             num_layers=2,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
