@@ -16,6 +16,16 @@ PROMPT = "a red ball bouncing"
 FRAMES = 9  # 4k+1 and 8k+1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are far too small to gain from intra-op threads, and on a shared 2-core
+    machine (``pytest -n 2``) spinning OpenMP threads can slow them down tenfold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load(name: str, seed: int = 0):
     cls = get_family(name)
     return cls.load(ModelSpec(pretrained=cls.default_model_id, tiny=True, tiny_seed=seed))
@@ -282,6 +292,38 @@ def test_released_encoders_fail_clearly(name):
         fam.encode_prompts([PROMPT])
     with pytest.raises(RuntimeError, match="release_encoders"):
         fam.pipeline()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_load_pretrained_reads_a_diffusers_folder(name, tmp_path):
+    """The real loading path (subfolders, classes, dtypes), offline: on a saved tiny pipeline."""
+    cls = get_family(name)
+    tiny = load(name)
+    tiny.pipeline().save_pretrained(tmp_path)
+    fam = cls.load(ModelSpec(pretrained=str(tmp_path)))
+    assert type(fam.components.scheduler) is type(tiny.components.scheduler)
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert public(fam.components.scheduler.config) == public(tiny.components.scheduler.config)
+    for part in ("transformer", "vae", "text_encoder"):
+        got, want = (getattr(f.components, part).state_dict() for f in (fam, tiny))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), f"{name}: {part} changed on the way through disk"
+    text = fam.encode_prompts([PROMPT])
+    assert text["prompt_embeds"].shape[1] == cls.max_sequence_length  # the real length, not the tiny one
+    assert fam.pipeline_call_kwargs(cls.default_fps)["max_sequence_length"] == cls.max_sequence_length
+
+
+def test_wan_keeps_its_vae_in_float32(tmp_path):
+    load("wan").pipeline().save_pretrained(tmp_path)
+    fam = get_family("wan").load(ModelSpec(pretrained=str(tmp_path), dtype=torch.bfloat16))
+    c = fam.components
+    assert c.vae.dtype == torch.float32  # the Wan docs' advice for decoding quality
+    assert c.text_encoder.dtype == torch.bfloat16 and c.transformer.proj_out.weight.dtype == torch.bfloat16
+    latents = fam.encode_videos(random_videos(get_family("wan"), batch=1))
+    assert latents.dtype == torch.float32
+    with torch.no_grad():
+        pred = fam.predict(c.transformer, latents, torch.tensor([500.0]), fam.encode_prompts([PROMPT]), 16)
+    assert pred.shape == latents.shape and pred.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", FAMILIES)
