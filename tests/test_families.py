@@ -332,3 +332,11 @@ def test_quantization_needs_a_known_mode(name):
     spec = ModelSpec(pretrained=cls.default_model_id, quantization="fp4")
     with pytest.raises(ValueError, match="quantization='fp4'"):
         cls.load_pretrained(spec)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_quantization_without_cuda_names_the_fix(name):
+    cls = get_family(name)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*quantization: none"):
+        cls.load_pretrained(ModelSpec(pretrained=cls.default_model_id, quantization="nf4"))
