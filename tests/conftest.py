@@ -7,8 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# pytest-xdist runs one worker per core: more than one torch thread each oversubscribes the
+# cores, and spinning OpenMP threads then slow the tiny-model tests down tenfold.
+torch.set_num_threads(1)
 
 
 def synthetic_frames(frames: int, height: int, width: int, seed: int) -> np.ndarray:
