@@ -143,7 +143,8 @@ def family_problems(data: dict) -> list[str]:
     reported together with field errors. Values of the wrong type are left to field validation."""
     from finetune.families import get_family
 
-    model, dat, lora = (data.get(k) if isinstance(data.get(k), dict) else {} for k in ("model", "data", "lora"))
+    model, dat, lora, val = (data.get(k) if isinstance(data.get(k), dict) else {}
+                             for k in ("model", "data", "lora", "validation"))
     name = model.get("family", ModelConfig.model_fields["family"].default)
     try:
         fam = get_family(str(name))
@@ -158,6 +159,9 @@ def family_problems(data: dict) -> list[str]:
         if isinstance(v, int) and v > 0 and v % fam.spatial_factor:
             near = max(fam.spatial_factor, round(v / fam.spatial_factor) * fam.spatial_factor)
             out.append(f"data.{axis}={v} must be a multiple of {fam.spatial_factor} for {fam.name} (try {near})")
+    steps = val.get("steps")
+    if isinstance(steps, int) and steps < fam.min_inference_steps:
+        out.append(f"validation.steps={steps}: {fam.name} needs at least {fam.min_inference_steps}")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
     if model.get("quantization", "none") != "none" and model.get("tiny"):

@@ -99,6 +99,8 @@ def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs
     for flag, v in (("--height", done.height), ("--width", done.width)):
         if v % family.spatial_factor:
             raise UserError(f"{flag} {v} must be a multiple of {family.spatial_factor} for {family.name}")
+    if done.steps < family.min_inference_steps:
+        raise UserError(f"--steps {done.steps}: {family.name} needs at least {family.min_inference_steps}")
     return done
 
 

@@ -338,5 +338,5 @@ def test_quantization_needs_a_known_mode(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_quantization_without_cuda_names_the_fix(name):
     cls = get_family(name)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*quantization: none"):
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*quantization=none"):
         cls.load_pretrained(ModelSpec(pretrained=cls.default_model_id, quantization="nf4"))

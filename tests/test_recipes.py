@@ -106,3 +106,9 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert again == r
     assert r.lora_targets == list(r.family_cls().default_lora_targets)
     assert r.fps == r.family_cls().default_fps
+
+
+def test_validation_steps_below_the_family_minimum():
+    d = {"model": {"family": "ltx"}, "data": {"frames": 9, "height": 64, "width": 64}, "validation": {"steps": 1}}
+    with pytest.raises(RecipeError, match="validation.steps=1: ltx needs at least 2"):
+        recipe_from_dict(d)

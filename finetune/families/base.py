@@ -88,6 +88,8 @@ class Family(ABC):
     # diffusers pipeline class: builds the inference pipeline and (de)serialises LoRA weights
     pipeline_class: ClassVar[type]
     default_fps: ClassVar[int]
+    # fewest sampling steps the family's scheduler accepts
+    min_inference_steps: ClassVar[int] = 1
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -191,6 +193,26 @@ class Family(ABC):
         return {}
 
     # --- helpers shared by families ---
+    def require(self, what: str, *parts: str) -> None:
+        """Raise RuntimeError if any of ``parts`` ("text_encoder", "vae") was released."""
+        gone = [p for p in parts if getattr(self.components, p) is None]
+        if gone:
+            raise RuntimeError(f"{self.name}: {what} needs the {' and '.join(gone)}, but release_encoders() dropped "
+                               f"{'them' if len(gone) > 1 else 'it'}; do this before releasing the encoders")
+
+    def check_videos(self, videos: torch.Tensor) -> None:
+        """Raise ValueError unless videos is [B, 3, F, H, W] with F, H, W fitting the family rules."""
+        if videos.ndim != 5 or videos.shape[1] != 3:
+            raise ValueError(f"{self.name}: videos must be [B, 3, F, H, W], got {tuple(videos.shape)}")
+        frames, height, width = videos.shape[2:]
+        if not self.frame_rule.is_valid(frames):
+            raise ValueError(f"{self.name}: {frames} frames is not {self.frame_rule.describe()} "
+                             f"(try {self.frame_rule.nearest(frames)})")
+        f = self.spatial_factor
+        if height % f or width % f:
+            raise ValueError(f"{self.name}: frame size {height}x{width} must be a multiple of {f} "
+                             f"(try {height // f * f}x{width // f * f})")
+
     @staticmethod
     def resolution_shift(seq_len: int, base_seq: int, max_seq: int, base_shift: float, max_shift: float) -> float:
         """exp(mu) with mu linear in the token count, as the LTX/Flux schedulers do."""

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from finetune.families import register
+from finetune.families._loading import bnb_quantization_config
 from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_t5_tokenizer
 from finetune.families.base import Components, Family, FrameRule, ModelSpec
 
@@ -50,6 +51,8 @@ class LTXFamily(Family):
     # LTX-Video is trained on and generates 24 fps video (model card); LTXPipeline's frame_rate
     # default is 25, so the family always passes the rate explicitly (pipeline_call_kwargs).
     default_fps = 24
+    # The scheduler's shift_terminal stretch divides by (1 - last sigma): one step is a zero division.
+    min_inference_steps = 2
 
     # T5 tokens per prompt: LTXPipeline's default and what LTX-Video was trained with.
     max_sequence_length: ClassVar[int] = 128
@@ -74,7 +77,7 @@ class LTXFamily(Family):
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = diffusers.LTXVideoTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=_bnb_config(spec)
+            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec)
         )
         # The LTX docs recommend one dtype (bfloat16) for transformer, VAE and text encoder.
         vae = diffusers.AutoencoderKLLTXVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
@@ -156,9 +159,7 @@ class LTXFamily(Family):
         """prompts (B strings) -> {"prompt_embeds": [B, L, D], "prompt_attention_mask": [B, L] bool}
         with L = :attr:`text_len`. Raises RuntimeError if the text encoder was released."""
         c = self.components
-        if c.text_encoder is None:
-            raise RuntimeError("ltx: encode_prompts needs the text encoder, but release_encoders() dropped it; "
-                               "encode every prompt before releasing the encoders")
+        self.require("encode_prompts", "text_encoder")
         # The pipeline's own encode_prompt rather than a copy of it; only the text parts are registered.
         pipe = diffusers.LTXPipeline(
             scheduler=None, vae=None, text_encoder=c.text_encoder, tokenizer=c.tokenizer, transformer=None
@@ -177,10 +178,8 @@ class LTXFamily(Family):
         (the model was trained on sampled latents). Raises ValueError for a bad shape,
         RuntimeError if the VAE was released."""
         vae = self.components.vae
-        if vae is None:
-            raise RuntimeError("ltx: encode_videos needs the VAE, but release_encoders() dropped it; "
-                               "encode every clip before releasing the encoders")
-        self._check_videos(videos)
+        self.require("encode_videos", "vae")
+        self.check_videos(videos)
         latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
         return diffusers.LTXPipeline._normalize_latents(
             latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor
@@ -237,9 +236,7 @@ class LTXFamily(Family):
         """LTXPipeline over the current components (the transformer with any LoRA adapter in it).
         Raises RuntimeError if the encoders were released."""
         c = self.components
-        if c.text_encoder is None or c.vae is None:
-            raise RuntimeError("ltx: pipeline() needs the text encoder and VAE, but release_encoders() dropped them; "
-                               "reload the family with Family.load(spec) to sample")
+        self.require("pipeline()", "text_encoder", "vae")
         return diffusers.LTXPipeline(
             scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
             transformer=c.transformer,
@@ -267,33 +264,3 @@ class LTXFamily(Family):
                 f"family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use an LTX-Video "
                 f"0.9.x checkpoint such as {self.default_model_id}"
             )
-
-    def _check_videos(self, videos: torch.Tensor) -> None:
-        if videos.ndim != 5 or videos.shape[1] != 3:
-            raise ValueError(f"ltx: videos must be [B, 3, F, H, W], got {tuple(videos.shape)}")
-        frames, height, width = videos.shape[2:]
-        if not self.frame_rule.is_valid(frames):
-            raise ValueError(f"ltx: {frames} frames is not {self.frame_rule.describe()} "
-                             f"(try {self.frame_rule.nearest(frames)})")
-        if height % self.spatial_factor or width % self.spatial_factor:
-            raise ValueError(f"ltx: frame size {height}x{width} must be a multiple of {self.spatial_factor} "
-                             f"(try {height // self.spatial_factor * self.spatial_factor}x"
-                             f"{width // self.spatial_factor * self.spatial_factor})")
-
-
-def _bnb_config(spec: ModelSpec) -> diffusers.BitsAndBytesConfig | None:
-    """bitsandbytes settings for the frozen transformer, or None for ``quantization: none``.
-    Raises ValueError for an unknown mode and RuntimeError without CUDA."""
-    if spec.quantization == "none":
-        return None
-    if spec.quantization not in ("int8", "nf4"):
-        raise ValueError(f"model.quantization={spec.quantization!r} is not one of 'none', 'int8', 'nf4'")
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"model.quantization={spec.quantization!r} needs a CUDA GPU (bitsandbytes); "
-                           "set quantization: none to train on this machine")
-    if spec.quantization == "int8":
-        return diffusers.BitsAndBytesConfig(load_in_8bit=True)
-    # LoRA layers and activations compute in spec.dtype on top of the 4-bit base weights.
-    return diffusers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=spec.dtype
-    )

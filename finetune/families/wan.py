@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from finetune.families import register
+from finetune.families._loading import bnb_quantization_config
 from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_t5_tokenizer
 from finetune.families.base import Components, Family, FrameRule, ModelSpec
 
@@ -64,7 +65,7 @@ class WanFamily(Family):
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = diffusers.WanTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=_bnb_config(spec)
+            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec)
         )
         # The Wan docs recommend the VAE in float32 for decoding quality, whatever the rest uses.
         vae = diffusers.AutoencoderKLWan.from_pretrained(**src, subfolder="vae", torch_dtype=torch.float32)
@@ -143,9 +144,7 @@ class WanFamily(Family):
         past each prompt's end are zeros, exactly as WanPipeline feeds the transformer.
         Raises RuntimeError if the text encoder was released."""
         c = self.components
-        if c.text_encoder is None:
-            raise RuntimeError("wan: encode_prompts needs the text encoder, but release_encoders() dropped it; "
-                               "encode every prompt before releasing the encoders")
+        self.require("encode_prompts", "text_encoder")
         # The pipeline's own encode_prompt (cleaning, padding, zeroing the pad positions) rather
         # than a copy of it; only the text parts are registered.
         pipe = diffusers.WanPipeline(
@@ -165,10 +164,8 @@ class WanFamily(Family):
         so that is what Wan was trained on, and it keeps the cache deterministic; ``generator``
         is therefore unused. Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
         vae = self.components.vae
-        if vae is None:
-            raise RuntimeError("wan: encode_videos needs the VAE, but release_encoders() dropped it; "
-                               "encode every clip before releasing the encoders")
-        self._check_videos(videos)
+        self.require("encode_videos", "vae")
+        self.check_videos(videos)
         latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
         # Inverse of what WanPipeline does before decoding (latents * std + mean).
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
@@ -206,9 +203,7 @@ class WanFamily(Family):
         """WanPipeline over the current components (the transformer with any LoRA adapter in it).
         Raises RuntimeError if the encoders were released."""
         c = self.components
-        if c.text_encoder is None or c.vae is None:
-            raise RuntimeError("wan: pipeline() needs the text encoder and VAE, but release_encoders() dropped them; "
-                               "reload the family with Family.load(spec) to sample")
+        self.require("pipeline()", "text_encoder", "vae")
         return diffusers.WanPipeline(
             tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae, scheduler=c.scheduler,
             transformer=c.transformer,
@@ -234,33 +229,3 @@ class WanFamily(Family):
                 f"family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use a Wan 2.1 T2V "
                 f"checkpoint such as {self.default_model_id}"
             )
-
-    def _check_videos(self, videos: torch.Tensor) -> None:
-        if videos.ndim != 5 or videos.shape[1] != 3:
-            raise ValueError(f"wan: videos must be [B, 3, F, H, W], got {tuple(videos.shape)}")
-        frames, height, width = videos.shape[2:]
-        if not self.frame_rule.is_valid(frames):
-            raise ValueError(f"wan: {frames} frames is not {self.frame_rule.describe()} "
-                             f"(try {self.frame_rule.nearest(frames)})")
-        if height % self.spatial_factor or width % self.spatial_factor:
-            raise ValueError(f"wan: frame size {height}x{width} must be a multiple of {self.spatial_factor} "
-                             f"(try {height // self.spatial_factor * self.spatial_factor}x"
-                             f"{width // self.spatial_factor * self.spatial_factor})")
-
-
-def _bnb_config(spec: ModelSpec) -> diffusers.BitsAndBytesConfig | None:
-    """bitsandbytes settings for the frozen transformer, or None for ``quantization: none``.
-    Raises ValueError for an unknown mode and RuntimeError without CUDA."""
-    if spec.quantization == "none":
-        return None
-    if spec.quantization not in ("int8", "nf4"):
-        raise ValueError(f"model.quantization={spec.quantization!r} is not one of 'none', 'int8', 'nf4'")
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"model.quantization={spec.quantization!r} needs a CUDA GPU (bitsandbytes); "
-                           "set quantization: none to train on this machine")
-    if spec.quantization == "int8":
-        return diffusers.BitsAndBytesConfig(load_in_8bit=True)
-    # LoRA layers and activations compute in spec.dtype on top of the 4-bit base weights.
-    return diffusers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=spec.dtype
-    )
