@@ -26,7 +26,7 @@ from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import load_manifest
 from finetune.errors import TrainingDiverged
-from finetune.export import RunInfo, save_adapter, write_text_atomic
+from finetune.export import WEIGHT_NAME, RunInfo, save_adapter, write_text_atomic
 from finetune.families.base import Family, ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,6 +133,32 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
 
 
+def accumulate_gradients(accelerator: Accelerator, family: Family, transformer, dataset: CachedDataset,
+                         recipe: Recipe, step: int) -> float:
+    """Forward and backward over the ``optim.grad_accum`` micro-batches of optimizer step ``step``;
+    returns the loss averaged over micro-batches and processes. Batches, noise, timesteps and
+    dropout come from seeds derived from the step, so a resumed run draws the same ones."""
+    o, device = recipe.optim, accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    total = torch.zeros((), device=device)
+    for micro in range(o.grad_accum):
+        seed = step_seed(o.seed, step, micro, rank)
+        torch.manual_seed(seed)  # LoRA dropout
+        gen = torch.Generator().manual_seed(seed)
+        idx = batch_indices(len(dataset), o.seed, step * o.grad_accum + micro, o.batch_size, rank, world)
+        batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
+        shape = tuple(batch["latents"].shape)
+        sigmas = sample_sigmas(recipe, family, shape, gen).to(device)
+        noise = torch.randn(shape, generator=gen).to(device, batch["latents"].dtype)
+        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+        sync = accelerator.no_sync(transformer) if micro < o.grad_accum - 1 else nullcontext()
+        with sync, accelerator.autocast():
+            loss = denoising_loss(family, transformer, batch, sigmas, noise, recipe.fps) / o.grad_accum
+        accelerator.backward(loss)
+        total += loss.detach()
+    return accelerator.reduce(total, reduction="mean").item()
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     mp = recipe.memory.mixed_precision
     if mp == "auto":
@@ -165,7 +191,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     start_ckpt = ckpt.resolve_resume(run_dir, resume) if resume else None
     accelerator = make_accelerator(recipe, run_dir)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({device})")
@@ -211,22 +237,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     loss_value = float("nan")
     for step in bar:
         t0 = time.perf_counter()
-        total = torch.zeros((), device=device)
-        for micro in range(o.grad_accum):
-            seed = step_seed(o.seed, step, micro, rank)
-            torch.manual_seed(seed)  # LoRA dropout
-            gen = torch.Generator().manual_seed(seed)
-            idx = batch_indices(len(dataset), o.seed, step * o.grad_accum + micro, o.batch_size, rank, world)
-            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
-            shape = tuple(batch["latents"].shape)
-            sigmas = sample_sigmas(recipe, family, shape, gen).to(device)
-            noise = torch.randn(shape, generator=gen).to(device, batch["latents"].dtype)
-            sync = accelerator.no_sync(transformer) if micro < o.grad_accum - 1 else nullcontext()
-            with sync, accelerator.autocast():
-                loss = denoising_loss(family, transformer, batch, sigmas, noise, recipe.fps) / o.grad_accum
-            accelerator.backward(loss)
-            total += loss.detach()
-        loss_value = accelerator.reduce(total, reduction="mean").item()
+        loss_value = accumulate_gradients(accelerator, family, transformer, dataset, recipe, step)
         if not math.isfinite(loss_value):
             last = ckpt.list_checkpoints(run_dir)
             raise TrainingDiverged(
@@ -253,7 +264,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
 
     # 7. Final adapter and the run description.
     accelerator.wait_for_everyone()
-    adapter = run_dir / "pytorch_lora_weights.safetensors"
+    adapter = run_dir / WEIGHT_NAME
     if accelerator.is_main_process:
         info = RunInfo(family=recipe.model.family, base_model=spec.pretrained, revision=spec.revision,
                        tiny=spec.tiny, tiny_seed=spec.tiny_seed, trigger=recipe.data.trigger, steps=o.steps,
