@@ -57,12 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== 2/3 train: {recipe_path.relative_to(ROOT)}, {args.steps} steps")
     recipe = load_recipe(recipe_path, [f"data.height={size}", f"data.width={size}",
                                        f"data.manifest={dataset / 'manifest.jsonl'}", f"output.dir={args.out / 'run'}",
-                                       f"optim.steps={args.steps}", "checkpoint.every=50"])
+                                       f"optim.steps={args.steps}", "optim.lr=2e-3", "checkpoint.every=50"])
     if (args.out / "run").exists():
         shutil.rmtree(args.out / "run")  # a demo run starts fresh; real runs resume with --resume latest
     from finetune.trainer import train
 
     result = train(recipe)
+    print_learning(result, recipe)
 
     print("== 3/3 render the same prompt and seed without and with the LoRA")
     videos = render_pair(result.run_dir, args.out)
@@ -75,6 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  base video:    {videos[0]}")
     print(f"  LoRA video:    {videos[1]}")
     return 0
+
+
+def print_learning(result, recipe) -> None:
+    """Denoising loss on the training clips at fixed noise and timesteps, without and with the LoRA."""
+    from finetune.cache import collate
+    from finetune.trainer import fixed_timestep_loss
+
+    transformer = result.family.components.transformer
+    transformer.eval()
+    batch = collate([result.dataset[i] for i in range(min(8, len(result.dataset)))])
+    with_lora = fixed_timestep_loss(result.family, transformer, batch, recipe.fps)
+    transformer.disable_adapters()
+    base = fixed_timestep_loss(result.family, transformer, batch, recipe.fps)
+    transformer.enable_adapters()
+    print(f"denoising loss on the training clips: base {base:.3f} -> with LoRA {with_lora:.3f} "
+          f"({1 - with_lora / base:.0%} lower)")
 
 
 def render_pair(run_dir: Path, out: Path) -> tuple[Path, Path]:

@@ -40,6 +40,7 @@ class TrainResult:
     start_step: int
     last_loss: float
     family: Family  # encoders released; components.transformer is the unwrapped, adapted model
+    dataset: CachedDataset
 
 
 def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
@@ -125,6 +126,22 @@ def denoising_loss(family: Family, transformer, batch: dict, sigmas: torch.Tenso
     noisy, target = family.noisy_input_and_target(latents, noise, sigmas)
     pred = family.predict(transformer, noisy, sigmas * 1000.0, text, fps)
     return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def fixed_timestep_loss(family: Family, transformer, batch: dict, fps: float, seed: int = 1234) -> float:
+    """Denoising loss at fixed noise, averaged over fixed sigmas: the 10%..90% quantiles of the
+    training distribution (logit-normal, then the family's shift). Comparable across models, so
+    it tells whether an adapter learned its clips. batch: as from ``collate``."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(batch["latents"].shape)
+    quantiles = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.1, 0.9, 5)))
+    losses = []
+    with torch.no_grad():
+        for s in family.shift_sigmas(quantiles, shape).tolist():
+            noise = torch.randn(shape, generator=gen).to(batch["latents"])
+            sigmas = torch.full((shape[0],), s, device=batch["latents"].device)
+            losses.append(denoising_loss(family, transformer, batch, sigmas, noise, fps).item())
+    return sum(losses) / len(losses)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -273,7 +290,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     accelerator.end_training()
     family.components.transformer = accelerator.unwrap_model(transformer)
     return TrainResult(run_dir=run_dir, adapter=adapter, steps=o.steps, start_step=start_step, last_loss=loss_value,
-                       family=family)
+                       family=family, dataset=dataset)
 
 
 def render_samples(accelerator: Accelerator, family: Family, transformer, recipe: Recipe, step: int) -> list[Path]:

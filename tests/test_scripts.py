@@ -57,7 +57,12 @@ def test_accelerate_launch_then_infer(family, frames, size, manifest, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("pytorch_lora_weights.safetensors", "video_lora.json", "recipe.yaml"):
         assert (out / name).is_file(), name
-    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"loss", "lr", "grad_norm", "seconds_per_step", "peak_memory_gb"} <= set(scalars)
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000005", "step-00000010"]
     info = json.loads((out / "video_lora.json").read_text())
     assert info["family"] == family and info["tiny"] and info["trigger"] == "mystyle"

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_recipe, write_clips
 from finetune import trainer
-from finetune.cache import CachedDataset, CacheEntry, build_cache, collate
+from finetune.cache import CachedDataset, build_cache, collate
 from finetune.data import load_manifest
 from finetune.errors import TrainingDiverged
 from finetune.families import get_family
@@ -34,21 +34,6 @@ def test_only_lora_parameters_change(family, clips, tmp_path):
     assert result.family.components.text_encoder is None and result.family.components.vae is None
 
 
-def _fixed_loss(family, transformer, batch, fps) -> float:
-    """Denoising loss at fixed noise, averaged over fixed sigmas: the 10%..90% quantiles of the
-    training distribution (logit-normal, then the family's shift)."""
-    gen = torch.Generator().manual_seed(1234)
-    shape = tuple(batch["latents"].shape)
-    quantiles = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.1, 0.9, 5)))
-    losses = []
-    with torch.no_grad():
-        for s in family.shift_sigmas(quantiles, shape).tolist():
-            noise = torch.randn(shape, generator=gen)
-            sigmas = torch.full((shape[0],), s)
-            losses.append(trainer.denoising_loss(family, transformer, batch, sigmas, noise, fps).item())
-    return sum(losses) / len(losses)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_learns_one_clip(family, tmp_path):
     manifest = write_clips(tmp_path / "clip", n=1, frames=12, height=64, width=64)
@@ -56,23 +41,15 @@ def test_lora_learns_one_clip(family, tmp_path):
                          "lora.rank=16", "lora.alpha=16", "checkpoint.every=0")
     result = trainer.train(recipe)
     fam = result.family
-    entries, _ = _cache_entries(tmp_path / "clip" / ".cache")
-    batch = collate([CachedDataset(entries)[0]])
+    batch = collate([result.dataset[0]])
     transformer = fam.components.transformer
     transformer.eval()
-    with_lora = _fixed_loss(fam, transformer, batch, recipe.fps)
+    with_lora = trainer.fixed_timestep_loss(fam, transformer, batch, recipe.fps)
     transformer.disable_adapters()
-    base = _fixed_loss(fam, transformer, batch, recipe.fps)
+    base = trainer.fixed_timestep_loss(fam, transformer, batch, recipe.fps)
     transformer.enable_adapters()
     print(f"{family}: base loss {base:.4f}, with LoRA {with_lora:.4f}, margin {1 - with_lora / base:.1%}")
     assert with_lora <= 0.7 * base
-
-
-def _cache_entries(cache_dir):
-    latents = sorted((cache_dir / "latents").glob("*.safetensors"))
-    texts = sorted((cache_dir / "text").glob("*.safetensors"))
-    assert len(latents) == 1 and len(texts) == 1
-    return [CacheEntry(latents[0], texts[0])], None
 
 
 def test_cache_reencodes_only_what_changed(tmp_path):
