@@ -15,6 +15,15 @@ from finetune.errors import DataError
 class Clip:
     path: Path
     caption: str
+    # (width, height) as the manifest states it, if it does
+    size: tuple[int, int] | None = None
+
+
+def aspect_mismatches(clips: list[Clip], width: int, height: int, tolerance: float = 0.05) -> list[Clip]:
+    """Clips whose stated aspect ratio differs from width/height by more than ``tolerance``
+    (relative): the trainer centre-crops them, losing part of the frame."""
+    target = width / height
+    return [c for c in clips if c.size and abs(c.size[0] / c.size[1] - target) > tolerance * target]
 
 
 def apply_trigger(caption: str, trigger: str) -> str:
@@ -54,7 +63,9 @@ def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
         if not path.is_file():
             problems.append(f"line {n}: clip {path} not found")
             continue
-        clips.append(Clip(path=path, caption=apply_trigger(row["caption"].strip(), trigger)))
+        w, h = row.get("width"), row.get("height")
+        size = (w, h) if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 else None
+        clips.append(Clip(path=path, caption=apply_trigger(row["caption"].strip(), trigger), size=size))
     if problems:
         head = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
         raise DataError(f"{manifest}: {len(problems)} of {len(problems) + len(clips)} entries unusable: {head}")

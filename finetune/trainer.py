@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint as ckpt
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
-from finetune.data import load_manifest
+from finetune.data import aspect_mismatches, load_manifest
 from finetune.errors import TrainingDiverged
 from finetune.export import WEIGHT_NAME, RunInfo, save_adapter, write_text_atomic
 from finetune.families.base import Family, ModelSpec
@@ -50,8 +50,9 @@ def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
                      tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization)
 
 
-def cache_key(recipe: Recipe, spec: ModelSpec) -> CacheKey:
-    return CacheKey(family=recipe.model.family, model_id=spec.display_id, revision=spec.revision,
+def cache_key(recipe: Recipe, family: Family) -> CacheKey:
+    spec = family.spec
+    return CacheKey(family=recipe.model.family, model_id=family.encoders_id(), revision=spec.revision,
                     frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps)
 
 
@@ -186,11 +187,19 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     )
 
 
-def prepare_data(recipe: Recipe, family: Family, spec: ModelSpec, accelerator: Accelerator) -> CachedDataset:
+def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> CachedDataset:
     """Manifest -> cached latents and text embeddings. The main process encodes; others reuse."""
     clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    cropped = aspect_mismatches(clips, recipe.data.width, recipe.data.height)
+    if cropped:
+        accelerator.print(
+            f"note: {len(cropped)} of {len(clips)} clips are not {recipe.data.width}x{recipe.data.height}-shaped "
+            f"(e.g. {cropped[0].path.name} is {cropped[0].size[0]}x{cropped[0].size[1]}) and will be centre-cropped; "
+            f"cut them at that size (python -m data_prep prepare ... --size {recipe.data.width}x{recipe.data.height} "
+            f"--buckets fixed) to keep the whole frame"
+        )
     with accelerator.main_process_first():
-        entries, stats = build_cache(family, clips, cache_key(recipe, spec), default_cache_dir(recipe),
+        entries, stats = build_cache(family, clips, cache_key(recipe, family), default_cache_dir(recipe),
                                      show_progress=accelerator.is_local_main_process)
     if accelerator.is_main_process:
         print(f"cache: {stats.latents_computed} clips encoded, {stats.latents_reused} reused; "
@@ -220,7 +229,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
 
     # 3. Data: manifest -> cache; then the encoders leave accelerator memory (kept in RAM only
     #    when validation samples will need them).
-    dataset = prepare_data(recipe, family, spec, accelerator)
+    dataset = prepare_data(recipe, family, accelerator)
     if recipe.validation.prompts:
         family.move_encoders("cpu")
     else:

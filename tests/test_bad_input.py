@@ -60,3 +60,17 @@ def test_argparse_errors_are_usage_errors(arg, tmp_path):
     with pytest.raises(SystemExit) as e:
         train_lora.main(["--recipe"] if arg == "--recipe" else ["--recipe", "x.yaml", "--resume"])
     assert e.value.code == 2
+
+
+def test_clips_of_another_aspect_are_named_before_cropping(capsys, tmp_path):
+    from finetune.data import aspect_mismatches, load_manifest
+
+    manifest = write_clips(tmp_path / "c", n=2, frames=9, height=32, width=64)
+    clips = load_manifest(manifest)
+    assert [c.size for c in clips] == [(64, 32), (64, 32)]
+    assert aspect_mismatches(clips, width=64, height=32) == []
+    assert len(aspect_mismatches(clips, width=32, height=32)) == 2
+    rc = run_main(train_lora.main, ["--recipe", str(ROOT / "recipes/tiny/wan.yaml"), f"data.manifest={manifest}",
+                                    f"output.dir={tmp_path / 'run'}", "optim.steps=1", "checkpoint.every=0"])
+    assert rc == 0
+    assert "note: 2 of 2 clips are not 32x32-shaped (e.g. clip000.mp4 is 64x32)" in capsys.readouterr().out

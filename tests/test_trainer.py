@@ -57,7 +57,7 @@ def test_cache_reencodes_only_what_changed(tmp_path):
     recipe = tiny_recipe("wan", manifest, tmp_path / "run")
     spec = trainer.model_spec(recipe, torch.device("cpu"))
     fam = get_family("wan").load(spec)
-    key = trainer.cache_key(recipe, spec)
+    key = trainer.cache_key(recipe, fam)
     cache_dir = tmp_path / "cache"
 
     _, first = build_cache(fam, load_manifest(manifest), key, cache_dir, show_progress=False)
@@ -72,12 +72,17 @@ def test_cache_reencodes_only_what_changed(tmp_path):
     _, caption = build_cache(fam, load_manifest(manifest), key, cache_dir, show_progress=False)
     assert (caption.latents_computed, caption.text_computed, caption.text_reused) == (0, 1, 2)
 
-    bigger = trainer.cache_key(tiny_recipe("wan", manifest, tmp_path / "run", "data.height=48", "data.width=48"), spec)
+    bigger = trainer.cache_key(tiny_recipe("wan", manifest, tmp_path / "run", "data.height=48", "data.width=48"), fam)
     entries, res = build_cache(fam, load_manifest(manifest), bigger, cache_dir, show_progress=False)
     assert (res.latents_computed, res.text_computed) == (3, 0)
     item = CachedDataset(entries)[0]
     assert item["latents"].shape[-2:] == (6, 6)  # 48 px / 8 (Wan VAE)
     assert CachedDataset(again_entries)[0]["latents"].shape[-2:] == (4, 4)  # 32 px / 8
+
+    other_weights = trainer.cache_key(recipe, get_family("wan").load(trainer.model_spec(
+        tiny_recipe("wan", manifest, tmp_path / "run", "model.tiny_seed=1"), torch.device("cpu"))))
+    _, res = build_cache(fam, load_manifest(manifest), other_weights, cache_dir, show_progress=False)
+    assert (res.latents_computed, res.text_computed) == (3, 3)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(clips, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ Shapes used throughout:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -140,6 +141,19 @@ class Family(ABC):
     @abstractmethod
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """videos: [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w]."""
+
+    def encoders_id(self) -> str:
+        """Names the weights that produce cached latents and embeddings. Real weights: the model id
+        (its revision is keyed separately). Tiny models: a digest of the encoder weights, so a
+        change to a tiny builder never reuses stale cache entries."""
+        if not self.spec.tiny:
+            return self.spec.pretrained
+        h = hashlib.sha256()
+        for module in (self.components.vae, self.components.text_encoder):
+            for name, t in sorted(module.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().numpy().tobytes())
+        return f"{self.spec.display_id}:{h.hexdigest()[:16]}"
 
     def release_encoders(self) -> None:
         """Drop the text encoder and VAE so their memory is free for training."""
