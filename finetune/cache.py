@@ -94,25 +94,28 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def build_cache(
-    family: Family, clips: list[Clip], key: CacheKey, cache_dir: str | Path, show_progress: bool = True
+    family: Family, clips: list[Clip], key: CacheKey | list[CacheKey], cache_dir: str | Path,
+    show_progress: bool = True,
 ) -> tuple[list[CacheEntry], CacheStats]:
-    """Make sure every clip's latents and caption embeddings are in ``cache_dir``.
+    """Make sure every clip's latents and caption embeddings are in ``cache_dir``. ``key`` is
+    one for all clips, or one per clip (aspect buckets: each clip at its own size).
 
     Returns one CacheEntry per clip (same order) and what was computed vs reused.
     Raises DataError (from read_clip) for a clip that is too short or unreadable.
     """
     cache_dir = Path(cache_dir)
     stats = CacheStats()
+    keys = key if isinstance(key, list) else [key] * len(clips)
     entries = [
-        CacheEntry(latents=cache_dir / "latents" / f"{latent_fingerprint(c, key)}.safetensors",
-                   text=cache_dir / "text" / f"{text_fingerprint(c.caption, key)}.safetensors")
-        for c in clips
+        CacheEntry(latents=cache_dir / "latents" / f"{latent_fingerprint(c, k)}.safetensors",
+                   text=cache_dir / "text" / f"{text_fingerprint(c.caption, k)}.safetensors")
+        for c, k in zip(clips, keys)
     ]
-    todo_latents = [(c, e) for c, e in zip(clips, entries) if not e.latents.is_file()]
+    todo_latents = [(c, e, k) for c, e, k in zip(clips, entries, keys) if not e.latents.is_file()]
     stats.latents_reused = len(clips) - len(todo_latents)
     device = next(family.components.vae.parameters()).device if todo_latents else None
-    for clip, entry in tqdm(todo_latents, desc="cache latents", unit="clip", disable=not show_progress):
-        video = read_clip(clip.path, key.frames, key.fps, key.height, key.width)
+    for clip, entry, k in tqdm(todo_latents, desc="cache latents", unit="clip", disable=not show_progress):
+        video = read_clip(clip.path, k.frames, k.fps, k.height, k.width)
         vae_dtype = next(family.components.vae.parameters()).dtype
         # Seeded by the fingerprint: the cached sample does not depend on clip order.
         gen = torch.Generator(device="cpu").manual_seed(int(entry.latents.stem[:15], 16))

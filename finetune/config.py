@@ -47,6 +47,9 @@ class DataConfig(_Section):
     fps: float | None = Field(None, gt=0, le=120, description="Frame rate clips are resampled to; null = family default.")
     trigger: str = Field("", description="Trigger word(s) recorded with the adapter; added to captions lacking it.")
     repeats: int = Field(1, ge=1, le=1000, description="How many times each clip appears per epoch.")
+    buckets: bool = Field(
+        False, description="Train each clip at its own size from the manifest (aspect buckets); needs batch_size 1."
+    )
 
 
 class LoraConfig(_Section):
@@ -162,6 +165,10 @@ def family_problems(data: dict) -> list[str]:
     steps = val.get("steps")
     if isinstance(steps, int) and steps < fam.min_inference_steps:
         out.append(f"validation.steps={steps}: {fam.name} needs at least {fam.min_inference_steps}")
+    optim = data.get("optim") if isinstance(data.get("optim"), dict) else {}
+    if dat.get("buckets") is True and isinstance(optim.get("batch_size"), int) and optim["batch_size"] > 1:
+        out.append(f"data.buckets=true trains clips of different sizes, so optim.batch_size={optim['batch_size']} "
+                   f"must be 1 (raise optim.grad_accum instead)")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
     if model.get("quantization", "none") != "none" and model.get("tiny"):

@@ -9,10 +9,10 @@ resumed from a checkpoint at step s continues exactly as an uninterrupted one wo
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 import resource
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from finetune import checkpoint as ckpt
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
-from finetune.data import aspect_mismatches, load_manifest
-from finetune.errors import TrainingDiverged
+from finetune.data import Clip, aspect_mismatches, load_manifest
+from finetune.errors import DataError, TrainingDiverged
 from finetune.export import WEIGHT_NAME, RunInfo, save_adapter, write_text_atomic
 from finetune.families.base import Family, ModelSpec
 
@@ -187,10 +187,25 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     )
 
 
+def bucket_keys(recipe: Recipe, family: Family, clips: list[Clip]) -> list[CacheKey]:
+    """One cache key per clip at the clip's own manifest size (data.buckets). Raises DataError
+    naming the clips whose size is unknown or breaks the family's size rule."""
+    base, f = cache_key(recipe, family), family.spatial_factor
+    bad = [c for c in clips if c.size is None or c.size[0] % f or c.size[1] % f]
+    if bad:
+        shown = ", ".join(f"{c.path.name} ({'no width/height' if c.size is None else f'{c.size[0]}x{c.size[1]}'})"
+                          for c in bad[:3])
+        raise DataError(f"data.buckets=true: {len(bad)} of {len(clips)} clips have no size in the manifest or one "
+                        f"that is not a multiple of {f} for {family.name}: {shown}; re-cut them with data_prep "
+                        f"for --family {family.name}, or set data.buckets=false")
+    return [replace(base, width=c.size[0], height=c.size[1]) for c in clips]
+
+
 def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> CachedDataset:
     """Manifest -> cached latents and text embeddings. The main process encodes; others reuse."""
     clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
-    cropped = aspect_mismatches(clips, recipe.data.width, recipe.data.height)
+    keys = bucket_keys(recipe, family, clips) if recipe.data.buckets else cache_key(recipe, family)
+    cropped = [] if recipe.data.buckets else aspect_mismatches(clips, recipe.data.width, recipe.data.height)
     if cropped:
         accelerator.print(
             f"note: {len(cropped)} of {len(clips)} clips are not {recipe.data.width}x{recipe.data.height}-shaped "
@@ -199,7 +214,7 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> Ca
             f"--buckets fixed) to keep the whole frame"
         )
     with accelerator.main_process_first():
-        entries, stats = build_cache(family, clips, cache_key(recipe, family), default_cache_dir(recipe),
+        entries, stats = build_cache(family, clips, keys, default_cache_dir(recipe),
                                      show_progress=accelerator.is_local_main_process)
     if accelerator.is_main_process:
         print(f"cache: {stats.latents_computed} clips encoded, {stats.latents_reused} reused; "

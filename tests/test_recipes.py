@@ -112,3 +112,10 @@ def test_validation_steps_below_the_family_minimum():
     d = {"model": {"family": "ltx"}, "data": {"frames": 9, "height": 64, "width": 64}, "validation": {"steps": 1}}
     with pytest.raises(RecipeError, match="validation.steps=1: ltx needs at least 2"):
         recipe_from_dict(d)
+
+
+def test_buckets_need_batch_size_one():
+    d = _base(buckets=True)
+    d["optim"] = {"batch_size": 2}
+    with pytest.raises(RecipeError, match=r"data.buckets=true .* optim.batch_size=2 must be 1"):
+        recipe_from_dict(d)

@@ -123,3 +123,25 @@ def test_validation_samples_are_rendered_during_training(clips, tmp_path):
     samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
     assert samples == ["step-00000002-0.mp4", "step-00000002-1.mp4", "step-00000004-0.mp4", "step-00000004-1.mp4"]
     assert probe_frames(tmp_path / "run" / "samples" / samples[0])[:3] == (9, 32, 32)
+
+
+def test_aspect_buckets_train_each_clip_at_its_own_size(tmp_path):
+    import json
+
+    from finetune.errors import DataError
+
+    folder = tmp_path / "clips"
+    landscape = write_clips(folder / "l", n=1, frames=9, height=32, width=64)
+    portrait = write_clips(folder / "p", n=1, frames=9, height=64, width=32)
+    rows = [json.loads(m.read_text()) | {"path": f"{m.parent.name}/clip000.mp4"} for m in (landscape, portrait)]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny_recipe("wan", manifest, tmp_path / "run", "data.buckets=true", "optim.steps=2", "checkpoint.every=0")
+    result = trainer.train(recipe)
+    shapes = sorted(tuple(result.dataset[i]["latents"].shape[-2:]) for i in range(2))
+    assert shapes == [(4, 8), (8, 4)]  # [h/8, w/8] of 32x64 and 64x32
+
+    rows[1]["width"] = 40
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"1 of 2 clips .* not a multiple of 16 for wan: clip000.mp4 \(40x64\)"):
+        trainer.train(recipe)
