@@ -10,9 +10,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -20,6 +18,7 @@ import numpy as np
 
 from data_prep.probe import ProbeResult
 from data_prep.split import ShotList
+from finetune.video import Mp4Writer
 
 # Timestamps are stored rounded to 1 us; compare with a margin well above that, far below a frame.
 _EPS = 1e-4
@@ -175,42 +174,18 @@ def frame_to_rgb(frame: av.VideoFrame, rotation: int, out_w: int, out_h: int) ->
     return np.ascontiguousarray(img[y0 : y0 + out_h, x0 : x0 + out_w])
 
 
-class ClipWriter:
-    """An open H.264 encoder for one clip: constant frame rate, pts = 0, 1, 2, ... in 1/fps units.
-    Writes to a temporary name and renames on close, so a killed run never leaves half a clip."""
+class ClipWriter(Mp4Writer):
+    """The encoder of one planned clip, keeping a few sampled frames for the filter step."""
 
     def __init__(self, path: Path, plan: ClipPlan, crf: int, preset: str):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.stem + ".part.mp4")
-        self.container = av.open(str(self.tmp), "w", format="mp4")
-        rate = Fraction(plan.fps).limit_denominator(1001)
-        self.stream = self.container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": preset})
-        self.stream.width, self.stream.height, self.stream.pix_fmt = plan.width, plan.height, "yuv420p"
-        self.stream.codec_context.time_base = 1 / rate
-        self.next_pts = 0
+        super().__init__(path, plan.fps, plan.width, plan.height, crf=crf, preset=preset)
         self.samples: list[np.ndarray] = []
         self.sample_at = set(sample_positions(plan.frames))
 
     def add(self, rgb: np.ndarray) -> None:
-        if self.next_pts in self.sample_at:
+        if self.frames_written in self.sample_at:
             self.samples.append(rgb)
-        f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        f.pts = self.next_pts
-        self.next_pts += 1
-        for p in self.stream.encode(f):
-            self.container.mux(p)
-
-    def close(self) -> None:
-        for p in self.stream.encode():
-            self.container.mux(p)
-        self.container.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self.container.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        super().add(rgb)
 
 
 def sample_positions(frames: int, k: int = 5) -> list[int]:

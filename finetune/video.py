@@ -9,16 +9,21 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from finetune.errors import DataError
 
+if TYPE_CHECKING:
+    import torch
 
-def read_clip(path: str | Path, frames: int, fps: float, height: int, width: int) -> torch.Tensor:
+# torch is imported inside the functions that need it: data_prep writes clips with Mp4Writer and
+# its probe/split commands run without loading torch.
+
+
+def read_clip(path: str | Path, frames: int, fps: float, height: int, width: int) -> "torch.Tensor":
     """Decode the first ``frames`` frames of ``path`` resampled to ``fps`` (nearest frame by
     timestamp, so motion keeps its real speed), resized to cover ``height`` x ``width`` and
     centre-cropped.
@@ -33,6 +38,8 @@ def read_clip(path: str | Path, frames: int, fps: float, height: int, width: int
             f"{path}: clip too short: {len(picked)} frames at {fps:g} fps, the recipe needs data.frames={frames} "
             f"(cut longer clips, or lower data.frames)"
         )
+    import torch
+
     video = torch.from_numpy(np.stack(picked)).permute(3, 0, 1, 2).float()  # [3, F, H, W]
     video = resize_cover(video, height, width)
     return video / 127.5 - 1.0
@@ -77,8 +84,10 @@ def _decode_resampled(path: Path, frames: int, fps: float) -> list[np.ndarray]:
     return picked
 
 
-def resize_cover(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def resize_cover(video: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
     """video: [C, F, H, W] -> [C, F, height, width], scaled to cover then centre-cropped."""
+    import torch.nn.functional as F
+
     _, _, h, w = video.shape
     scale = max(height / h, width / w)
     nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
@@ -89,37 +98,64 @@ def resize_cover(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return video[:, :, top:top + height, left:left + width].clamp(0, 255)
 
 
-def write_video(frames: np.ndarray | torch.Tensor, path: str | Path, fps: float) -> Path:
+class Mp4Writer:
+    """An open H.264 encoder for one video: constant frame rate, pts 0, 1, 2, ... in 1/fps units,
+    yuv420p (so ``width`` and ``height`` must be even). Writes to a temporary name and renames
+    on ``close``, so a killed run never leaves half a file; ``abort`` removes the temporary file."""
+
+    def __init__(self, path: str | Path, fps: float, width: int, height: int, crf: int = 18, preset: str = "veryfast"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.stem + ".part.mp4")
+        self.container = av.open(str(self.tmp), "w", format="mp4")
+        rate = Fraction(fps).limit_denominator(1001)
+        self.stream = self.container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": preset})
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.codec_context.time_base = 1 / rate
+        self.frames_written = 0
+
+    def add(self, rgb: np.ndarray) -> None:
+        """rgb: [height, width, 3] uint8."""
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = self.frames_written
+        self.frames_written += 1
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def close(self) -> Path:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_video(frames: np.ndarray | "torch.Tensor", path: str | Path, fps: float) -> Path:
     """Write ``frames`` [F, H, W, 3] (uint8, or float in [0, 1]) as constant-frame-rate H.264
     mp4 (yuv420p; odd sizes are padded by one pixel). Written to a temp file, then renamed."""
-    if isinstance(frames, torch.Tensor):
+    if hasattr(frames, "detach"):  # a torch tensor
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
     n, h, w, _ = frames.shape
-    # yuv420p needs even sizes.
-    ph, pw = h + h % 2, w + w % 2
+    ph, pw = h + h % 2, w + w % 2  # yuv420p needs even sizes
     if (ph, pw) != (h, w):
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(tmp), mode="w") as out:
-        stream = out.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
+    writer = Mp4Writer(path, fps, pw, ph)
+    try:
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
-            frame.pts = i
-            frame.time_base = 1 / rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    os.replace(tmp, path)
-    return path
+            writer.add(frames[i])
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def probe_frames(path: str | Path) -> tuple[int, int, int, float]:
