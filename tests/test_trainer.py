@@ -145,3 +145,13 @@ def test_aspect_buckets_train_each_clip_at_its_own_size(tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"1 of 2 clips .* not a multiple of 16 for wan: clip000.mp4 \(40x64\)"):
         trainer.train(recipe)
+
+
+def test_adamw8bit_from_bitsandbytes_trains(clips, tmp_path):
+    import bitsandbytes as bnb
+
+    recipe = tiny_recipe("wan", clips, tmp_path / "run", "optim.optimizer=adamw8bit", "optim.steps=3",
+                         "checkpoint.every=0")
+    assert isinstance(trainer.make_optimizer([torch.nn.Parameter(torch.zeros(8192))], recipe), bnb.optim.AdamW8bit)
+    saved = load_file(str(trainer.train(recipe).adapter))
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)
