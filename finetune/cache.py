@@ -113,10 +113,11 @@ def build_cache(
     ]
     todo_latents = [(c, e, k) for c, e, k in zip(clips, entries, keys) if not e.latents.is_file()]
     stats.latents_reused = len(clips) - len(todo_latents)
-    device = next(family.components.vae.parameters()).device if todo_latents else None
+    if todo_latents:
+        vae_param = next(family.components.vae.parameters())
+        device, vae_dtype = vae_param.device, vae_param.dtype
     for clip, entry, k in tqdm(todo_latents, desc="cache latents", unit="clip", disable=not show_progress):
         video = read_clip(clip.path, k.frames, k.fps, k.height, k.width)
-        vae_dtype = next(family.components.vae.parameters()).dtype
         # Seeded by the fingerprint: the cached sample does not depend on clip order.
         gen = torch.Generator(device="cpu").manual_seed(int(entry.latents.stem[:15], 16))
         with torch.no_grad():
