@@ -17,6 +17,17 @@ import transformers
 _TINY_CHARS = tuple(c for c in string.printable if not c.isspace())
 
 
+def tiny_t5_encoder_config(config_cls: type, tokenizer: transformers.T5Tokenizer) -> transformers.PretrainedConfig:
+    """A 1-layer, d_model 32 config of ``config_cls`` (T5Config or UMT5Config) for ``tokenizer``,
+    gated-GELU as the real T5-v1.1-XXL and umT5-XXL encoders."""
+    return config_cls(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_t5_tokenizer(model_max_length: int) -> transformers.T5Tokenizer:
     """A character-level T5 (sentencepiece-unigram) tokenizer built in code, no download.
 

@@ -76,6 +76,10 @@ class Components:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# components.extra key of a tiny build's prompt length
+TEXT_LEN_KEY = "max_sequence_length"
+
+
 class Family(ABC):
     """One base-model family (Wan, LTX-Video, ...). Instances hold the loaded components."""
 
@@ -91,6 +95,10 @@ class Family(ABC):
     default_fps: ClassVar[int]
     # fewest sampling steps the family's scheduler accepts
     min_inference_steps: ClassVar[int] = 1
+    # text tokens per prompt with the real text encoder; tiny builds use the shorter length they
+    # store under TEXT_LEN_KEY in components.extra (see text_len)
+    max_sequence_length: ClassVar[int]
+    tiny_max_sequence_length: ClassVar[int] = 64
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -131,6 +139,11 @@ class Family(ABC):
         """A tiny random model from configs in code, same classes as the real one. Called under a
         fixed torch seed; must refill all-zero parameters (gates, modulation) with small noise so
         LoRA gradients are not blocked."""
+
+    @property
+    def text_len(self) -> int:
+        """Tokens per prompt: :attr:`max_sequence_length`, or the tiny model's shorter one."""
+        return int(self.components.extra.get(TEXT_LEN_KEY, self.max_sequence_length))
 
     # --- encoding (cache time) ---
     @abstractmethod

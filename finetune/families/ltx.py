@@ -17,11 +17,14 @@ import transformers
 
 from finetune.families import register
 from finetune.families._loading import bnb_quantization_config
-from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_t5_tokenizer
-from finetune.families.base import Components, Family, FrameRule, ModelSpec
-
-# components.extra key for the prompt length; only the tiny model sets it (see text_len).
-_TEXT_LEN_KEY = "max_sequence_length"
+from finetune.families._tiny import (
+    calibration_videos,
+    channel_stats,
+    refill_zero_params,
+    tiny_t5_encoder_config,
+    tiny_t5_tokenizer,
+)
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
 
 # Mirrors scheduler/scheduler_config.json of Lightricks/LTX-Video: flow-matching Euler whose
 # shift grows with the latent token count (1024 -> 0.95, 4096 -> 2.05, exponential).
@@ -59,9 +62,6 @@ class LTXFamily(Family):
     # Settings the LTX docs recommend for timestep-aware VAEs (0.9.1+); unused for 0.9.0.
     decode_timestep: ClassVar[float] = 0.05
     decode_noise_scale: ClassVar[float] = 0.025
-    # Tiny model: short prompts keep the test pipeline calls fast.
-    tiny_max_sequence_length: ClassVar[int] = 64
-
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)
         # Read once here, unwrapped: predict() gets the transformer maybe wrapped by DDP/PEFT,
@@ -94,23 +94,7 @@ class LTXFamily(Family):
         calibration clips), 1-layer T5 with d_model 32, character tokenizer, the real scheduler config."""
         text_len = cls.tiny_max_sequence_length
         tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        text_encoder = transformers.T5EncoderModel(
-            transformers.T5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=32,
-                num_layers=1,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=16,
-                feed_forward_proj="gated-gelu",  # as t5-v1_1-xxl
-                dropout_rate=0.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = transformers.T5EncoderModel(tiny_t5_encoder_config(transformers.T5Config, tokenizer))
         vae = diffusers.AutoencoderKLLTXVideo(
             latent_channels=8,
             block_out_channels=(8, 8, 8, 8),
@@ -146,12 +130,7 @@ class LTXFamily(Family):
         )
         refill_zero_params(transformer)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={_TEXT_LEN_KEY: text_len})
-
-    @property
-    def text_len(self) -> int:
-        """Tokens per prompt: :attr:`max_sequence_length`, or the tiny model's shorter one."""
-        return int(self.components.extra.get(_TEXT_LEN_KEY, self.max_sequence_length))
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={TEXT_LEN_KEY: text_len})
 
     # --- encoding ---
     @torch.no_grad()

@@ -15,11 +15,14 @@ import transformers
 
 from finetune.families import register
 from finetune.families._loading import bnb_quantization_config
-from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_t5_tokenizer
-from finetune.families.base import Components, Family, FrameRule, ModelSpec
-
-# components.extra key for the prompt length; only the tiny model sets it (see text_len).
-_TEXT_LEN_KEY = "max_sequence_length"
+from finetune.families._tiny import (
+    calibration_videos,
+    channel_stats,
+    refill_zero_params,
+    tiny_t5_encoder_config,
+    tiny_t5_tokenizer,
+)
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
 
 # Mirrors scheduler/scheduler_config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (UniPC on flow
 # sigmas, shift 3.0), so tiny pipelines sample the way real ones do.
@@ -53,9 +56,6 @@ class WanFamily(Family):
     # and 5.0 at 720p; LoRA clips are 480p-sized or smaller, so 3.0 puts training noise levels
     # where 480p sampling spends its steps. Fixed, not resolution-dependent, as in Wan itself.
     train_flow_shift: ClassVar[float] = 3.0
-    # Tiny model: short prompts keep the test pipeline calls fast.
-    tiny_max_sequence_length: ClassVar[int] = 64
-
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)
         self._check_compression()
@@ -82,23 +82,7 @@ class WanFamily(Family):
         tokenizer, the real UniPC scheduler config."""
         text_len = cls.tiny_max_sequence_length
         tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        text_encoder = transformers.UMT5EncoderModel(
-            transformers.UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=32,
-                d_kv=8,
-                d_ff=32,
-                num_layers=1,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=16,
-                feed_forward_proj="gated-gelu",  # as umt5-xxl
-                dropout_rate=0.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = transformers.UMT5EncoderModel(tiny_t5_encoder_config(transformers.UMT5Config, tokenizer))
         vae = diffusers.AutoencoderKLWan(
             base_dim=3,
             z_dim=16,
@@ -130,12 +114,7 @@ class WanFamily(Family):
         )
         refill_zero_params(transformer)
         scheduler = diffusers.UniPCMultistepScheduler(**_SCHEDULER_CONFIG)
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={_TEXT_LEN_KEY: text_len})
-
-    @property
-    def text_len(self) -> int:
-        """Tokens per prompt: :attr:`max_sequence_length`, or the tiny model's shorter one."""
-        return int(self.components.extra.get(_TEXT_LEN_KEY, self.max_sequence_length))
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={TEXT_LEN_KEY: text_len})
 
     # --- encoding ---
     @torch.no_grad()
