@@ -55,25 +55,31 @@ def read_step(ckpt: Path) -> int:
     return int(json.loads((ckpt / STATE_FILE).read_text())["step"])
 
 
-def register_lora_hooks(accelerator, transformer: torch.nn.Module) -> None:
-    """Make ``save_state``/``load_state`` store only the LoRA weights of ``transformer``."""
+def lora_file(index: int) -> str:
+    """Checkpoint file of the ``index``-th trained transformer (two-expert models have two)."""
+    return LORA_FILE if index == 0 else LORA_FILE.replace(".safetensors", f"_{index}.safetensors")
+
+
+def register_lora_hooks(accelerator, transformers: list[torch.nn.Module]) -> None:
+    """Make ``save_state``/``load_state`` store only the LoRA weights of ``transformers`` (in the
+    order they were prepared), one file each."""
 
     def save_hook(models, weights, output_dir):
-        for model in models:
+        for i, model in enumerate(models):
             if accelerator.is_main_process:
                 state = get_peft_model_state_dict(accelerator.unwrap_model(model))
                 save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                          os.path.join(output_dir, LORA_FILE))
-            if weights:
-                weights.pop()
+                          os.path.join(output_dir, lora_file(i)))
+        weights.clear()  # the whole models are not saved
 
     def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_FILE)))
+        for i, wrapped in enumerate(list(models)):
+            model = accelerator.unwrap_model(wrapped)
+            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, lora_file(i))))
             if result.unexpected_keys:
                 raise CheckpointError(f"{input_dir}: LoRA weights do not fit this model "
                                       f"({len(result.unexpected_keys)} unexpected keys, e.g. {result.unexpected_keys[0]})")
+        models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

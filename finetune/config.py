@@ -37,6 +37,12 @@ class ModelConfig(_Section):
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="bitsandbytes quantisation of the frozen transformer (CUDA only)."
     )
+    task: str = Field("t2v", description="What the LoRA learns: t2v (text to video) or i2v (first frame to video), "
+                                         "as the family supports.")
+    experts: list[str] | None = Field(
+        None, description="Two-expert models (Wan 2.2 A14B): which to train, [high], [low] or [high, low]; "
+                          "null = all."
+    )
 
 
 class DataConfig(_Section):
@@ -93,6 +99,10 @@ class ValidationConfig(_Section):
     steps: int = Field(30, ge=1, le=500, description="Inference steps for samples.")
     guidance: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance scale for samples.")
     seed: int = Field(0, ge=0, description="Seed of the samples.")
+    images: list[str] = Field(
+        default_factory=list, description="i2v: first-frame images for the prompts (cycled); empty = the first "
+                                          "frame of the training clips."
+    )
 
 
 class CheckpointConfig(_Section):
@@ -128,7 +138,7 @@ class Recipe(_Section):
 
     @property
     def pretrained(self) -> str:
-        return self.model.pretrained or self.family_cls().default_model_id
+        return self.model.pretrained or self.family_cls().model_id_for(self.model.task)
 
     @property
     def lora_targets(self) -> list[str]:
@@ -154,6 +164,17 @@ def family_problems(data: dict) -> list[str]:
     except KeyError as e:
         return [f"model.family={name!r}: {e.args[0]}"]
     out = []
+    task = model.get("task", "t2v")
+    if isinstance(task, str) and task not in fam.tasks:
+        out.append(f"model.task={task!r}: {fam.name} trains {', '.join(fam.tasks)}")
+    experts = model.get("experts")
+    if isinstance(experts, list):
+        if not fam.expert_names:
+            out.append(f"model.experts={experts}: {fam.name} has one transformer (remove the key)")
+        else:
+            bad = [e for e in experts if e not in fam.expert_names]
+            if bad or not experts or len(set(experts)) != len(experts):
+                out.append(f"model.experts={experts}: list each of {', '.join(fam.expert_names)} at most once")
     rule, f = fam.frame_rule, dat.get("frames")
     if isinstance(f, int) and f >= 1 and not rule.is_valid(f):
         out.append(f"data.frames={f} must be {rule.describe()} for {fam.name} (try {rule.nearest(f)})")

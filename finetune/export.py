@@ -2,11 +2,16 @@
 folder describe itself:
 
   <run>/pytorch_lora_weights.safetensors   LoRA weights + adapter metadata (rank, alpha, targets)
-  <run>/video_lora.json                    base model id and revision, family, trigger words, recipe
+  <run>/pytorch_lora_weights_transformer_2.safetensors   the second expert's (two-expert models)
+  <run>/video_lora.json                    base model id and revision, family, task, trigger words,
+                                           adapter file per transformer, recipe
 
-``pipe.load_lora_weights("<run>")`` works on it directly; ``infer.py --lora <run>`` needs nothing
-else. The adapter metadata matters: without it diffusers assumes alpha == rank on reload and the
-outputs drift.
+The files are the diffusers LoRA format (``transformer.``-prefixed PEFT keys, metadata packed
+with the same prefix), written here rather than by a pipeline's ``save_lora_weights`` so that
+families whose pipeline has no LoRA loader get the same file; ``pipe.load_lora_weights("<run>")``
+works on it where the pipeline has one, and ``infer.py --lora <run>`` needs nothing else. The
+adapter metadata matters: without it diffusers assumes alpha == rank on reload and the outputs
+drift.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from finetune.errors import UserError
 
@@ -39,6 +45,12 @@ class RunInfo:
     steps: int
     weight_name: str
     recipe: dict
+    task: str = "t2v"
+    # Components attribute ("transformer", "transformer_2") -> adapter file in the run folder
+    adapters: dict | None = None
+
+    def adapter_files(self) -> dict[str, str]:
+        return dict(self.adapters) if self.adapters else {"transformer": self.weight_name}
 
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunInfo":
@@ -48,27 +60,48 @@ class RunInfo:
             raise UserError(f"{run_dir}: not a trained run folder (no {RUN_INFO}); pass the output.dir of a finished "
                             f"train_lora.py run")
         data = json.loads(path.read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def save_adapter(transformer: torch.nn.Module, pipeline_class: type, run_dir: str | Path, info: RunInfo) -> Path:
-    """Write the adapter of ``transformer`` (unwrapped, PEFT adapter "default") and ``video_lora.json``
-    into ``run_dir``. Each file is written into a temp folder then renamed into place."""
+def adapter_file_name(attr: str) -> str:
+    """Adapter file of the transformer at Components attribute ``attr`` in a run folder."""
+    return WEIGHT_NAME if attr == "transformer" else WEIGHT_NAME.replace(".safetensors", f"_{attr}.safetensors")
+
+
+def lora_file_contents(transformer: torch.nn.Module, adapter_name: str = "default",
+                       prefix: str = "transformer") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The diffusers-format tensors and safetensors metadata of PEFT adapter ``adapter_name``:
+    keys ``<prefix>.<module>.lora_A.weight`` (fp32), metadata ``{"format": "pt",
+    "lora_adapter_metadata": json of {"<prefix>.r": ..., "<prefix>.lora_alpha": ..., ...}}``."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    tensors = {f"{prefix}.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    config = transformer.peft_config[adapter_name].to_dict()
+    config = {f"{prefix}.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    return tensors, {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}
+
+
+def save_adapters(transformers: dict[str, torch.nn.Module], run_dir: str | Path, info: RunInfo) -> list[Path]:
+    """Write the adapter of each transformer (unwrapped, PEFT adapter "default"), keyed by its
+    Components attribute, into the file ``info.adapters`` names, then ``video_lora.json``. Each
+    file is written into a temp folder then renamed into place, the description last, so a
+    folder with video_lora.json is always complete."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in get_peft_model_state_dict(transformer).items()}
+    files = info.adapter_files()
+    paths = []
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tmp-adapter-") as tmp:
-        pipeline_class.save_lora_weights(
-            tmp, transformer_lora_layers=state, weight_name=WEIGHT_NAME, safe_serialization=True,
-            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-        )
+        for attr, transformer in transformers.items():
+            tensors, metadata = lora_file_contents(transformer)
+            save_file(tensors, str(Path(tmp) / files[attr]), metadata=metadata)
         (Path(tmp) / RUN_INFO).write_text(json.dumps(info.__dict__, indent=2, default=str))
-        # Weights first, description last: a folder with video_lora.json is always complete.
-        os.replace(Path(tmp) / WEIGHT_NAME, run_dir / WEIGHT_NAME)
+        for attr in transformers:
+            os.replace(Path(tmp) / files[attr], run_dir / files[attr])
+            (run_dir / files[attr]).chmod(0o644)  # the temp folder's files are private; an adapter is for sharing
+            paths.append(run_dir / files[attr])
         os.replace(Path(tmp) / RUN_INFO, run_dir / RUN_INFO)
-    (run_dir / WEIGHT_NAME).chmod(0o644)  # the temp folder's files are private; an adapter is for sharing
-    return run_dir / WEIGHT_NAME
+    return paths
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from finetune.families.base import Components, Family, FrameRule, ModelSpec
+from finetune.families.base import Components, Expert, Family, FrameRule, ModelSpec, Noised
 
 _REGISTRY: dict[str, type[Family]] = {}
 # One module per family, named as the family; add a new family by adding its name here.
@@ -41,4 +41,4 @@ def get_family(name: str) -> type[Family]:
     return _REGISTRY[name]
 
 
-__all__ = ["Components", "Family", "FrameRule", "ModelSpec", "get_family", "family_names", "register"]
+__all__ = ["Components", "Expert", "Family", "Noised", "FrameRule", "ModelSpec", "get_family", "family_names", "register"]

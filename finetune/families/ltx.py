@@ -87,7 +87,7 @@ class LTXFamily(Family):
         return Components(transformer, vae, text_encoder, tokenizer, scheduler)
 
     @classmethod
-    def build_tiny(cls) -> Components:
+    def build_tiny(cls, task: str = "t2v") -> Components:
         """Same classes as the real model: 2-layer transformer (4 heads x 8), a VAE with 8
         channels per block that keeps the real compression (patch 4, three 2x spatio-temporal
         downsamples: 32x space, 8x time) and 8 latent channels (its latent statistics measured on
@@ -170,10 +170,10 @@ class LTXFamily(Family):
         transformer: torch.nn.Module,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        text: dict[str, torch.Tensor],
+        cond: dict[str, torch.Tensor],
         fps: float,
     ) -> torch.Tensor:
-        """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], text as from
+        """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond as from
         :meth:`encode_prompts`, fps of the clip -> velocity [B, C, f, h, w] in the transformer's dtype.
 
         Packs to tokens, calls the transformer the way LTXPipeline.__call__ does (mask, grid size,
@@ -188,9 +188,9 @@ class LTXFamily(Family):
         tokens = diffusers.LTXPipeline._pack_latents(noisy_latents.to(dtype), p, pt)
         out = transformer(
             hidden_states=tokens,
-            encoder_hidden_states=text["prompt_embeds"].to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             timestep=timesteps,
-            encoder_attention_mask=text["prompt_attention_mask"],
+            encoder_attention_mask=cond["prompt_attention_mask"],
             num_frames=grid_f,
             height=grid_h,
             width=grid_w,
@@ -221,7 +221,7 @@ class LTXFamily(Family):
             transformer=c.transformer,
         )
 
-    def pipeline_call_kwargs(self, fps: float) -> dict[str, Any]:
+    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
         """The clip frame rate (rope scale), the training prompt length, and for timestep-aware
         VAEs (0.9.1+) the recommended decode noise."""
         kwargs: dict[str, Any] = {"frame_rate": fps, "max_sequence_length": self.text_len}
