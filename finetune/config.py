@@ -84,6 +84,9 @@ class OptimConfig(_Section):
 
 class MemoryConfig(_Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    offload_idle_expert: bool = Field(
+        False, description="Two-expert models: keep the expert a step does not train in CPU memory."
+    )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="Autocast precision; auto = bf16 on a GPU, none on CPU."
     )

@@ -214,17 +214,28 @@ def route(widths: list[float], seed: int, step: int, micro: int) -> int:
     return len(widths) - 1
 
 
+def place_experts(accelerator: Accelerator, transformers: list, active: int) -> None:
+    """``memory.offload_idle_expert``: the step's expert on the accelerator, the others in CPU
+    memory (their adapters get no gradient this step, so the optimizer leaves them alone)."""
+    for i, t in enumerate(transformers):
+        model = accelerator.unwrap_model(t)
+        target = accelerator.device if i == active else torch.device("cpu")
+        if next(model.parameters()).device != target:
+            model.to(target)
+
+
 def accumulate_gradients(accelerator: Accelerator, family: Family, transformers: list, experts: list[Expert],
                          dataset: CachedDataset, recipe: Recipe, step: int) -> float:
     """Forward and backward over the ``optim.grad_accum`` micro-batches of optimizer step ``step``;
-    returns the loss averaged over micro-batches and processes. Each micro-batch trains one of
-    ``experts`` (``transformers`` in the same order), with sigmas drawn from that expert's share of
-    the distribution. Batches, noise, timesteps, routing and dropout come from seeds derived from
-    the step, so a resumed run draws the same ones."""
+    returns the loss averaged over micro-batches and processes. The step trains one of
+    ``experts`` (``transformers`` in the same order), picked with probability equal to its share of
+    the noise distribution, with every sigma drawn from that share. Batches, noise, timesteps,
+    routing and dropout come from seeds derived from the step, so a resumed run draws the same ones."""
     o, device = recipe.optim, accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     total = torch.zeros((), device=device)
     ranges: dict[tuple, list[tuple[float, float]]] = {}
+    k = None
     for micro in range(o.grad_accum):
         seed = step_seed(o.seed, step, micro, rank)
         torch.manual_seed(seed)  # LoRA dropout
@@ -234,7 +245,10 @@ def accumulate_gradients(accelerator: Accelerator, family: Family, transformers:
         shape = tuple(batch["latents"].shape)
         if shape not in ranges:
             ranges[shape] = [uniform_range(recipe, family, e, shape) for e in experts]
-        k = route([hi - lo for lo, hi in ranges[shape]], o.seed, step, micro)
+        if k is None:  # one expert per optimizer step: its optimizer state and (offloaded) weights stay put
+            k = route([hi - lo for lo, hi in ranges[shape]], o.seed, step, 0)
+            if recipe.memory.offload_idle_expert:
+                place_experts(accelerator, transformers, k)
         transformer = transformers[k]
         sigmas = sample_sigmas(recipe, family, shape, gen, ranges[shape][k]).to(device)
         noise = torch.randn(shape, generator=gen).to(device, batch["latents"].dtype)
