@@ -57,6 +57,10 @@ class LoraConfig(_Section):
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     targets: list[str] | None = Field(None, description="Module names to adapt; null = the family's default targets.")
+    init_from: str | None = Field(
+        None, description="LoRA file (diffusers, ComfyUI or kohya naming) to continue training from; rank, alpha and "
+        "targets come from the file."
+    )
 
 
 class OptimConfig(_Section):

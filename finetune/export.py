@@ -16,11 +16,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import get_peft_model_state_dict
 
 from finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from finetune.lora_formats import KeyMap
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_INFO = "video_lora.json"
@@ -51,9 +55,11 @@ class RunInfo:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
-def save_adapter(transformer: torch.nn.Module, pipeline_class: type, run_dir: str | Path, info: RunInfo) -> Path:
+def save_adapter(transformer: torch.nn.Module, pipeline_class: type, run_dir: str | Path, info: RunInfo,
+                 comfyui_key_map: "KeyMap | None" = None) -> Path:
     """Write the adapter of ``transformer`` (unwrapped, PEFT adapter "default") and ``video_lora.json``
-    into ``run_dir``. Each file is written into a temp folder then renamed into place."""
+    into ``run_dir``; with ``comfyui_key_map`` also the same adapter in ComfyUI naming
+    (``comfyui_lora.safetensors``). Each file is written into a temp folder then renamed into place."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
@@ -63,6 +69,8 @@ def save_adapter(transformer: torch.nn.Module, pipeline_class: type, run_dir: st
             tmp, transformer_lora_layers=state, weight_name=WEIGHT_NAME, safe_serialization=True,
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
         )
+        if comfyui_key_map is not None:
+            _save_comfyui(state, transformer, comfyui_key_map, run_dir, info)
         (Path(tmp) / RUN_INFO).write_text(json.dumps(info.__dict__, indent=2, default=str))
         # Weights first, description last: a folder with video_lora.json is always complete.
         os.replace(Path(tmp) / WEIGHT_NAME, run_dir / WEIGHT_NAME)
@@ -76,3 +84,60 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
 
+
+def _save_comfyui(state: dict[str, torch.Tensor], transformer: torch.nn.Module, key_map: "KeyMap", run_dir: Path,
+                  info: RunInfo) -> Path:
+    """The adapter in ComfyUI naming beside the diffusers file, recording the run description
+    in its metadata so ``infer.py --lora <file>`` finds the base model."""
+    from finetune.lora_formats import comfyui_weight_name, lora_from_peft, write_lora
+
+    lora = lora_from_peft(state, transformer.peft_config["default"].to_dict())
+    lora.info = dict(info.__dict__)
+    return write_lora(lora, run_dir / comfyui_weight_name(info.weight_name), "comfyui", key_map)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m finetune.export SRC --to comfyui|diffusers|kohya --out FILE [--family NAME]``:
+    convert a LoRA file (any known layout) or a run folder's adapter between layouts."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m finetune.export", description=main.__doc__)
+    p.add_argument("src", type=Path, help="LoRA .safetensors file, or a run folder")
+    p.add_argument("--to", required=True, choices=["comfyui", "diffusers", "kohya"], help="layout to write")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--family", help="model family; default: the one the file or run folder records")
+    args = p.parse_args(argv)
+
+    from finetune.families import get_family
+    from finetune.lora_formats import convert_file, read_info
+
+    src, info = args.src, {}
+    if src.is_dir():
+        run = RunInfo.read(src)
+        src, info = src / run.weight_name, dict(run.__dict__)
+    elif src.is_file():
+        info = read_info(src)
+    else:
+        raise UserError(f"{src}: no such file or run folder")
+    name = args.family or info.get("family")
+    if not name:
+        raise UserError(f"{src} does not record its model family; pass --family (e.g. --family wan)")
+    try:
+        family = get_family(name)
+    except KeyError as e:
+        raise UserError(f"--family {name}: {e.args[0]}") from None
+    lora = convert_file(src, args.out, args.to, family.comfyui_key_map(), family.pipeline_class, info=info)
+    print(f"{src} ({lora.layout}, {len(lora.modules)} modules, rank {lora.rank}, alpha {lora.alpha:g}) "
+          f"-> {args.out} ({args.to})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from finetune.cli import run_main
+
+    sys.exit(run_main(main))

@@ -18,12 +18,18 @@ from finetune.video import write_video
 
 @dataclass(frozen=True)
 class LoraRef:
+    """A run folder, or a LoRA file (any layout lora_formats reads), and its scale."""
+
     run_dir: Path
     scale: float = 1.0
 
+    @property
+    def is_file(self) -> bool:
+        return self.run_dir.is_file()
+
     @classmethod
     def parse(cls, text: str) -> "LoraRef":
-        """``runs/x`` or ``runs/x:0.8``."""
+        """``runs/x``, ``runs/x:0.8`` or ``some_lora.safetensors:0.8``."""
         head, sep, tail = text.rpartition(":")
         if sep:
             try:
@@ -38,10 +44,35 @@ def base_spec(info: RunInfo, device: torch.device, dtype: torch.dtype) -> ModelS
                      dtype=dtype if device.type == "cuda" else torch.float32)
 
 
-def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype) -> tuple[Family, RunInfo]:
-    """The base model all ``loras`` were trained on (or that of run folder ``base``).
+def lora_info(ref: LoraRef, family: str | None = None) -> RunInfo:
+    """What a run folder's ``video_lora.json`` says, or what a LoRA file records; a file that
+    records nothing needs ``family`` and gets that family's default base model.
+    Raises UserError naming the missing ``--family``."""
+    if not ref.is_file:
+        return RunInfo.read(ref.run_dir)
+    from finetune.lora_formats import read_info
+
+    if ref.run_dir.suffix != ".safetensors":
+        raise UserError(f"--lora {ref.run_dir}: LoRA files must be .safetensors")
+    meta = read_info(ref.run_dir)
+    name = meta.get("family") or family
+    if name is None:
+        raise UserError(f"--lora {ref.run_dir}: the file does not record its model family; pass --family (e.g. wan)")
+    if family is not None and name != family:
+        raise UserError(f"--lora {ref.run_dir} was made for {name}, not --family {family}")
+    if all(k in meta for k in RunInfo.__dataclass_fields__):
+        return RunInfo(**{k: meta[k] for k in RunInfo.__dataclass_fields__})
+    return RunInfo(family=name, base_model=meta.get("base_model") or get_family(name).default_model_id,
+                   revision=meta.get("revision"), tiny=False, tiny_seed=0, trigger=meta.get("trigger", ""), steps=0,
+                   weight_name=ref.run_dir.name, recipe={})
+
+
+def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype,
+              family: str | None = None) -> tuple[Family, RunInfo]:
+    """The base model all ``loras`` were trained on (or that of run folder ``base``); ``family``
+    names the family of LoRA files that do not record it.
     Raises UserError if none is given or the adapters disagree on the base model."""
-    infos = [(ref.run_dir, RunInfo.read(ref.run_dir)) for ref in loras]
+    infos = [(ref.run_dir, lora_info(ref, family)) for ref in loras]
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
     if not infos:
@@ -57,14 +88,21 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
     return family, first
 
 
-def apply_loras(pipe, loras: list[LoraRef], merge: bool) -> list[str]:
+def apply_loras(pipe, loras: list[LoraRef], merge: bool, family: Family | None = None) -> list[str]:
     """Load each adapter with its scale; with ``merge`` fuse them into the base weights and drop
-    the LoRA layers. Returns the adapter names."""
+    the LoRA layers. LoRA files (any layout) need ``family`` for its key map. Returns the adapter names."""
     names = []
     for i, ref in enumerate(loras):
-        info = RunInfo.read(ref.run_dir)
         name = f"lora{i}"
-        pipe.load_lora_weights(str(ref.run_dir), weight_name=info.weight_name, adapter_name=name)
+        if ref.is_file:
+            from finetune.lora_formats import load_into_pipeline
+
+            if family is None:
+                raise ValueError("apply_loras: LoRA files need the family (pass family=)")
+            load_into_pipeline(pipe, ref.run_dir, family.comfyui_key_map(), adapter_name=name)
+        else:
+            info = RunInfo.read(ref.run_dir)
+            pipe.load_lora_weights(str(ref.run_dir), weight_name=info.weight_name, adapter_name=name)
         names.append(name)
     if names:
         pipe.set_adapters(names, [ref.scale for ref in loras])
@@ -93,6 +131,10 @@ def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs
     data = info.recipe.get("data", {})
     done = replace(args, frames=args.frames or data.get("frames"), height=args.height or data.get("height"),
                    width=args.width or data.get("width"), fps=float(args.fps or data.get("fps") or family.default_fps))
+    unset = [flag for flag, v in (("--frames", done.frames), ("--height", done.height), ("--width", done.width))
+             if v is None]
+    if unset:
+        raise UserError(f"{' '.join(unset)}: needed for a LoRA file that records no training recipe")
     if not family.frame_rule.is_valid(done.frames):
         raise UserError(f"--frames {done.frames} must be {family.frame_rule.describe()} for {family.name} "
                         f"(try {family.frame_rule.nearest(done.frames)})")

@@ -61,11 +61,17 @@ def default_cache_dir(recipe: Recipe) -> Path:
 
 
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
-    """Attach a PEFT LoRA adapter named "default"; returns its (fp32) trainable parameters."""
-    transformer.add_adapter(PeftLoraConfig(
-        r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora_targets, init_lora_weights=True,
-    ))
+    """Attach a PEFT LoRA adapter named "default" (from ``lora.init_from`` if set); returns its
+    (fp32) trainable parameters."""
+    if recipe.lora.init_from:
+        from finetune.lora_formats import add_lora_from_file
+
+        add_lora_from_file(transformer, recipe.lora, recipe.lora_targets, recipe.family_cls().comfyui_key_map())
+    else:
+        transformer.add_adapter(PeftLoraConfig(
+            r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora_targets, init_lora_weights=True,
+        ))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         # Trainable weights in fp32 even when the frozen base is bf16: updates this small vanish in bf16.
@@ -310,7 +316,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         info = RunInfo(family=recipe.model.family, base_model=spec.pretrained, revision=spec.revision,
                        tiny=spec.tiny, tiny_seed=spec.tiny_seed, trigger=recipe.data.trigger, steps=o.steps,
                        weight_name=adapter.name, recipe=recipe.model_dump(mode="json"))
-        adapter = save_adapter(accelerator.unwrap_model(transformer), family_cls.pipeline_class, run_dir, info)
+        adapter = save_adapter(accelerator.unwrap_model(transformer), family_cls.pipeline_class, run_dir, info,
+                               comfyui_key_map=family_cls.comfyui_key_map())
     accelerator.end_training()
     family.components.transformer = accelerator.unwrap_model(transformer)
     return TrainResult(run_dir=run_dir, adapter=adapter, steps=o.steps, start_step=start_step, last_loss=loss_value,

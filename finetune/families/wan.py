@@ -23,6 +23,7 @@ from finetune.families._tiny import (
     tiny_t5_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
+from finetune.lora_formats import KeyMap
 
 # Mirrors scheduler/scheduler_config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers (UniPC on flow
 # sigmas, shift 3.0), so tiny pipelines sample the way real ones do.
@@ -37,6 +38,28 @@ _SCHEDULER_CONFIG = dict(
     lower_order_final=True,
     final_sigmas_type="zero",
 )
+
+# diffusers module name -> name in the original Wan checkpoint (wan/modules/model.py), which
+# ComfyUI's WanModel and musubi-tuner use; the inverse of diffusers' convert_wan_transformer_to_diffusers
+# and _convert_non_diffusers_wan_lora_to_diffusers. k_img/v_img and img_emb exist in I2V models only.
+_ATTN = (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"))
+_KEY_MAP = KeyMap((
+    *((f"blocks.{{i}}.attn1.{d}", f"blocks.{{i}}.self_attn.{o}") for d, o in _ATTN),
+    *((f"blocks.{{i}}.attn2.{d}", f"blocks.{{i}}.cross_attn.{o}") for d, o in _ATTN),
+    ("blocks.{i}.attn2.add_k_proj", "blocks.{i}.cross_attn.k_img"),
+    ("blocks.{i}.attn2.add_v_proj", "blocks.{i}.cross_attn.v_img"),
+    ("blocks.{i}.ffn.net.0.proj", "blocks.{i}.ffn.0"),
+    ("blocks.{i}.ffn.net.2", "blocks.{i}.ffn.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("patch_embedding", "patch_embedding"),
+    ("proj_out", "head.head"),
+))
 
 
 @register
@@ -208,3 +231,9 @@ class WanFamily(Family):
                 f"family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use a Wan 2.1 T2V "
                 f"checkpoint such as {self.default_model_id}"
             )
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original Wan names (``blocks.{i}.self_attn.q``, ``head.head``, ...); one transformer."""
+        return _KEY_MAP
