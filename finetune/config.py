@@ -173,6 +173,11 @@ def family_problems(data: dict) -> list[str]:
     if dat.get("buckets") is True and isinstance(optim.get("batch_size"), int) and optim["batch_size"] > 1:
         out.append(f"data.buckets=true trains clips of different sizes, so optim.batch_size={optim['batch_size']} "
                    f"must be 1 (raise optim.grad_accum instead)")
+    init_from = lora.get("init_from")
+    if isinstance(init_from, str) and not (Path(init_from).is_file() or (Path(init_from) / "video_lora.json").is_file()):
+        out.append(f"lora.init_from={init_from!r}: no such LoRA file or run folder")
+    elif isinstance(init_from, str) and Path(init_from).is_file() and not init_from.endswith(".safetensors"):
+        out.append(f"lora.init_from={init_from!r}: LoRA files are read as .safetensors only")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
     if model.get("quantization", "none") != "none" and model.get("tiny"):

@@ -242,3 +242,24 @@ def test_init_from_continues_from_the_imported_weights(wan_run, tmp_path):
     with pytest.raises(LoraFormatError, match=r"lora.init_from=.*the file has rank 8 but lora.rank=4.*alpha 16 but "
                                               r"lora.alpha=8"):
         trainer.add_lora(cls.load(spec).components.transformer, bad)
+
+
+def test_training_from_an_imported_lora_starts_where_it_ends(wan_run, tmp_path):
+    """train() with lora.init_from: the run keeps the file's rank and alpha, and one step at a
+    vanishing learning rate leaves the imported weights as they were."""
+    cls = get_family("wan")
+    manifest = write_clips(tmp_path / "clips", n=1, frames=9, height=32, width=32)
+    recipe = tiny_recipe("wan", manifest, tmp_path / "run", "optim.steps=1", "optim.lr=1e-12", "checkpoint.every=0",
+                         f"lora.init_from={wan_run / COMFYUI_WEIGHT_NAME}", "lora.alpha=16")
+    out = trainer.train(recipe).run_dir
+    before, after = read_lora(wan_run, cls.comfyui_key_map()), read_lora(out / COMFYUI_WEIGHT_NAME, cls.comfyui_key_map())
+    assert set(after.modules) == set(before.modules) and (after.rank, after.alpha) == (8, 16.0)
+    for n, m in before.modules.items():
+        torch.testing.assert_close(after.modules[n].up, m.up, atol=1e-6, rtol=0)
+
+
+def test_init_from_that_does_not_exist_fails_before_loading(tmp_path):
+    from finetune.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"lora.init_from='nope.safetensors': no such LoRA file"):
+        tiny_recipe("wan", tmp_path / "m.jsonl", tmp_path / "run", "lora.init_from=nope.safetensors")
