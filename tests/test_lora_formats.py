@@ -141,12 +141,25 @@ def test_foreign_keys_give_a_named_error_with_counts(name, tmp_path):
 
 # --- 3. a trained run: its ComfyUI file renders, converts and trains exactly as the run folder ---
 @pytest.fixture(scope="module")
-def wan_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lora-formats")
-    manifest = write_clips(tmp / "clips", n=2, frames=9, height=32, width=32)
-    recipe = tiny_recipe("wan", manifest, tmp / "run", "optim.steps=2", "optim.lr=1e-2", "checkpoint.every=0",
-                         "lora.rank=8", "lora.alpha=16")
-    return trainer.train(recipe).run_dir
+def trained(tmp_path_factory):
+    """family name -> a run folder of a 2-step tiny run (rank 8, alpha 16), trained once per module."""
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            tmp = tmp_path_factory.mktemp(f"lora-formats-{name}")
+            manifest = write_clips(tmp / "clips", n=2, frames=9, height=32, width=32)
+            recipe = tiny_recipe(name, manifest, tmp / "run", "optim.steps=2", "optim.lr=1e-2", "checkpoint.every=0",
+                                 "lora.rank=8", "lora.alpha=16", "data.height=32", "data.width=32")
+            runs[name] = trainer.train(recipe).run_dir
+        return runs[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def wan_run(trained):
+    return trained("wan")
 
 
 def _frames(path) -> np.ndarray:
@@ -154,17 +167,19 @@ def _frames(path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-def test_run_folder_gets_a_comfyui_file_that_renders_the_same_video(wan_run, tmp_path):
+@pytest.mark.parametrize("name", family_names())
+def test_run_folder_gets_a_comfyui_file_that_renders_the_same_video(name, trained, tmp_path):
     import infer
 
-    comfy = wan_run / COMFYUI_WEIGHT_NAME
+    run = trained(name)
+    comfy = run / COMFYUI_WEIGHT_NAME
     with safe_open(str(comfy), "pt") as f:
         recorded = json.loads(f.metadata()["video_lora"])
-    assert recorded["family"] == "wan" and recorded["tiny"] is True
+    assert recorded["family"] == name and recorded["tiny"] is True
     common = ["--prompt", "mystyle, a square", "--steps", "2", "--guidance", "1.0", "--seed", "3"]
-    assert infer.main(["--lora", f"{wan_run}:0.7", *common, "--out", str(tmp_path / "run.mp4")]) == 0
+    assert infer.main(["--lora", f"{run}:0.7", *common, "--out", str(tmp_path / "run.mp4")]) == 0
     assert infer.main(["--lora", f"{comfy}:0.7", *common, "--out", str(tmp_path / "comfy.mp4")]) == 0
-    assert infer.main(["--base", str(wan_run), *common, "--out", str(tmp_path / "base.mp4")]) == 0
+    assert infer.main(["--base", str(run), *common, "--out", str(tmp_path / "base.mp4")]) == 0
     run, imported, base = (_frames(tmp_path / f"{n}.mp4") for n in ("run", "comfy", "base"))
     assert np.array_equal(run, imported)
     assert np.abs(run.astype(int) - base.astype(int)).max() > 0, "the adapter did not change the video"
