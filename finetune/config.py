@@ -174,9 +174,10 @@ def family_problems(data: dict) -> list[str]:
         out.append(f"data.buckets=true trains clips of different sizes, so optim.batch_size={optim['batch_size']} "
                    f"must be 1 (raise optim.grad_accum instead)")
     init_from = lora.get("init_from")
-    if isinstance(init_from, str) and not (Path(init_from).is_file() or (Path(init_from) / "video_lora.json").is_file()):
+    init_path = Path(init_from) if isinstance(init_from, str) else None
+    if init_path and not (init_path.is_file() or (init_path / "video_lora.json").is_file()):
         out.append(f"lora.init_from={init_from!r}: no such LoRA file or run folder")
-    elif isinstance(init_from, str) and Path(init_from).is_file() and not init_from.endswith(".safetensors"):
+    elif init_path and init_path.is_file() and init_path.suffix != ".safetensors":
         out.append(f"lora.init_from={init_from!r}: LoRA files are read as .safetensors only")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")

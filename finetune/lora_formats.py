@@ -77,8 +77,10 @@ class KeyMap:
     _compiled: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        compiled = tuple((_template_regex(d), _template_regex(o), _template_regex(o, "_"), _template_regex(d, "_"), d, o)
-                         for d, o in self.pairs)
+        compiled = tuple(
+            (_template_regex(d), _template_regex(o), _template_regex(o, "_"), _template_regex(d, "_"), d, o)
+            for d, o in self.pairs
+        )
         object.__setattr__(self, "_compiled", compiled)
 
     def to_original(self, name: str) -> str | None:
@@ -275,7 +277,8 @@ def lora_from_state_dict(state: dict[str, torch.Tensor], key_map: KeyMap, metada
         raise LoraFormatError(
             f"{source}: not a LoRA for this model in a known layout: of {len(state)} keys, {found}; "
             f"unrecognised: {', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}. Check --family, or convert "
-            f"the file with the tool that made it to diffusers, ComfyUI (diffusion_model.*) or kohya (lora_unet_*) naming"
+            f"the file with the tool that made it to diffusers, ComfyUI (diffusion_model.*) or kohya (lora_unet_*) "
+            f"naming"
         )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in state.items():
@@ -283,7 +286,8 @@ def lora_from_state_dict(state: dict[str, torch.Tensor], key_map: KeyMap, metada
         parts.setdefault(name, {})[part] = v
     half = [n for n, p in parts.items() if "A" not in p or "B" not in p]
     if half:
-        raise LoraFormatError(f"{source}: {len(half)} modules lack their lora_A or lora_B weight: {', '.join(half[:3])}")
+        raise LoraFormatError(f"{source}: {len(half)} modules lack their lora_A or lora_B weight: "
+                              f"{', '.join(half[:3])}")
     alphas = _diffusers_alphas(parts, metadata, prefix) if layout == "diffusers" else {}
     modules = {}
     for name, p in sorted(parts.items()):
@@ -355,7 +359,8 @@ def write_lora(lora: Lora, path: str | Path, layout: str, key_map: KeyMap, pipel
             if info:
                 _add_metadata(out, info)
         else:
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora.state_dict(layout, key_map, prefix).items()}
+            named = lora.state_dict(layout, key_map, prefix)
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in named.items()}
             save_file(tensors, str(out), metadata={"format": "pt", **info})
         os.replace(out, path)
     path.chmod(0o644)
@@ -405,7 +410,8 @@ def add_lora_from_file(transformer: torch.nn.Module, lora_cfg, targets: list[str
     lora = read_lora(lora_cfg.init_from, key_map)
     given, problems = lora_cfg.model_fields_set, []
     if "rank" in given and lora_cfg.rank != lora.rank:
-        problems.append(f"the file has rank {lora.rank} but lora.rank={lora_cfg.rank} (remove lora.rank or set {lora.rank})")
+        problems.append(f"the file has rank {lora.rank} but lora.rank={lora_cfg.rank} "
+                        f"(remove lora.rank or set {lora.rank})")
     if "alpha" in given and lora_cfg.alpha != lora.alpha:
         problems.append(f"the file has alpha {lora.alpha:g} but lora.alpha={lora_cfg.alpha:g} "
                         f"(remove lora.alpha or set {lora.alpha:g})")

@@ -189,6 +189,7 @@ def model_card(info: RunInfo, repo_id: str, lora_files: list[str], comfy_files: 
     r, d, o = info.recipe.get("lora", {}), info.recipe.get("data", {}), info.recipe.get("optim", {})
     fps = d.get("fps") or family.default_fps
     clips = _count_clips(info)
+    batch = f"{o.get('batch_size', 1)} x {o.get('grad_accum', 1)}"
     data = ModelCardData(
         base_model=info.base_model, base_model_relation="adapter", library_name="diffusers", pipeline_tag=task,
         license=license, instance_prompt=info.trigger or None,
@@ -225,7 +226,8 @@ from diffusers.utils import export_to_video
 pipe = {pipeline}.from_pretrained("{info.base_model}", torch_dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{repo_id}", weight_name="{lora_files[0]}", adapter_name="{adapter}")
 pipe.set_adapters(["{adapter}"], [1.0])
-video = pipe("{prompt}your prompt", num_frames={d.get('frames')}, height={d.get('height')}, width={d.get('width')}).frames[0]
+video = pipe("{prompt}your prompt", num_frames={d.get('frames')}, height={d.get('height')},
+             width={d.get('width')}).frames[0]
 export_to_video(video, "out.mp4", fps={fps:g})
 ```
 
@@ -243,7 +245,7 @@ Put `{comfy}` in `ComfyUI/models/loras/` and add a **LoraLoaderModelOnly** node 
 | rank / alpha | {r.get('rank')} / {r.get('alpha')} |
 | clips | {clips if clips is not None else 'n/a'} (repeats {d.get('repeats', 1)}) |
 | frames | {d.get('frames')} at {fps:g} fps, {d.get('width')}x{d.get('height')} |
-| learning rate | {o.get('lr')} ({o.get('scheduler', 'constant')}, batch {o.get('batch_size', 1)} x {o.get('grad_accum', 1)}) |
+| learning rate | {o.get('lr')} ({o.get('scheduler', 'constant')}, batch {batch}) |
 
 The full resolved recipe is `{RECIPE}`; `video_lora.json` records the base model and revision.
 Licence: that of the base model ({license}); check its terms before use.

@@ -267,7 +267,8 @@ def test_training_from_an_imported_lora_starts_where_it_ends(wan_run, tmp_path):
     recipe = tiny_recipe("wan", manifest, tmp_path / "run", "optim.steps=1", "optim.lr=1e-12", "checkpoint.every=0",
                          f"lora.init_from={wan_run / COMFYUI_WEIGHT_NAME}", "lora.alpha=16")
     out = trainer.train(recipe).run_dir
-    before, after = read_lora(wan_run, cls.comfyui_key_map()), read_lora(out / COMFYUI_WEIGHT_NAME, cls.comfyui_key_map())
+    key_map = cls.comfyui_key_map()
+    before, after = read_lora(wan_run, key_map), read_lora(out / COMFYUI_WEIGHT_NAME, key_map)
     assert set(after.modules) == set(before.modules) and (after.rank, after.alpha) == (8, 16.0)
     for n, m in before.modules.items():
         torch.testing.assert_close(after.modules[n].up, m.up, atol=1e-6, rtol=0)

@@ -160,8 +160,8 @@ def test_upload_sends_the_folder_in_one_commit_and_the_token_only_as_authorizati
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_OFFLINE", None)
-    done = subprocess.run([sys.executable, "-m", "finetune.publish", str(run_dir), "--repo", "me/my-style", "--private"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "finetune.publish", str(run_dir), "--repo", "me/my-style", "--private"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert TOKEN not in done.stdout + done.stderr
 
