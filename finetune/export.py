@@ -70,7 +70,9 @@ def save_adapter(transformer: torch.nn.Module, pipeline_class: type, run_dir: st
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
         )
         if comfyui_key_map is not None:
-            _save_comfyui(state, transformer, comfyui_key_map, run_dir, info)
+            from finetune.lora_formats import comfyui_weight_name, export_comfyui
+
+            export_comfyui(transformer, comfyui_key_map, run_dir / comfyui_weight_name(WEIGHT_NAME), info.__dict__)
         (Path(tmp) / RUN_INFO).write_text(json.dumps(info.__dict__, indent=2, default=str))
         # Weights first, description last: a folder with video_lora.json is always complete.
         os.replace(Path(tmp) / WEIGHT_NAME, run_dir / WEIGHT_NAME)
@@ -83,17 +85,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _save_comfyui(state: dict[str, torch.Tensor], transformer: torch.nn.Module, key_map: "KeyMap", run_dir: Path,
-                  info: RunInfo) -> Path:
-    """The adapter in ComfyUI naming beside the diffusers file, recording the run description
-    in its metadata so ``infer.py --lora <file>`` finds the base model."""
-    from finetune.lora_formats import comfyui_weight_name, lora_from_peft, write_lora
-
-    lora = lora_from_peft(state, transformer.peft_config["default"].to_dict())
-    lora.info = dict(info.__dict__)
-    return write_lora(lora, run_dir / comfyui_weight_name(info.weight_name), "comfyui", key_map)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -238,6 +238,21 @@ def lora_from_peft(state: dict[str, torch.Tensor], config: dict) -> Lora:
     return Lora(modules)
 
 
+def export_comfyui(transformer: torch.nn.Module, key_map: KeyMap, path: str | Path, info: dict | None = None,
+                   adapter_name: str = "default") -> Path:
+    """Write the peft adapter ``adapter_name`` of ``transformer`` (unwrapped) to ``path`` in ComfyUI
+    naming, with ``info`` (the run description) in its metadata so ``infer.py --lora <file>``
+    finds the base model. A model with two transformers calls this once per transformer, each
+    with its own key map and file (see :func:`comfyui_weight_name`)."""
+    from peft import get_peft_model_state_dict
+
+    state = {k: v.detach().to("cpu", torch.float32).contiguous()
+             for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()}
+    lora = lora_from_peft(state, transformer.peft_config[adapter_name].to_dict())
+    lora.info = dict(info or {})
+    return write_lora(lora, path, "comfyui", key_map)
+
+
 # ---------------------------------------------------------------------------- reading
 
 

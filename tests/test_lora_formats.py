@@ -23,6 +23,8 @@ from finetune.lora_formats import (
     COMFYUI_WEIGHT_NAME,
     LoraFormatError,
     adaptable_modules,
+    comfyui_weight_name,
+    export_comfyui,
     lora_from_peft,
     read_lora,
     write_lora,
@@ -109,6 +111,25 @@ def test_diffusers_own_converter_reads_our_comfyui_file_to_the_same_update(name,
         alpha = theirs.get(f"transformer.{n}.alpha")
         scale = 1.0 if alpha is None else alpha.item() / a.shape[0]
         torch.testing.assert_close(b @ a * scale, m.up @ m.down * (m.alpha / m.rank), atol=1e-6, rtol=1e-5)
+
+
+def test_a_model_with_two_transformers_writes_one_comfyui_file_per_transformer(tmp_path):
+    """Wan 2.2 A14B style: ``transformer`` and ``transformer_2``, each with its own adapter and
+    key map, give two ComfyUI files that each import back to their own weights."""
+    cls, _, first = adapted("wan", seed=0)
+    _, second_model, second = adapted("wan", rank=4, alpha=4.0, seed=5)
+    _, first_model, _ = adapted("wan", seed=0)
+    paths = {}
+    for name, model in (("transformer", first_model), ("transformer_2", second_model)):
+        weight = "pytorch_lora_weights" + ("" if name == "transformer" else f"_{name}") + ".safetensors"
+        paths[name] = export_comfyui(model, cls.comfyui_key_map(name), tmp_path / comfyui_weight_name(weight),
+                                     {"family": "wan", "transformer": name})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comfyui_lora.safetensors",
+                                                          "comfyui_lora_transformer_2.safetensors"]
+    for name, lora in (("transformer", first), ("transformer_2", second)):
+        back = read_lora(paths[name], cls.comfyui_key_map(name))
+        assert back.info["transformer"] == name and (back.rank, back.alpha) == (lora.rank, lora.alpha)
+        assert all(torch.equal(back.modules[n].up, m.up) for n, m in lora.modules.items())
 
 
 def test_musubi_style_kohya_file_with_alpha_imports(tmp_path):
