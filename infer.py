@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", action="append", default=[], metavar="DIR_OR_FILE[:SCALE]",
                    help="run folder or LoRA .safetensors file, repeatable")
     p.add_argument("--family", help="model family of LoRA files that do not record it (wan, ltx, ...)")
+    p.add_argument("--base-model", help="Hub id or folder of the base model for such files; default: the family's")
     p.add_argument("--base", type=Path, help="run folder whose base model to use without its adapter")
     p.add_argument("--merge", action="store_true", help="fuse the adapters into the base weights")
     p.add_argument("--save-merged", type=Path, metavar="DIR", help="write the merged pipeline (implies --merge)")
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loras = [LoraRef.parse(s) for s in args.lora]
-    family, info = load_base(loras, args.base, device, DTYPES[args.dtype], family=args.family)
+    family, info = load_base(loras, args.base, device, DTYPES[args.dtype], family=args.family,
+                             base_model=args.base_model)
     pipe = family.pipeline()
     apply_loras(pipe, loras, merge=args.merge or args.save_merged is not None, family=family)
     if args.save_merged:

@@ -44,9 +44,9 @@ def base_spec(info: RunInfo, device: torch.device, dtype: torch.dtype) -> ModelS
                      dtype=dtype if device.type == "cuda" else torch.float32)
 
 
-def lora_info(ref: LoraRef, family: str | None = None) -> RunInfo:
+def lora_info(ref: LoraRef, family: str | None = None, base_model: str | None = None) -> RunInfo:
     """What a run folder's ``video_lora.json`` says, or what a LoRA file records; a file that
-    records nothing needs ``family`` and gets that family's default base model.
+    records nothing needs ``family`` and gets ``base_model`` or that family's default base model.
     Raises UserError naming the missing ``--family``."""
     if not ref.is_file:
         return RunInfo.read(ref.run_dir)
@@ -62,17 +62,17 @@ def lora_info(ref: LoraRef, family: str | None = None) -> RunInfo:
         raise UserError(f"--lora {ref.run_dir} was made for {name}, not --family {family}")
     if all(k in meta for k in RunInfo.__dataclass_fields__):
         return RunInfo(**{k: meta[k] for k in RunInfo.__dataclass_fields__})
-    return RunInfo(family=name, base_model=meta.get("base_model") or get_family(name).default_model_id,
+    return RunInfo(family=name, base_model=meta.get("base_model") or base_model or get_family(name).default_model_id,
                    revision=meta.get("revision"), tiny=False, tiny_seed=0, trigger=meta.get("trigger", ""), steps=0,
                    weight_name=ref.run_dir.name, recipe={})
 
 
 def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype,
-              family: str | None = None) -> tuple[Family, RunInfo]:
+              family: str | None = None, base_model: str | None = None) -> tuple[Family, RunInfo]:
     """The base model all ``loras`` were trained on (or that of run folder ``base``); ``family``
-    names the family of LoRA files that do not record it.
+    and ``base_model`` stand in for what LoRA files from other tools do not record.
     Raises UserError if none is given or the adapters disagree on the base model."""
-    infos = [(ref.run_dir, lora_info(ref, family)) for ref in loras]
+    infos = [(ref.run_dir, lora_info(ref, family, base_model)) for ref in loras]
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
     if not infos:

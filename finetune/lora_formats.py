@@ -3,7 +3,8 @@
 Three layouts of the same adapter, each per module ``m`` of one transformer:
 
   diffusers  ``transformer.<m>.lora_A.weight`` / ``.lora_B.weight``; rank and alpha in the
-             safetensors metadata (``lora_adapter_metadata``), as the run folder's file.
+             safetensors metadata (``lora_adapter_metadata``), as the run folder's file (an
+             ``<m>.alpha`` tensor, as some tools write, is read too).
              PEFT files (``base_model.model.<m>.lora_A[.default].weight``) read the same way.
   comfyui    ``diffusion_model.<o>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``, where ``o``
              is the module's name in the original checkpoint (what ComfyUI's model uses).
@@ -256,7 +257,7 @@ def export_comfyui(transformer: torch.nn.Module, key_map: KeyMap, path: str | Pa
 # ---------------------------------------------------------------------------- reading
 
 
-_DIFFUSERS_KEY = re.compile(r"(?P<m>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight\Z")
+_DIFFUSERS_KEY = re.compile(r"(?P<m>.+)\.(?:lora_(?P<ab>[AB])(?:\.default)?\.weight|(?P<alpha>alpha))\Z")
 _COMFY_KEY = re.compile(r"(?P<m>.+)\.(?:(?P<ab>lora_A|lora_B|lora_down|lora_up)\.weight|(?P<alpha>alpha))\Z")
 
 
@@ -266,7 +267,7 @@ def _parse(layout: str, key: str, key_map: KeyMap, prefix: str) -> tuple[str, st
         for p in (f"{prefix}.", *_PEFT_PREFIXES, ""):
             if key.startswith(p) and (m := _DIFFUSERS_KEY.match(key[len(p):])):
                 if key_map.to_original(m["m"]) is not None:
-                    return m["m"], m["ab"]
+                    return m["m"], "alpha" if m["alpha"] else m["ab"]
         return None
     prefixes = _COMFY_PREFIXES if layout == "comfyui" else _KOHYA_PREFIXES
     for p in prefixes:

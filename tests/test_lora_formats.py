@@ -147,6 +147,21 @@ def test_musubi_style_kohya_file_with_alpha_imports(tmp_path):
     assert all(torch.equal(back.modules[n].up, m.up) for n, m in lora.modules.items())
 
 
+def test_peft_and_diffusers_files_with_alpha_tensors_import(tmp_path):
+    """PEFT's own naming (base_model.model.*.lora_A.default.weight), and diffusers naming with
+    ``.alpha`` tensors instead of metadata, as some tools write."""
+    cls, _, lora = adapted("wan", rank=4, alpha=6.0, targets=["to_k"])
+    peft_named = {f"base_model.model.{k.replace('.weight', '.default.weight')}": v
+                  for k, v in lora.peft_state_dict().items()}
+    save_file(peft_named, str(tmp_path / "peft.safetensors"))
+    assert read_lora(tmp_path / "peft.safetensors", cls.comfyui_key_map()).alpha == 4.0  # no alpha: alpha = rank
+    with_alpha = {f"transformer.{k}": v for k, v in lora.peft_state_dict().items()}
+    with_alpha.update({f"transformer.{n}.alpha": torch.tensor(6.0) for n in lora.modules})
+    save_file(with_alpha, str(tmp_path / "d.safetensors"))
+    back = read_lora(tmp_path / "d.safetensors", cls.comfyui_key_map())
+    assert back.layout == "diffusers" and (back.rank, back.alpha) == (4, 6.0)
+
+
 @pytest.mark.parametrize("name", family_names())
 def test_foreign_keys_give_a_named_error_with_counts(name, tmp_path):
     cls, _, lora = adapted(name, targets=["to_q"])
@@ -218,6 +233,8 @@ def test_foreign_file_renders_with_family_flag_and_merges(wan_run, tmp_path):
         load_base([LoraRef(foreign)], None, CPU, torch.float32)
     # The tiny base model is what the run recorded; a bare file would get the family default.
     family, info = load_base([LoraRef(wan_run)], None, CPU, torch.float32)
+    assert lora_info(LoraRef(foreign), "wan").base_model == cls.default_model_id
+    assert lora_info(LoraRef(foreign), "wan", "me/wan-14b").base_model == "me/wan-14b"
     with pytest.raises(UserError, match="--frames --height --width: needed"):
         complete_args(RenderArgs(prompt="x"), family, lora_info(LoraRef(foreign), "wan"))
     args = complete_args(RenderArgs(prompt="mystyle", steps=2, guidance=1.0), family, info)
