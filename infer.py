@@ -4,8 +4,10 @@
     python infer.py --lora runs/my-style:0.8 --lora runs/other:0.5 --merge --save-merged merged/ --prompt "..."
     python infer.py --base runs/my-style --prompt "..." --out base.mp4      # the base model alone
     python infer.py --lora runs/my-i2v --image first_frame.png --prompt "..."  # image-to-video adapters
+    python infer.py --lora civitai_lora.safetensors:0.8 --family wan --frames 33 --height 480 --width 832 --prompt "..."
 
-The base model and family are read from each run folder's video_lora.json.
+The base model and family are read from each run folder's video_lora.json, or from a LoRA file's
+metadata; a LoRA file from another tool (ComfyUI, kohya/musubi or diffusers naming) needs --family.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from finetune.cli import run_main
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]", help="run folder, repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="DIR_OR_FILE[:SCALE]",
+                   help="run folder or LoRA .safetensors file, repeatable")
+    p.add_argument("--family", help="model family of LoRA files that do not record it (wan, ltx, ...)")
+    p.add_argument("--base-model", help="Hub id or folder of the base model for such files; default: the family's")
     p.add_argument("--base", type=Path, help="run folder whose base model to use without its adapter")
     p.add_argument("--merge", action="store_true", help="fuse the adapters into the base weights")
     p.add_argument("--save-merged", type=Path, metavar="DIR", help="write the merged pipeline (implies --merge)")
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loras = [LoraRef.parse(s) for s in args.lora]
-    family, info = load_base(loras, args.base, device, DTYPES[args.dtype])
+    family, info = load_base(loras, args.base, device, DTYPES[args.dtype], family=args.family,
+                             base_model=args.base_model)
     pipe = family.pipeline()
     apply_loras(family, loras, merge=args.merge or args.save_merged is not None)
     if args.save_merged:

@@ -63,6 +63,10 @@ class LoraConfig(_Section):
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     targets: list[str] | None = Field(None, description="Module names to adapt; null = the family's default targets.")
+    init_from: str | None = Field(
+        None, description="LoRA file (diffusers, ComfyUI or kohya naming) to continue training from; rank, alpha and "
+        "targets come from the file."
+    )
 
 
 class OptimConfig(_Section):
@@ -193,6 +197,12 @@ def family_problems(data: dict) -> list[str]:
     if dat.get("buckets") is True and isinstance(optim.get("batch_size"), int) and optim["batch_size"] > 1:
         out.append(f"data.buckets=true trains clips of different sizes, so optim.batch_size={optim['batch_size']} "
                    f"must be 1 (raise optim.grad_accum instead)")
+    init_from = lora.get("init_from")
+    init_path = Path(init_from) if isinstance(init_from, str) else None
+    if init_path and not (init_path.is_file() or (init_path / "video_lora.json").is_file()):
+        out.append(f"lora.init_from={init_from!r}: no such LoRA file or run folder")
+    elif init_path and init_path.is_file() and init_path.suffix != ".safetensors":
+        out.append(f"lora.init_from={init_from!r}: LoRA files are read as .safetensors only")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
     if model.get("quantization", "none") != "none" and model.get("tiny"):

@@ -21,12 +21,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from finetune.lora_formats import KeyMap
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RUN_INFO = "video_lora.json"
@@ -82,24 +86,34 @@ def lora_file_contents(transformer: torch.nn.Module, adapter_name: str = "defaul
     return tensors, {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True, default=str)}
 
 
-def save_adapters(transformers: dict[str, torch.nn.Module], run_dir: str | Path, info: RunInfo) -> list[Path]:
+def save_adapters(transformers: dict[str, torch.nn.Module], run_dir: str | Path, info: RunInfo,
+                  comfyui_key_maps: "dict[str, KeyMap] | None" = None) -> list[Path]:
     """Write the adapter of each transformer (unwrapped, PEFT adapter "default"), keyed by its
-    Components attribute, into the file ``info.adapters`` names, then ``video_lora.json``. Each
-    file is written into a temp folder then renamed into place, the description last, so a
-    folder with video_lora.json is always complete."""
+    Components attribute, into the file ``info.adapters`` names; with ``comfyui_key_maps`` (attr
+    -> key map) also each in ComfyUI naming beside it (``comfyui_lora[_<attr>].safetensors``);
+    then ``video_lora.json``. Each file is written into a temp folder then renamed into place,
+    the description last, so a folder with video_lora.json is always complete."""
+    from finetune.lora_formats import comfyui_weight_name, export_comfyui
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     files = info.adapter_files()
     paths = []
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tmp-adapter-") as tmp:
+        written = []
         for attr, transformer in transformers.items():
             tensors, metadata = lora_file_contents(transformer)
             save_file(tensors, str(Path(tmp) / files[attr]), metadata=metadata)
+            written.append(files[attr])
+            if comfyui_key_maps and attr in comfyui_key_maps:
+                comfy = comfyui_weight_name(files[attr])
+                export_comfyui(transformer, comfyui_key_maps[attr], Path(tmp) / comfy, info.__dict__)
+                written.append(comfy)
         (Path(tmp) / RUN_INFO).write_text(json.dumps(info.__dict__, indent=2, default=str))
-        for attr in transformers:
-            os.replace(Path(tmp) / files[attr], run_dir / files[attr])
-            (run_dir / files[attr]).chmod(0o644)  # the temp folder's files are private; an adapter is for sharing
-            paths.append(run_dir / files[attr])
+        for name in written:
+            os.replace(Path(tmp) / name, run_dir / name)
+            (run_dir / name).chmod(0o644)  # the temp folder's files are private; an adapter is for sharing
+            paths.append(run_dir / name)
         os.replace(Path(tmp) / RUN_INFO, run_dir / RUN_INFO)
     return paths
 
@@ -109,3 +123,49 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, path)
 
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m finetune.export SRC --to comfyui|diffusers|kohya --out FILE [--family NAME]``:
+    convert a LoRA file (any known layout) or a run folder's adapter between layouts."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m finetune.export", description=main.__doc__)
+    p.add_argument("src", type=Path, help="LoRA .safetensors file, or a run folder")
+    p.add_argument("--to", required=True, choices=["comfyui", "diffusers", "kohya"], help="layout to write")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--family", help="model family; default: the one the file or run folder records")
+    args = p.parse_args(argv)
+
+    from finetune.families import get_family
+    from finetune.lora_formats import convert_file, read_info
+
+    src, info = args.src, {}
+    if src.is_dir():
+        run = RunInfo.read(src)
+        src, info = src / run.weight_name, dict(run.__dict__)
+    elif src.is_file():
+        info = read_info(src)
+    else:
+        raise UserError(f"{src}: no such file or run folder")
+    name = args.family or info.get("family")
+    if not name:
+        raise UserError(f"{src} does not record its model family; pass --family (e.g. --family wan)")
+    try:
+        family = get_family(name)
+    except KeyError as e:
+        raise UserError(f"--family {name}: {e.args[0]}") from None
+    lora = convert_file(src, args.out, args.to, family.comfyui_key_map(), family.pipeline_class, info=info)
+    print(f"{src} ({lora.layout}, {len(lora.modules)} modules, rank {lora.rank}, alpha {lora.alpha:g}) "
+          f"-> {args.out} ({args.to})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from finetune.cli import run_main
+
+    sys.exit(run_main(main))

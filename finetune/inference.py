@@ -19,12 +19,18 @@ from finetune.video import write_video
 
 @dataclass(frozen=True)
 class LoraRef:
+    """A run folder, or a LoRA file (any layout lora_formats reads), and its scale."""
+
     run_dir: Path
     scale: float = 1.0
 
+    @property
+    def is_file(self) -> bool:
+        return self.run_dir.is_file()
+
     @classmethod
     def parse(cls, text: str) -> "LoraRef":
-        """``runs/x`` or ``runs/x:0.8``."""
+        """``runs/x``, ``runs/x:0.8`` or ``some_lora.safetensors:0.8``."""
         head, sep, tail = text.rpartition(":")
         if sep:
             try:
@@ -39,10 +45,35 @@ def base_spec(info: RunInfo, device: torch.device, dtype: torch.dtype) -> ModelS
                      dtype=dtype if device.type == "cuda" else torch.float32, task=info.task)
 
 
-def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype) -> tuple[Family, RunInfo]:
-    """The base model all ``loras`` were trained on (or that of run folder ``base``).
+def lora_info(ref: LoraRef, family: str | None = None, base_model: str | None = None) -> RunInfo:
+    """What a run folder's ``video_lora.json`` says, or what a LoRA file records; a file that
+    records nothing needs ``family`` and gets ``base_model`` or that family's default base model.
+    Raises UserError naming the missing ``--family``."""
+    if not ref.is_file:
+        return RunInfo.read(ref.run_dir)
+    from finetune.lora_formats import read_info
+
+    if ref.run_dir.suffix != ".safetensors":
+        raise UserError(f"--lora {ref.run_dir}: LoRA files must be .safetensors")
+    meta = read_info(ref.run_dir)
+    name = meta.get("family") or family
+    if name is None:
+        raise UserError(f"--lora {ref.run_dir}: the file does not record its model family; pass --family (e.g. wan)")
+    if family is not None and name != family:
+        raise UserError(f"--lora {ref.run_dir} was made for {name}, not --family {family}")
+    if all(k in meta for k in RunInfo.__dataclass_fields__):
+        return RunInfo(**{k: meta[k] for k in RunInfo.__dataclass_fields__})
+    return RunInfo(family=name, base_model=meta.get("base_model") or base_model or get_family(name).default_model_id,
+                   revision=meta.get("revision"), tiny=False, tiny_seed=0, trigger=meta.get("trigger", ""), steps=0,
+                   weight_name=ref.run_dir.name, recipe={})
+
+
+def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype,
+              family: str | None = None, base_model: str | None = None) -> tuple[Family, RunInfo]:
+    """The base model all ``loras`` were trained on (or that of run folder ``base``); ``family``
+    and ``base_model`` stand in for what LoRA files from other tools do not record.
     Raises UserError if none is given or the adapters disagree on the base model."""
-    infos = [(ref.run_dir, RunInfo.read(ref.run_dir)) for ref in loras]
+    infos = [(ref.run_dir, lora_info(ref, family, base_model)) for ref in loras]
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
     if not infos:
@@ -60,14 +91,20 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
 
 def apply_loras(family: Family, loras: list[LoraRef], merge: bool) -> list[str]:
     """Load each run's adapters, each file into the transformer it was trained on (both experts
-    of a two-expert model), with the run's scale; with ``merge`` fuse them into the base weights
-    and drop the LoRA layers. Works at transformer level, so pipelines without a LoRA loader
-    render adapters too. Returns the adapter names."""
+    of a two-expert model), or a LoRA file in any known layout (ComfyUI, kohya/musubi, diffusers)
+    into the first transformer, with its scale; with ``merge`` fuse them into the base weights and
+    drop the LoRA layers. Works at transformer level, so pipelines without a LoRA loader render
+    adapters too. Returns the adapter names."""
     experts = {e.attr: e for e in family.experts()}
     loaded: dict[str, list[tuple[str, float]]] = {}
     for i, ref in enumerate(loras):
-        info = RunInfo.read(ref.run_dir)
         name = f"lora{i}"
+        if ref.is_file:
+            first = family.experts()[0]
+            load_lora_file(family, ref.run_dir, first, name)
+            loaded.setdefault(first.attr, []).append((name, ref.scale))
+            continue
+        info = RunInfo.read(ref.run_dir)
         for attr, file in info.adapter_files().items():
             if attr not in experts:
                 raise UserError(f"{ref.run_dir}: adapter {file} is for {attr}, which {family.name} does not have")
@@ -80,6 +117,21 @@ def apply_loras(family: Family, loras: list[LoraRef], merge: bool) -> list[str]:
             transformer.fuse_lora(lora_scale=1.0, adapter_names=[n for n, _ in pairs])
             transformer.unload_lora()
     return [f"lora{i}" for i in range(len(loras))]
+
+
+def load_lora_file(family: Family, path: Path, expert, adapter_name: str) -> None:
+    """A LoRA file in any known layout, converted to a diffusers file (rank and alpha kept) and
+    loaded into ``expert``'s transformer. Raises LoraFormatError for a file of no known layout."""
+    import tempfile
+
+    from finetune.export import WEIGHT_NAME
+    from finetune.lora_formats import read_lora, write_lora
+
+    key_map = family.comfyui_key_map(expert.attr)
+    lora = read_lora(path, key_map)
+    with tempfile.TemporaryDirectory(prefix="lora-import-") as tmp:
+        out = write_lora(lora, Path(tmp) / WEIGHT_NAME, "diffusers", key_map, family.pipeline_class)
+        family.load_adapter(str(out), expert, adapter_name)
 
 
 @dataclass
@@ -102,6 +154,10 @@ def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs
     data = info.recipe.get("data", {})
     done = replace(args, frames=args.frames or data.get("frames"), height=args.height or data.get("height"),
                    width=args.width or data.get("width"), fps=float(args.fps or data.get("fps") or family.default_fps))
+    unset = [flag for flag, v in (("--frames", done.frames), ("--height", done.height), ("--width", done.width))
+             if v is None]
+    if unset:
+        raise UserError(f"{' '.join(unset)}: needed for a LoRA file that records no training recipe")
     if not family.frame_rule.is_valid(done.frames):
         raise UserError(f"--frames {done.frames} must be {family.frame_rule.describe()} for {family.name} "
                         f"(try {family.frame_rule.nearest(done.frames)})")

@@ -70,11 +70,17 @@ def default_cache_dir(recipe: Recipe) -> Path:
 
 
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
-    """Attach a PEFT LoRA adapter named "default"; returns its (fp32) trainable parameters."""
-    transformer.add_adapter(PeftLoraConfig(
-        r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora_targets, init_lora_weights=True,
-    ))
+    """Attach a PEFT LoRA adapter named "default" (from ``lora.init_from`` if set); returns its
+    (fp32) trainable parameters."""
+    if recipe.lora.init_from:
+        from finetune.lora_formats import add_lora_from_file
+
+        add_lora_from_file(transformer, recipe.lora, recipe.lora_targets, recipe.family_cls().comfyui_key_map())
+    else:
+        transformer.add_adapter(PeftLoraConfig(
+            r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora_targets, init_lora_weights=True,
+        ))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         # Trainable weights in fp32 even when the frozen base is bf16: updates this small vanish in bf16.
@@ -398,7 +404,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                        tiny=spec.tiny, tiny_seed=spec.tiny_seed, trigger=recipe.data.trigger, steps=o.steps,
                        weight_name=adapters[experts[0].attr], recipe=recipe.model_dump(mode="json"),
                        task=spec.task, adapters=adapters)
-        save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info)
+        save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info,
+                      comfyui_key_maps={e.attr: family_cls.comfyui_key_map(e.attr) for e in experts})
     accelerator.end_training()
     for e, t in zip(experts, transformers):
         setattr(family.components, e.attr, accelerator.unwrap_model(t))

@@ -61,7 +61,7 @@ def test_accelerate_launch_then_infer(family, manifest, tmp_path):
     res = run([*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", *tiny_args(family, manifest, out, "optim.steps=12", "checkpoint.every=5")])
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("pytorch_lora_weights.safetensors", "video_lora.json", "recipe.yaml"):
+    for name in ("pytorch_lora_weights.safetensors", "comfyui_lora.safetensors", "video_lora.json", "recipe.yaml"):
         assert (out / name).is_file(), name
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard events"

@@ -30,6 +30,7 @@ from finetune.families._tiny import (
     tiny_t5_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, ModelSpec, Noised
+from finetune.lora_formats import KeyMap
 
 # Flow-sigma UniPC as in the Wan diffusers repos' scheduler configs; flow_shift is per model.
 SCHEDULER_CONFIG = dict(
@@ -42,6 +43,30 @@ SCHEDULER_CONFIG = dict(
     lower_order_final=True,
     final_sigmas_type="zero",
 )
+
+
+# diffusers module name -> name in the original Wan checkpoint (wan/modules/model.py), which
+# ComfyUI's WanModel and musubi-tuner use; the inverse of diffusers' convert_wan_transformer_to_diffusers
+# and _convert_non_diffusers_wan_lora_to_diffusers. The same layout for every Wan transformer (2.1,
+# each 2.2 A14B expert, 2.2 TI2V-5B); k_img/v_img and img_emb exist in Wan 2.1 I2V only.
+_ATTN = (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"))
+KEY_MAP = KeyMap((
+    *((f"blocks.{{i}}.attn1.{d}", f"blocks.{{i}}.self_attn.{o}") for d, o in _ATTN),
+    *((f"blocks.{{i}}.attn2.{d}", f"blocks.{{i}}.cross_attn.{o}") for d, o in _ATTN),
+    ("blocks.{i}.attn2.add_k_proj", "blocks.{i}.cross_attn.k_img"),
+    ("blocks.{i}.attn2.add_v_proj", "blocks.{i}.cross_attn.v_img"),
+    ("blocks.{i}.ffn.net.0.proj", "blocks.{i}.ffn.0"),
+    ("blocks.{i}.ffn.net.2", "blocks.{i}.ffn.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("patch_embedding", "patch_embedding"),
+    ("proj_out", "head.head"),
+))
 
 
 def to_pil(frame: torch.Tensor) -> Image.Image:
@@ -255,6 +280,13 @@ class WanBase(Family):
         """Prompts padded to the length training used (the pipelines' own default is 512), and
         the first frame for i2v."""
         return {"max_sequence_length": self.text_len, **super().pipeline_call_kwargs(fps, image)}
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original Wan names (``blocks.{i}.self_attn.q``, ``head.head``, ...); every Wan
+        transformer (both experts of a two-expert model) has this layout."""
+        return KEY_MAP
 
     # --- checks ---
     def _check_compression(self) -> None:

@@ -26,9 +26,12 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from finetune.lora_formats import KeyMap
 
 
 @dataclass(frozen=True)
@@ -370,3 +373,16 @@ class Family(ABC):
         m = (max_shift - base_shift) / (max_seq - base_seq)
         mu = seq_len * m + (base_shift - m * base_seq)
         return math.exp(mu)
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> "KeyMap":
+        """Renames between the diffusers module names of ``transformer_name`` (``transformer``, or
+        ``transformer_2`` for a second expert) and the names of the original checkpoint, which
+        ComfyUI's model and kohya/musubi LoRAs use (``blocks.{i}.attn1.to_q`` <->
+        ``blocks.{i}.self_attn.q``). Read them from the original model code and from diffusers'
+        single-file and LoRA converters, which map them the other way. Must cover every module
+        peft can adapt in the model, one to one (tests/test_lora_formats.py checks the tiny build).
+        Raises NotImplementedError until a family provides it."""
+        raise NotImplementedError(f"{cls.name}: no ComfyUI key map; implement {cls.__name__}.comfyui_key_map "
+                                  f"(see finetune/lora_formats.py and the wan family)")

@@ -25,6 +25,7 @@ from finetune.families._tiny import (
     tiny_t5_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
+from finetune.lora_formats import KeyMap
 
 # Mirrors scheduler/scheduler_config.json of Lightricks/LTX-Video: flow-matching Euler whose
 # shift grows with the latent token count (1024 -> 0.95, 4096 -> 2.05, exponential).
@@ -38,6 +39,23 @@ _SCHEDULER_CONFIG = dict(
     max_image_seq_len=4096,
     shift_terminal=0.1,
 )
+
+# diffusers module name -> name in the original LTX-Video checkpoint (ltx_video/models/transformers,
+# also ComfyUI's LTXV model): the blocks keep their names; the inverse of diffusers'
+# convert_ltx_transformer_checkpoint_to_diffusers renames the rest (patchify_proj, adaln_single).
+_KEY_MAP = KeyMap((
+    *((f"transformer_blocks.{{i}}.{a}.{p}", f"transformer_blocks.{{i}}.{a}.{p}")
+      for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    ("transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.0.proj"),
+    ("transformer_blocks.{i}.ff.net.2", "transformer_blocks.{i}.ff.net.2"),
+    ("proj_in", "patchify_proj"),
+    ("time_embed.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_1"),
+    ("time_embed.emb.timestep_embedder.linear_2", "adaln_single.emb.timestep_embedder.linear_2"),
+    ("time_embed.linear", "adaln_single.linear"),
+    ("caption_projection.linear_1", "caption_projection.linear_1"),
+    ("caption_projection.linear_2", "caption_projection.linear_2"),
+    ("proj_out", "proj_out"),
+))
 
 
 @register
@@ -243,3 +261,9 @@ class LTXFamily(Family):
                 f"family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use an LTX-Video "
                 f"0.9.x checkpoint such as {self.default_model_id}"
             )
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original LTX-Video names (``patchify_proj``, ``adaln_single.*``; blocks as in diffusers)."""
+        return _KEY_MAP
