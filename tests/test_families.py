@@ -450,3 +450,26 @@ def test_quantization_without_cuda_names_the_fix(name):
     cls = get_family(name)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU.*quantization=none"):
         cls.load_pretrained(ModelSpec(pretrained=cls.default_model_id, quantization="nf4"))
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if not c.endswith(":t2v")])
+def test_clean_conditioning_frames_are_left_out_of_the_loss(name):
+    """Where a family gives the first latent frame(s) clean (Wan 2.2 TI2V-5B, ...), the loss
+    ignores them: a prediction wrong only there costs nothing, wrong anywhere else costs."""
+    from finetune.trainer import masked_mse
+
+    fam = load(name)
+    latents, cond = encoded(fam, random_videos(family_of(name), batch=1))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    noised = fam.noisy_input_and_target(latents, noise, torch.tensor([0.7]), cond)
+    if noised.loss_mask is None:
+        pytest.skip(f"{name} noises every frame (its image conditions through extra channels)")
+    mask = noised.loss_mask.expand_as(latents)
+    assert (mask == 0).any() and (mask == 1).any()
+    # the left-out positions are the clean ones: the input there does not depend on the noise
+    again = fam.noisy_input_and_target(latents, noise * 2, torch.tensor([0.7]), cond)
+    assert torch.equal(noised.noisy[mask == 0], again.noisy[mask == 0])
+    wrong_there = torch.where(mask == 0, noised.target + 5.0, noised.target)
+    assert masked_mse(wrong_there, noised.target, noised.loss_mask) == 0
+    wrong_elsewhere = torch.where(mask == 1, noised.target + 5.0, noised.target)
+    assert masked_mse(wrong_elsewhere, noised.target, noised.loss_mask) > 1
