@@ -236,6 +236,15 @@ class LTXFamily(Family):
         vae = self.components.vae
         if vae is None:
             return
+        # 0.9.5+ checkpoints (0.9.5 2B, the 13B ones) load into these classes too, but condition
+        # differently (causal positions, per-token timesteps, LTXConditionPipeline); their VAE is
+        # the one diffusers builds from LTXVideo095DownBlock3D blocks.
+        if tuple(vae.config.down_block_types)[-1] == "LTXVideo095DownBlock3D":
+            raise ValueError(
+                f"ltx: {self.spec.display_id} is an LTX-Video 0.9.5 or later checkpoint (its VAE has "
+                f"LTXVideo095DownBlock3D blocks); the ltx family covers 0.9.0/0.9.1 only. Use model.family=ltxv095 "
+                f"for it, or an 0.9.0/0.9.1 checkpoint such as {self.default_model_id} with ltx"
+            )
         found = (vae.spatial_compression_ratio * self._patch, vae.temporal_compression_ratio * self._patch_t)
         if found != (self.spatial_factor, self.frame_rule.temporal_factor):
             raise ValueError(
