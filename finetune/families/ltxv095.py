@@ -196,14 +196,14 @@ class LTXV095Family(Family):
         firsts = []
         for i in range(videos.shape[0]):
             image = videos[i:i + 1, :, :1].to(vae.device, vae.dtype)  # [1, 3, 1, H, W]
-            packed, mask, _, _ = pipe.prepare_latents(
+            packed, _, _, _ = pipe.prepare_latents(
                 [image], [1.0], [0], batch_size=1, num_channels_latents=channels, height=videos.shape[-2],
                 width=videos.shape[-1], num_frames=videos.shape[2], generator=torch.Generator().manual_seed(0),
                 device=vae.device, dtype=torch.float32,
             )
             unpacked = Pipeline._unpack_latents(packed, frames, h, w, self._patch, self._patch_t)
             firsts.append(unpacked[:, :, :1])
-        return {"first_latent": torch.cat(firsts)}
+        return {"first_latent": torch.cat(firsts).to(latents.dtype)}
 
     # --- training ---
     def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
