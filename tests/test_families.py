@@ -141,8 +141,11 @@ def test_encode_and_predict_shapes_follow_the_family_rules(name):
     assert f == (FRAMES - 1) // cls.frame_rule.temporal_factor + 1
     vae_factor = videos.shape[-1] // w
     assert videos.shape[-2] == h * vae_factor and cls.spatial_factor % vae_factor == 0
+    vae = fam.components.vae
+    # timestep-conditioned decoders (LTX-Video 0.9.1+) need the decode timestep
+    extra = {"temb": torch.zeros(b)} if getattr(vae.config, "timestep_conditioning", False) else {}
     with torch.no_grad():  # the latent grid is the VAE's: decoding gives the clip's shape back
-        assert fam.components.vae.decode(latents).sample.shape == videos.shape
+        assert vae.decode(latents, **extra).sample.shape == videos.shape
 
     text = fam.encode_prompts([PROMPT, "b"])
     assert "prompt_embeds" in text and text["prompt_embeds"].ndim == 3

@@ -17,6 +17,7 @@ import transformers
 
 from finetune.families import register
 from finetune.families._loading import bnb_quantization_config
+from finetune.families._ltx import LTX_KEY_MAP
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -25,7 +26,6 @@ from finetune.families._tiny import (
     tiny_t5_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
-from finetune.lora_formats import KeyMap
 
 # Mirrors scheduler/scheduler_config.json of Lightricks/LTX-Video: flow-matching Euler whose
 # shift grows with the latent token count (1024 -> 0.95, 4096 -> 2.05, exponential).
@@ -39,24 +39,6 @@ _SCHEDULER_CONFIG = dict(
     max_image_seq_len=4096,
     shift_terminal=0.1,
 )
-
-# diffusers module name -> name in the original LTX-Video checkpoint (ltx_video/models/transformers,
-# also ComfyUI's LTXV model): the blocks keep their names; the inverse of diffusers'
-# convert_ltx_transformer_checkpoint_to_diffusers renames the rest (patchify_proj, adaln_single).
-_KEY_MAP = KeyMap((
-    *((f"transformer_blocks.{{i}}.{a}.{p}", f"transformer_blocks.{{i}}.{a}.{p}")
-      for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
-    ("transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.0.proj"),
-    ("transformer_blocks.{i}.ff.net.2", "transformer_blocks.{i}.ff.net.2"),
-    ("proj_in", "patchify_proj"),
-    ("time_embed.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_1"),
-    ("time_embed.emb.timestep_embedder.linear_2", "adaln_single.emb.timestep_embedder.linear_2"),
-    ("time_embed.linear", "adaln_single.linear"),
-    ("caption_projection.linear_1", "caption_projection.linear_1"),
-    ("caption_projection.linear_2", "caption_projection.linear_2"),
-    ("proj_out", "proj_out"),
-))
-
 
 @register
 class LTXFamily(Family):
@@ -254,6 +236,15 @@ class LTXFamily(Family):
         vae = self.components.vae
         if vae is None:
             return
+        # 0.9.5+ checkpoints (0.9.5 2B, the 13B ones) load into these classes too, but condition
+        # differently (causal positions, per-token timesteps, LTXConditionPipeline); their VAE is
+        # the one diffusers builds from LTXVideo095DownBlock3D blocks.
+        if tuple(vae.config.down_block_types)[-1] == "LTXVideo095DownBlock3D":
+            raise ValueError(
+                f"ltx: {self.spec.display_id} is an LTX-Video 0.9.5 or later checkpoint (its VAE has "
+                f"LTXVideo095DownBlock3D blocks); the ltx family covers 0.9.0/0.9.1 only. Use model.family=ltxv095 "
+                f"for it, or an 0.9.0/0.9.1 checkpoint such as {self.default_model_id} with ltx"
+            )
         found = (vae.spatial_compression_ratio * self._patch, vae.temporal_compression_ratio * self._patch_t)
         if found != (self.spatial_factor, self.frame_rule.temporal_factor):
             raise ValueError(
@@ -264,6 +255,6 @@ class LTXFamily(Family):
 
     # --- LoRA interchange ---
     @classmethod
-    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+    def comfyui_key_map(cls, transformer_name: str = "transformer"):
         """Original LTX-Video names (``patchify_proj``, ``adaln_single.*``; blocks as in diffusers)."""
-        return _KEY_MAP
+        return LTX_KEY_MAP
