@@ -33,10 +33,12 @@ def test_predict_matches_the_pipeline_call():
     # t2v: zero conditioning latents and mask, zero image tokens (masked out by the transformer)
     assert not kwargs["hidden_states"][:, latent:].any() and not kwargs["image_embeds"].any()
     text = fam.encode_prompts([PROMPT])
-    for ours, theirs in [("prompt_embeds", "encoder_hidden_states"), ("prompt_embeds_mask", "encoder_attention_mask"),
-                         ("prompt_embeds_2", "encoder_hidden_states_2"), ("prompt_embeds_mask_2", "encoder_attention_mask_2")]:
+    pairs = [("prompt_embeds", "encoder_hidden_states"), ("prompt_embeds_mask", "encoder_attention_mask"),
+             ("prompt_embeds_2", "encoder_hidden_states_2"), ("prompt_embeds_mask_2", "encoder_attention_mask_2")]
+    for ours, theirs in pairs:
         torch.testing.assert_close(text[ours], kwargs[theirs], atol=0, rtol=0, msg=ours)
-    pred = fam.predict(fam.components.transformer, kwargs["hidden_states"][:, :latent], kwargs["timestep"], text, fps=24)
+    noisy = kwargs["hidden_states"][:, :latent]
+    pred = fam.predict(fam.components.transformer, noisy, kwargs["timestep"], text, fps=24)
     torch.testing.assert_close(pred, out, atol=1e-6, rtol=0)
 
 
@@ -69,8 +71,7 @@ def test_timesteps_are_the_official_lognorm_with_training_shift_3():
     assert fam.components.scheduler.config.shift == 5.0
     u = torch.tensor([0.01, 0.2, 0.5, 0.8, 0.99])
     z = torch.distributions.Normal(0.0, 1.0).icdf(u.double())
-    t = (1.0 / (1.0 + torch.exp(-z)) * (1 - 2e-5) + 1e-5) * 1000  # TimestepSampler.sample, lognorm
-    t = t / 1000
+    t = 1.0 / (1.0 + torch.exp(-z)) * (1 - 2e-5) + 1e-5  # TimestepSampler.sample, lognorm (before * T)
     official = 3.0 * t / (1 + 2.0 * t)  # timestep_transform(shift=3)
     got = fam.training_sigmas(u, (1, 32, 31, 30, 53))
     torch.testing.assert_close(got, official.float(), atol=1e-6, rtol=0)
@@ -122,20 +123,22 @@ def test_pipelines_take_the_common_call_arguments(tmp_path):
     scale = pipe.guider.guidance_scale
     size = 2 * get_family(NAME).spatial_factor
     pipe.set_progress_bar_config(disable=True)
-    frames = pipe(prompt=PROMPT, image=cond_image(get_family(NAME)), num_frames=FRAMES, height=size, width=2 * size,
-                  num_inference_steps=1, guidance_scale=1.0, max_sequence_length=fam.text_len, output_type="pt").frames
+    frames = pipe(prompt=PROMPT, image=cond_image(get_family(NAME)), num_frames=FRAMES, height=size,
+                  width=2 * size, num_inference_steps=1, guidance_scale=1.0, max_sequence_length=fam.text_len,
+                  output_type="pt").frames
     assert frames.shape[-2:] == (size, 2 * size)
     assert pipe.guider.guidance_scale == scale
     pipe.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "HunyuanVideo15ImageToVideoPipeline"
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "HunyuanVideo15ImageToVideoPipeline"
 
 
 def test_wrong_checkpoint_is_named():
     cls = get_family(NAME)
     spec = ModelSpec(pretrained="some/other-model", tiny=True)
     components = cls.build_tiny()
-    components.vae.spatial_compression_ratio = 8  # e.g. an 8x VAE (HunyuanVideo 1.0, Wan 2.1)
-    with pytest.raises(ValueError, match=r"hunyuanvideo15: .* compresses 8x in space.*HunyuanVideo-1.5-Diffusers-480p_t2v"):
+    components.vae.spatial_compression_ratio = 8  # a checkpoint whose VAE x patch compresses 8x
+    with pytest.raises(ValueError, match=r"hunyuanvideo15: .* 8x in space.*HunyuanVideo-1.5-Diffusers-480p_t2v"):
         cls(components, spec)
     components = cls.build_tiny()
     components.transformer.register_to_config(in_channels=16)

@@ -237,9 +237,10 @@ class HunyuanVideo15Family(Family):
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
         tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
         config = transformers.Qwen2_5_VLTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         )
         helper = inspect.signature(diffusers.HunyuanVideo15Pipeline._get_mllm_prompt_embeds)
         system = helper.parameters["system_message"].default
@@ -363,7 +364,8 @@ class HunyuanVideo15Family(Family):
         hidden = torch.cat([noisy_latents, condition.to(noisy_latents)], dim=1).to(dtype)
         return transformer(
             hidden_states=hidden, image_embeds=image.to(dtype), timestep=timesteps.to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype), encoder_attention_mask=cond["prompt_embeds_mask"].to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            encoder_attention_mask=cond["prompt_embeds_mask"].to(dtype),
             encoder_hidden_states_2=cond["prompt_embeds_2"].to(dtype),
             encoder_attention_mask_2=cond["prompt_embeds_mask_2"].to(dtype), return_dict=False,
         )[0]
