@@ -82,7 +82,9 @@ class ModelSpec:
 class Components:
     """The loaded modules of one base model. Encoders may be ``None`` once released.
     ``transformer_2`` is the second expert of two-expert models; ``image_encoder`` and
-    ``image_processor`` the image conditioning of i2v models that take image embeddings."""
+    ``image_processor`` the image conditioning of i2v models that take image embeddings;
+    ``text_encoder_2`` and ``tokenizer_2`` the second text encoder of models that have two
+    (HunyuanVideo-1.5's byT5 glyph encoder)."""
 
     transformer: torch.nn.Module | None
     vae: torch.nn.Module | None
@@ -93,9 +95,11 @@ class Components:
     transformer_2: torch.nn.Module | None = None
     image_encoder: torch.nn.Module | None = None
     image_processor: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
 
     # modules an encoder release drops, in the order encoders_id hashes them
-    ENCODERS = ("vae", "text_encoder", "image_encoder")
+    ENCODERS = ("vae", "text_encoder", "image_encoder", "text_encoder_2")
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every loaded torch module by attribute name (released ones left out)."""
@@ -250,7 +254,7 @@ class Family(ABC):
         return f"{self.spec.display_id}:{h.hexdigest()[:16]}"
 
     def release_encoders(self) -> None:
-        """Drop the text encoder, VAE and image encoder so their memory is free for training."""
+        """Drop the text encoders, VAE and image encoder so their memory is free for training."""
         for name in Components.ENCODERS:
             setattr(self.components, name, None)
 
