@@ -77,9 +77,10 @@ class CogVideoXBase(Family):
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)
         # Read once, unwrapped: predict() may get the transformer wrapped by DDP/PEFT.
-        config = components.transformer.config
+        config, vae = components.transformer.config, components.vae
         self._patch, self._patch_t = int(config.patch_size), config.patch_size_t
-        self._vae_spatial = self.spatial_factor // self._patch
+        # the VAE's spatial factor as the pipelines compute it
+        self._vae_spatial = 2 ** (len(vae.config.block_out_channels) - 1) if vae else self.spatial_factor // self._patch
         self._check_checkpoint()
 
     # --- loading ---
@@ -306,12 +307,9 @@ class CogVideoXBase(Family):
     def _check_checkpoint(self) -> None:
         """The class-level rules must match the loaded checkpoint: 8x VAE x patch 2 in space, 4x in
         time, and this generation's temporal patch (1.0 has none, 1.5 has 2)."""
-        c = self.components
-        spatial = self._vae_spatial * self._patch
-        temporal = c.vae.config.temporal_compression_ratio if c.vae is not None else self.frame_rule.temporal_factor
-        if c.vae is not None:
-            spatial = 2 ** (len(c.vae.config.block_out_channels) - 1) * self._patch
-        found = (spatial, int(temporal), self._patch_t)
+        vae = self.components.vae
+        temporal = vae.config.temporal_compression_ratio if vae is not None else self.frame_rule.temporal_factor
+        found = (self._vae_spatial * self._patch, int(temporal), self._patch_t)
         want = (self.spatial_factor, self.frame_rule.temporal_factor, self.patch_size_t)
         if found != want:
             other, other_id = self.other_generation

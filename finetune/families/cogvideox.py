@@ -17,7 +17,7 @@ import diffusers
 
 from finetune.families import register
 from finetune.families._cogvideox import SCHEDULER_CONFIG, CogVideoXBase
-from finetune.families.base import Components
+from finetune.families.base import TEXT_LEN_KEY, Components
 
 
 @register
@@ -37,7 +37,7 @@ class CogVideoXFamily(CogVideoXBase):
         with the real compression and calibrated scaling factor, 1-layer T5 with d_model 32,
         character tokenizer, CogVideoXDDIMScheduler with the repos' config."""
         tokenizer, text_encoder, extra = cls.tiny_text()
-        text_len = extra["max_sequence_length"]
+        text_len = extra[TEXT_LEN_KEY]
         vae = cls.tiny_vae(size=32)
         # sample_* as the real configs: latent grid (here 32 px / 8) and 49 -> 9 frames
         sample = dict(sample_height=4, sample_width=4, sample_frames=9)

@@ -16,7 +16,7 @@ import diffusers
 
 from finetune.families import register
 from finetune.families._cogvideox import SCHEDULER_CONFIG, CogVideoXBase
-from finetune.families.base import Components
+from finetune.families.base import TEXT_LEN_KEY, Components
 
 
 @register
@@ -36,7 +36,7 @@ class CogVideoX15Family(CogVideoXBase):
         1.5 I2V repo), 1-layer T5 with d_model 32, character tokenizer, CogVideoXDDIMScheduler
         with the repos' config (SNR shift 1)."""
         tokenizer, text_encoder, extra = cls.tiny_text()
-        text_len = extra["max_sequence_length"]
+        text_len = extra[TEXT_LEN_KEY]
         i2v = task == "i2v"
         vae = cls.tiny_vae(size=32, invert_scale_latents=i2v)
         # The rotary slice grid is sized by sample_height/width (1.5: 96x170 latents); keep it
