@@ -26,6 +26,9 @@ also sees, concatenated on the channel axis, the VAE latents of the first frame 
 zeros (``cond["image_latents"]`` [B, 16, f', h, w], in_channels 32). CogVideoX 1.5 adds an
 ``ofs`` embedding (2.0, as the pipeline passes it) and, having 2-frame temporal patches, pads an
 odd latent frame count by one frame in front, which the pipeline discards after denoising.
+
+Frames: 4k+1, the VAE's rule; the pipelines take any such count (1.5 padding as above). The
+official fine-tuning asks for 8N+1 (49, 81), which the shipped recipes use.
 """
 
 from __future__ import annotations
@@ -221,8 +224,10 @@ class CogVideoXBase(Family):
         latents, noise: [B, C, f, h, w]; sigmas: [B]."""
         scheduler = self.components.scheduler
         t = self.ddpm_timesteps(sigmas).to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        target = scheduler.get_velocity(latents, noise, t)
+        # In fp32 (the schedulers cast abar to the sample dtype): bf16 latents would round sqrt(abar).
+        x0, eps = latents.float(), noise.float()
+        noisy = scheduler.add_noise(x0, eps, t).to(latents.dtype)
+        target = scheduler.get_velocity(x0, eps, t).to(latents.dtype)
         return Noised(noisy, target, t)
 
     def rotary_embeddings(self, frames: int, height: int, width: int, device: torch.device) -> Any:
