@@ -19,7 +19,9 @@ from finetune.families.longcat_model import (
     frame_timesteps,
     official_module_for,
     official_module_targets,
+    official_lora_to_peft,
     official_to_diffusers_state_dict,
+    peft_lora_to_official,
     save_official,
 )
 
@@ -360,6 +362,51 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
     assert all(g.abs().max() > 0 for n, g in plain.items() if "lora_A" in n)
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+def merge_official_lora(official: dict, lora: dict, multiplier: float = 1.0) -> dict:
+    """W + multiplier * alpha_scale * up @ down per LoRA'd official Linear, with the n parallel
+    up blocks of a fused Linear acting as one block-diagonal matrix (as the official network)."""
+    merged = dict(official)
+    for key, down in lora.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        ups = [v for k, v in sorted(lora.items()) if k.startswith(f"{name}.lora_up.")]
+        module = name.removeprefix("lora___lorahyphen___").replace("___lorahyphen___", ".")
+        delta = torch.block_diag(*ups) @ down * lora[f"{name}.alpha_scale"] * multiplier
+        merged[f"{module}.weight"] = merged[f"{module}.weight"] + delta
+    return merged
+
+
+def test_lora_exports_to_the_official_format_and_back():
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    inp = inputs()
+    base = tiny_model()
+    adapted = add_lora(tiny_model())  # r = 4, alpha = 4
+    with torch.no_grad():
+        want = adapted(**inp).sample
+    lora = peft_lora_to_official(get_peft_model_state_dict(adapted), scale=1.0)
+    names = {k.split(".lora_")[0].split(".alpha")[0] for k in lora}
+    assert "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv" in names
+    assert lora["lora___lorahyphen___blocks___lorahyphen___1___lorahyphen___attn___lorahyphen___qkv"
+                ".lora_down.weight"].shape == (3 * 4, 32)
+    assert len(names) == 2 * 8  # per block: qkv, proj, q_linear, kv_linear, proj, w1, w2, w3
+
+    # the official format applied the official way, on official weights, reproduces the adapter
+    merged = merge_official_lora(base.to_official_state_dict(), lora)
+    base.load_state_dict(official_to_diffusers_state_dict(merged))
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inp).sample, want, atol=1e-5, rtol=1e-5)
+
+    # and it loads back into a peft adapter (alpha_scale folded into lora_B, lora_alpha = r)
+    again = tiny_model()
+    again.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(LONGCAT_LORA_TARGETS)))
+    result = set_peft_model_state_dict(again, official_lora_to_peft(lora))
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inp).sample, want, atol=1e-6, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -551,11 +551,11 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
             model = cls.from_config(config)
         state = {}
         for shard in _official_weight_files(folder):
-            state.update(official_to_diffusers_state_dict(_load_safetensors(shard)))
+            for key, tensor in official_to_diffusers_state_dict(_load_safetensors(shard)).items():
+                # Cast shard by shard: never two full copies of a 13.6B model in memory.
+                state[key] = tensor if torch_dtype is None else tensor.to(torch_dtype)
         _check_shapes(model, state)
         model.load_state_dict(state, strict=True, assign=True)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
         return model.eval()
 
     def to_official_state_dict(self) -> dict[str, torch.Tensor]:
@@ -756,3 +756,84 @@ def official_keys(state_keys: Iterable[str]) -> list[str]:
         if found is not None:
             names.add(f"{found[0]}.{param}")
     return sorted(names)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA in the official format (longcat_video/modules/lora_utils.py)
+# --------------------------------------------------------------------------------------------
+# Official LoRA files name a module "lora" + SEP + path with "." -> SEP, and hold
+# "<name>.lora_down.weight" [n*r, in], "<name>.lora_up.weight" [out, r] (or, for a fused
+# Linear split into n parts, "<name>.lora_up.blocks.{j}.weight" [out/n, r] paired with down rows
+# j*r..(j+1)*r) and "<name>.alpha_scale" (scalar); the update is up(down(x)) * alpha_scale.
+# A peft LoRA on our to_q/to_k/to_v is therefore exactly an n=3 LoRA on the official qkv.
+OFFICIAL_LORA_SEP = "___lorahyphen___"
+_PEFT_PREFIX = "transformer."
+
+
+def official_lora_name(official_module: str) -> str:
+    """``blocks.0.attn.qkv`` -> ``lora___lorahyphen___blocks___lorahyphen___0___...qkv``."""
+    return "lora" + OFFICIAL_LORA_SEP + official_module.replace(".", OFFICIAL_LORA_SEP)
+
+
+def peft_lora_to_official(state: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft adapter state dict (``<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r],
+    optionally prefixed ``transformer.``) with LoRA scale ``scale`` (lora_alpha / r) -> the
+    official LoRA format. Parts of a fused module the adapter does not cover get zero factors.
+    Raises KeyError for a module with no official name, ValueError for unequal ranks in a fused
+    module."""
+    factors: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    count: dict[str, int] = {}
+    for key in state:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        found = official_module_for(module.removeprefix(_PEFT_PREFIX))
+        if found is None:
+            raise KeyError(f"longcat: LoRA module {module!r} has no official name")
+        official, part, parts = found
+        factors.setdefault(official, {})[part] = (state[key], state[f"{module}.lora_B.weight"])
+        count[official] = parts
+    out: dict[str, torch.Tensor] = {}
+    for official, given in factors.items():
+        ranks = {a.shape[0] for a, _ in given.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"longcat: LoRA parts of {official} have ranks {sorted(ranks)}; the official format "
+                             "needs one rank per fused module")
+        a0, b0 = next(iter(given.values()))
+        downs, ups = [], []
+        for j in range(count[official]):
+            a, b = given.get(j, (torch.zeros_like(a0), torch.zeros_like(b0)))
+            downs.append(a)
+            ups.append(b)
+        name = official_lora_name(official)
+        out[f"{name}.lora_down.weight"] = torch.cat(downs, dim=0)
+        if len(ups) == 1:
+            out[f"{name}.lora_up.weight"] = ups[0]
+        else:
+            out.update({f"{name}.lora_up.blocks.{j}.weight": b for j, b in enumerate(ups)})
+        out[f"{name}.alpha_scale"] = torch.tensor(float(scale))
+    return out
+
+
+def official_lora_to_peft(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official-format LoRA -> peft keys (``<module>.lora_A.weight`` / ``lora_B.weight``) with
+    ``alpha_scale`` folded into lora_B, so load it with lora_alpha == r (scale 1).
+    Raises KeyError for a LoRA on a module this model does not have."""
+    out: dict[str, torch.Tensor] = {}
+    for key, down in state.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        official = name.removeprefix("lora" + OFFICIAL_LORA_SEP).replace(OFFICIAL_LORA_SEP, ".")
+        targets = official_module_targets(official)
+        if targets is None:
+            raise KeyError(f"longcat: official LoRA {name!r} targets {official!r}, not a transformer Linear")
+        scale = state[f"{name}.alpha_scale"].float().item() if f"{name}.alpha_scale" in state else 1.0
+        if len(targets) == 1:
+            ups = [state[f"{name}.lora_up.weight"]]
+        else:
+            ups = [state[f"{name}.lora_up.blocks.{j}.weight"] for j in range(len(targets))]
+        for target, a, b in zip(targets, down.chunk(len(targets), dim=0), ups):
+            out[f"{target}.lora_A.weight"] = a
+            out[f"{target}.lora_B.weight"] = b * scale
+    return out
