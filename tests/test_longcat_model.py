@@ -289,10 +289,13 @@ def test_official_loading_casts_dtype_and_reports_bad_checkpoints(tmp_path):
         LongCatVideoTransformer3DModel.from_official(tmp_path, subfolder="transformer")
 
 
-def test_diffusers_save_and_from_pretrained_round_trip(tmp_path):
+def test_official_checkpoint_converts_to_the_diffusers_layout(tmp_path):
+    """from_official then save_pretrained: the diffusers layout that from_pretrained (and its
+    bitsandbytes quantisation) reads."""
     model = tiny_model(**RELEASE_EXTRAS)
-    model.save_pretrained(tmp_path)
-    loaded = LongCatVideoTransformer3DModel.from_pretrained(tmp_path)
+    save_official(model, tmp_path / "official" / "dit")
+    LongCatVideoTransformer3DModel.from_official(tmp_path / "official").save_pretrained(tmp_path / "diffusers")
+    loaded = LongCatVideoTransformer3DModel.from_pretrained(tmp_path / "diffusers")
     inp = inputs()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inp).sample, model(**inp).sample, atol=0, rtol=0)
@@ -328,9 +331,8 @@ def test_lora_attaches_to_attention_and_ffn_only_and_changes_output():
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():
         torch.testing.assert_close(model(**inp).sample, base, atol=0, rtol=0)  # lora_B = 0 at init
-    add_lora_weights = dict(model.named_parameters())
     with torch.no_grad():
-        for n, p in add_lora_weights.items():
+        for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
         changed = model(**inp).sample

@@ -54,7 +54,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -566,9 +566,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
 # --------------------------------------------------------------------------------------------
 # key map: the one place that knows the official names
 # --------------------------------------------------------------------------------------------
-# Official module -> our module(s), with "{i}" for the block index. Several targets mean the
-# official Linear is fused: its weight and bias are our targets' stacked along the output dim,
-# in this order. Parameters are ".weight" / ".bias" of these modules.
+# Official module -> our module(s); _BLOCK_MAP names are relative to "blocks.<i>.". Several
+# targets mean the official Linear is fused: its weight and bias are our targets' stacked along
+# the output dim, in this order. Parameters are ".weight" / ".bias" of these modules.
 _TOP_LEVEL_MAP: dict[str, tuple[str, ...]] = {
     "x_embedder.proj": ("patch_embedding",),
     "t_embedder.mlp.0": ("time_embedder.linear_1",),
@@ -635,8 +635,11 @@ def official_to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[
         if targets is None or param not in ("weight", "bias"):
             unknown.append(key)
             continue
-        for target, part in zip(targets, tensor.chunk(len(targets), dim=0)):
-            out[f"{target}.{param}"] = part
+        parts = tensor.chunk(len(targets), dim=0)
+        for target, part in zip(targets, parts):
+            # Own storage per part, so each parameter can be saved, offloaded or freed on its own
+            # (safetensors' save_file rejects tensors sharing storage).
+            out[f"{target}.{param}"] = part.clone() if len(parts) > 1 else part
     if unknown:
         raise KeyError(f"longcat: {len(unknown)} checkpoint keys are not LongCat-Video transformer weights: "
                        f"{', '.join(unknown[:5])}")
@@ -745,17 +748,6 @@ def _shard(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
         shards[-1][key] = tensor
         size += nbytes
     return shards
-
-
-def official_keys(state_keys: Iterable[str]) -> list[str]:
-    """Official names of our parameter keys, each fused tensor once, sorted."""
-    names = set()
-    for key in state_keys:
-        module, param = _split_param(key)
-        found = official_module_for(module)
-        if found is not None:
-            names.add(f"{found[0]}.{param}")
-    return sorted(names)
 
 
 # --------------------------------------------------------------------------------------------
