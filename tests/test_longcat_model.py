@@ -259,6 +259,11 @@ def test_official_layout_round_trip(tmp_path, sharded):
     assert config["_class_name"] == "LongCatVideoTransformer3DModel" and config["enable_flashattn2"] is True
 
     loaded = LongCatVideoTransformer3DModel.from_official(tmp_path)  # <root>/dit, as the hub repo
+    # from_pretrained recognises the layout by its key names and takes the same path
+    also = LongCatVideoTransformer3DModel.from_pretrained(tmp_path, subfolder="dit")
+    assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), also.state_dict().values()))
+    with pytest.raises(ValueError, match="official layout, which loads without quantization_config"):
+        LongCatVideoTransformer3DModel.from_pretrained(tmp_path, subfolder="dit", quantization_config=object())
     assert arch_config(loaded) == arch_config(model)
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -271,8 +276,19 @@ def test_official_loading_casts_dtype_and_reports_bad_checkpoints(tmp_path):
     from safetensors.torch import save_file
 
     save_official(tiny_model(), tmp_path / "dit")
-    loaded = LongCatVideoTransformer3DModel.from_official(tmp_path, torch_dtype=torch.bfloat16)
-    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    fp32_layers = ("time_embedder.", ".modulation.", "out_modulation.", "proj_out.")
+    for load in (LongCatVideoTransformer3DModel.from_official, LongCatVideoTransformer3DModel.from_pretrained):
+        kwargs = {"subfolder": "dit"} if load == LongCatVideoTransformer3DModel.from_pretrained else {}
+        loaded = load(tmp_path, torch_dtype=torch.bfloat16, **kwargs)
+        dtypes = {n: p.dtype for n, p in loaded.named_parameters()}
+        assert {d for n, d in dtypes.items() if any(m in n for m in fp32_layers)} == {torch.float32}
+        assert {d for n, d in dtypes.items() if not any(m in n for m in fp32_layers)} == {torch.bfloat16}
+    with torch.no_grad():  # the bf16 model runs (fp32 layers and bf16 layers mixed)
+        assert torch.isfinite(loaded(**inputs()).sample).all()
+    diffusers_dir = tmp_path / "diffusers"
+    loaded.save_pretrained(diffusers_dir)
+    again = LongCatVideoTransformer3DModel.from_pretrained(diffusers_dir, torch_dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in again.named_parameters()} == dtypes
 
     weights = tmp_path / "dit" / "diffusion_pytorch_model.safetensors"
     official = tiny_model().to_official_state_dict()

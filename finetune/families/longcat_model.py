@@ -387,6 +387,9 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
     _no_split_modules = ["LongCatTransformerBlock"]
     _repeated_blocks = ["LongCatTransformerBlock"]
     # fp32-computed layers and norms keep full-precision weights under layerwise fp8 casting.
+    # Layers the official model computes in fp32 (weights upcast): kept in fp32 under a bf16
+    # torch_dtype, which is exact for a bf16 checkpoint, and never quantised by bitsandbytes.
+    _keep_in_fp32_modules = ["time_embedder", "modulation", "out_modulation", "proj_out"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "time_embedder", "text_embedder", "modulation", "norm",
                                         "proj_out"]
 
@@ -526,6 +529,25 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
 
     # --- official checkpoint layout ---
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LongCatVideoTransformer3DModel:
+        """diffusers' ``from_pretrained``, which also reads the official layout (the released
+        repo's ``dit/`` folder, whose keys are the official module names): that is detected from
+        the checkpoint's key names and loaded through :meth:`from_official`. Only ``subfolder``,
+        ``torch_dtype`` and ``revision`` apply to the official layout; anything else (a
+        quantization_config, say) raises ValueError there: convert once with
+        ``from_official(...).save_pretrained(dir)`` and load ``dir``."""
+        subfolder, revision = kwargs.get("subfolder"), kwargs.get("revision")
+        if not _is_official_layout(pretrained_model_name_or_path, subfolder, revision):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        extra = sorted(set(kwargs) - {"subfolder", "torch_dtype", "revision"})
+        if extra:
+            raise ValueError(f"longcat: {pretrained_model_name_or_path} is in the official layout, which loads "
+                             f"without {', '.join(extra)}; convert it once with "
+                             "LongCatVideoTransformer3DModel.from_official(...).save_pretrained(dir) and load dir")
+        return cls.from_official(pretrained_model_name_or_path, subfolder=subfolder,
+                                 torch_dtype=kwargs.get("torch_dtype"), revision=revision)
+
+    @classmethod
     def from_official(
         cls,
         path_or_repo: str | Path,
@@ -539,7 +561,8 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
 
         ``path_or_repo`` is a local folder or a hub repo id (``meituan-longcat/LongCat-Video``;
         only ``<subfolder>/*`` is downloaded). Weights keep their stored dtype unless
-        ``torch_dtype`` is given. The model is built on the meta device, so no random init.
+        ``torch_dtype`` is given (the fp32-computed layers then stay float32, as with
+        ``from_pretrained``). The model is built on the meta device, so no random init.
 
         Raises FileNotFoundError if the folder has no config or weights, KeyError if a key does
         not map (naming the first few), ValueError on a shape mismatch."""
@@ -553,10 +576,15 @@ class LongCatVideoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         for shard in _official_weight_files(folder):
             for key, tensor in official_to_diffusers_state_dict(_load_safetensors(shard)).items():
                 # Cast shard by shard: never two full copies of a 13.6B model in memory.
-                state[key] = tensor if torch_dtype is None else tensor.to(torch_dtype)
+                state[key] = tensor if torch_dtype is None else tensor.to(cls._load_dtype(key, torch_dtype))
         _check_shapes(model, state)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
+
+    @classmethod
+    def _load_dtype(cls, key: str, torch_dtype: torch.dtype) -> torch.dtype:
+        """torch_dtype, or float32 for the fp32-computed layers (as from_pretrained does)."""
+        return torch.float32 if set(key.split(".")) & set(cls._keep_in_fp32_modules) else torch_dtype
 
     def to_official_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the official names (fused qkv / kv_linear re-assembled)."""
@@ -690,6 +718,40 @@ def _resolve_official_folder(path_or_repo: str | Path, subfolder: str | None, re
         raise FileNotFoundError(f"longcat: no config.json in {folder} (expected the official layout "
                                 f"<root>/{subfolder or ''}/config.json + safetensors)")
     return folder
+
+
+# A key only the official layout has (ours is "patch_embedding.weight").
+_OFFICIAL_MARKER_KEY = "x_embedder.proj.weight"
+
+
+def _is_official_layout(path_or_repo: str | Path, subfolder: str | None, revision: str | None) -> bool:
+    """Whether the checkpoint names its weights the official way. Reads only the shard index or
+    safetensors headers (a local folder), or the shard index (a hub repo; the release is
+    sharded). False when there is nothing to read, so diffusers reports what is missing."""
+    local = Path(path_or_repo)
+    if local.is_dir():
+        folder = local / subfolder if subfolder else local
+        if not folder.is_dir():
+            return False
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:
+            return _OFFICIAL_MARKER_KEY in json.loads(indexes[0].read_text())["weight_map"]
+        from safetensors import safe_open
+
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                if _OFFICIAL_MARKER_KEY in f.keys():
+                    return True
+        return False
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        index = hf_hub_download(str(path_or_repo), "diffusion_pytorch_model.safetensors.index.json",
+                                subfolder=subfolder, revision=revision)
+    except EntryNotFoundError:
+        return False
+    return _OFFICIAL_MARKER_KEY in json.loads(Path(index).read_text())["weight_map"]
 
 
 def _official_weight_files(folder: Path) -> list[Path]:
