@@ -3,8 +3,14 @@ checkpoint layout.
 
 Written from the architecture of the official code (github.com/meituan-longcat/LongCat-Video,
 ``longcat_video/modules``); module names follow diffusers' Wan transformer so LoRA targets read
-the same across families. Nothing here downloads anything unless :meth:`from_official` is given
-a hub repo id.
+the same across families. Nothing here downloads anything unless ``from_pretrained`` /
+:meth:`from_official` is given a hub repo id.
+
+Loading: ``from_pretrained`` reads both our diffusers layout and the official one (the release's
+``dit/`` folder, detected by its key names, loaded via :meth:`from_official`); the key map
+(``_TOP_LEVEL_MAP`` / ``_BLOCK_MAP``) is the one place that knows official names, used both ways
+(:func:`official_to_diffusers_state_dict`, :func:`diffusers_to_official_state_dict`) and for
+LoRA files in the official format (:func:`peft_lora_to_official`, :func:`official_lora_to_peft`).
 
 Architecture (one stream of video tokens; text enters only through cross-attention):
 
@@ -45,6 +51,9 @@ Differences from the official model (all on purpose, none changes the dense math
   refinement forward here is the dense model the sparse kernel approximates.
 - the inference-only KV cache of clean frames and context parallel (``cp_split_hw``) are not
   implemented; the masked dense path here computes the same function.
+- the fp32-computed layers (timestep MLP, AdaLN modulations, output projection) keep float32
+  weights under a bf16 load (``_keep_in_fp32_modules``); the official model holds them in bf16
+  and upcasts, which is the same numbers for the bf16 release.
 - the official patch embedder pads H and W to a multiple of the patch; here such a size is an
   error (the studio's size rules never produce one).
 """

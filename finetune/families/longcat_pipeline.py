@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import diffusers
-import numpy as np
 import torch
 import transformers
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -195,7 +194,8 @@ class LongCatVideoPipeline(DiffusionPipeline):
             embeds, mask = torch.cat([neg_embeds, embeds]), torch.cat([neg_mask, mask])
         embeds = embeds.to(dtype)
 
-        sigmas = np.linspace(SIGMA_MAX, SIGMA_MIN, num_inference_steps)
+        # torch's float32 linspace, as the official pipeline builds it (numpy's differs in the last bit).
+        sigmas = torch.linspace(SIGMA_MAX, SIGMA_MIN, num_inference_steps).numpy()
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
 
         shape = (batch, self.transformer.config.in_channels, (num_frames - 1) // self.vae_scale_factor_temporal + 1,
