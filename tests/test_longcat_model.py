@@ -255,6 +255,15 @@ def test_official_layout_round_trip(tmp_path, sharded):
     files = sorted(p.name for p in (tmp_path / "dit").iterdir())
     if sharded:
         assert "diffusion_pytorch_model.safetensors.index.json" in files and len(files) > 3
+    from safetensors import safe_open
+
+    saved = []
+    for file in sorted((tmp_path / "dit").glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            saved += list(f.keys())
+    # the files hold exactly the official names: fused qkv / kv_linear, one entry each
+    assert sorted(saved) == sorted(model.to_official_state_dict())
+    assert "blocks.0.attn.qkv.weight" in saved and "blocks.0.attn1.to_q.weight" not in saved
     config = json.loads((tmp_path / "dit" / "config.json").read_text())
     assert config["_class_name"] == "LongCatVideoTransformer3DModel" and config["enable_flashattn2"] is True
 
