@@ -56,6 +56,12 @@ def first_frame(path: str | Path):
     return Image.fromarray(picked[0])
 
 
+def decoded_frame_count(path: str | Path, fps: float) -> int:
+    """How many frames ``path`` yields resampled to ``fps`` (decodes it once; what
+    ``read_clip(path, n, fps, ...)`` can read at most). Raises DataError if it cannot be opened."""
+    return len(_decode_resampled(Path(path), 10**9, fps))
+
+
 def _decode_resampled(path: Path, frames: int, fps: float) -> list[np.ndarray]:
     """RGB uint8 frames [H, W, 3] at times t0 + i/fps, i < frames (nearest decoded frame)."""
     try:
