@@ -26,7 +26,7 @@ from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import Clip, aspect_mismatches, load_manifest
 from finetune.errors import DataError, TrainingDiverged
-from finetune.export import RunInfo, adapter_file_name, save_adapters, write_text_atomic
+from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -386,6 +386,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                        weight_name=adapters[experts[0].attr], recipe=recipe.model_dump(mode="json"),
                        task=spec.task, adapters=adapters)
         save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info)
+        save_original_format(family, run_dir, info, recipe.lora.alpha / recipe.lora.rank)
     accelerator.end_training()
     for e, t in zip(experts, transformers):
         setattr(family.components, e.attr, accelerator.unwrap_model(t))

@@ -224,3 +224,29 @@ def test_render_inputs_are_checked_against_the_task(tmp_path):
     i2v = load("longcat:i2v")
     with pytest.raises(UserError, match="--video: .*model.task=i2v.*drop --video and pass --image PATH"):
         complete_args(RenderArgs(prompt="p", image="x.png", video="v.mp4"), i2v, info)
+
+
+def test_a_continuation_run_samples_from_clip_starts_and_exports_the_official_lora(clips, tmp_path):
+    """Validation samples of a continue run continue the first cond_frames of a training clip;
+    the run folder also holds the adapter in the official LoRA format, which maps back to it."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_recipe
+    from finetune import trainer
+    from finetune.families.longcat_model import official_lora_to_peft
+    from finetune.video import probe_frames
+
+    recipe = tiny_recipe("longcat:continue", clips, tmp_path / "run", "optim.steps=2", "checkpoint.every=0",
+                         "lora.alpha=16", "validation.prompts=[mystyle a square]", "validation.steps=2")
+    trainer.train(recipe)
+    run_dir = tmp_path / "run"
+    assert probe_frames(run_dir / "samples" / "step-00000002-0.mp4")[:3] == (9, 32, 32)
+    ours = load_file(str(run_dir / "pytorch_lora_weights.safetensors"))
+    official = load_file(str(run_dir / "pytorch_lora_weights_original.safetensors"))
+    assert any("attn___lorahyphen___qkv" in k for k in official)
+    assert all(k.startswith("lora___lorahyphen___blocks") for k in official)
+    back = official_lora_to_peft(official)
+    assert {f"transformer.{k}" for k in back} == set(ours)
+    for key, value in back.items():
+        scale = 2.0 if ".lora_B." in key else 1.0  # alpha 16 / rank 8, folded into lora_B
+        torch.testing.assert_close(value, ours[f"transformer.{key}"] * scale)

@@ -59,7 +59,12 @@ from finetune.families.base import (
     ModelSpec,
     Noised,
 )
-from finetune.families.longcat_model import LongCatVideoTransformer3DModel, _is_official_layout, frame_timesteps
+from finetune.families.longcat_model import (
+    LongCatVideoTransformer3DModel,
+    _is_official_layout,
+    frame_timesteps,
+    peft_lora_to_official,
+)
 from finetune.families.longcat_pipeline import LongCatVideoPipeline
 
 # The released scheduler: diffusers' flow-matching Euler with a static shift of 12.
@@ -289,6 +294,13 @@ class LongCatFamily(Family):
                                 f"last {self.cond_frames} (model.cond_frames): pass a longer video")
             out.update(video=list(video), num_cond_frames=self.cond_frames)
         return out
+
+    def original_lora(self, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        """The adapter in the official LoRA format (``longcat_video/modules/lora_utils.py``:
+        ``lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv
+        .lora_down.weight`` etc., fused qkv / kv_linear as one LoRA with per-part up blocks,
+        ``alpha_scale`` = ``scale``), which the original code and its ComfyUI ports load."""
+        return peft_lora_to_official(state, scale)
 
     # --- checks ---
     def _check_compression(self) -> None:
