@@ -250,3 +250,16 @@ def test_a_continuation_run_samples_from_clip_starts_and_exports_the_official_lo
     for key, value in back.items():
         scale = 2.0 if ".lora_B." in key else 1.0  # alpha 16 / rank 8, folded into lora_B
         torch.testing.assert_close(value, ours[f"transformer.{key}"] * scale)
+
+
+def test_bf16_load_keeps_the_vae_and_the_fp32_layers_in_float32(tmp_path):
+    load("longcat").pipeline().save_pretrained(tmp_path)
+    fam = CLS.load(ModelSpec(pretrained=str(tmp_path), dtype=torch.bfloat16))
+    c = fam.components
+    assert c.vae.dtype == torch.float32 and c.text_encoder.dtype == torch.bfloat16
+    assert c.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert c.transformer.proj_out.weight.dtype == torch.float32  # computed in fp32, as the official model
+    latents = fam.encode_videos(random_videos(CLS, batch=1))
+    with torch.no_grad():
+        pred = fam.predict(c.transformer, latents, torch.tensor([500.0]), fam.encode_prompts([PROMPT]), 15)
+    assert pred.shape == latents.shape and pred.dtype == torch.float32
