@@ -263,3 +263,22 @@ def test_bf16_load_keeps_the_vae_and_the_fp32_layers_in_float32(tmp_path):
     with torch.no_grad():
         pred = fam.predict(c.transformer, latents, torch.tensor([500.0]), fam.encode_prompts([PROMPT]), 15)
     assert pred.shape == latents.shape and pred.dtype == torch.float32
+
+
+def test_the_pipeline_loads_an_official_format_lora(tmp_path):
+    """The official LoRA format (what the original code and the released LoRAs use) loads
+    through the pipeline's load_lora_weights and renders what the diffusers file renders."""
+    from safetensors.torch import load_file, save_file
+
+    from test_families import add_loras, fake_training, save_adapter_files
+
+    fam = load("longcat")
+    add_loras(fam, rank=4, alpha=8)
+    fake_training(fam.components.transformer)
+    trained = run(fam, fam.pipeline())
+    ours = load_file(save_adapter_files(fam, tmp_path)["transformer"])
+    save_file(fam.original_lora(ours, scale=8 / 4), str(tmp_path / "official.safetensors"))
+    fresh = load("longcat")
+    pipe = fresh.pipeline()
+    pipe.load_lora_weights(str(tmp_path / "official.safetensors"), adapter_name="official")
+    torch.testing.assert_close(run(fresh, pipe), trained, atol=1e-5, rtol=0)

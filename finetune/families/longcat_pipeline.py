@@ -39,12 +39,18 @@ from typing import Any
 import diffusers
 import torch
 import transformers
+from diffusers.loaders import CogVideoXLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
-from finetune.families.longcat_model import LongCatVideoTransformer3DModel, frame_timesteps
+from finetune.families.longcat_model import (
+    OFFICIAL_LORA_SEP,
+    LongCatVideoTransformer3DModel,
+    frame_timesteps,
+    official_lora_to_peft,
+)
 
 # The official sigma grid before the scheduler's shift: 1 down to 0.001 (not to 0).
 SIGMA_MAX, SIGMA_MIN = 1.0, 0.001
@@ -77,7 +83,24 @@ def cfg_zero_star(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: floa
     return uncond * st + guidance_scale * (cond - uncond * st)
 
 
-class LongCatVideoPipeline(DiffusionPipeline):
+class LongCatVideoLoraLoaderMixin(CogVideoXLoraLoaderMixin):
+    """``load_lora_weights`` / ``fuse_lora`` / ``save_lora_weights`` for the transformer.
+    diffusers' CogVideoX mixin is transformer-only and model-agnostic (``transformer.``-prefixed
+    peft keys with their adapter metadata), which is the format our trainer writes; on top,
+    files in the official LongCat LoRA format (the released cfg-distill / refinement LoRAs, or
+    ``pytorch_lora_weights_original.safetensors``) are converted on load."""
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        out = super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        state, metadata = out if kwargs.get("return_lora_metadata") else (out, None)
+        if any(OFFICIAL_LORA_SEP in k for k in state):
+            # alpha_scale is folded into lora_B, so the adapter loads with alpha == rank
+            state, metadata = {f"transformer.{k}": v for k, v in official_lora_to_peft(state).items()}, None
+        return (state, metadata) if kwargs.get("return_lora_metadata") else state
+
+
+class LongCatVideoPipeline(DiffusionPipeline, LongCatVideoLoraLoaderMixin):
     """T2V (no image, no video), I2V (``image``) and continuation (``video``) for LongCat-Video."""
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
