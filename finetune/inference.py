@@ -160,7 +160,7 @@ def load_video(path: str | Path, fps: float, width: int, height: int) -> list:
     from PIL import Image
 
     from finetune.errors import DataError
-    from finetune.video import read_clip, decoded_frame_count
+    from finetune.video import decoded_frame_count, read_clip
 
     if not Path(path).is_file():
         raise UserError(f"--video {path}: file not found")
