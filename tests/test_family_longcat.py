@@ -228,7 +228,8 @@ def test_render_inputs_are_checked_against_the_task(tmp_path):
 
 def test_a_continuation_run_samples_from_clip_starts_and_exports_the_official_lora(clips, tmp_path):
     """Validation samples of a continue run continue the first cond_frames of a training clip;
-    the run folder also holds the adapter in the official LoRA format, which maps back to it."""
+    the run folder also holds the adapter in the official LoRA format, which maps back to it;
+    infer.py's machinery continues a video file with it unfused, merged and merged-then-reloaded."""
     from safetensors.torch import load_file
 
     from conftest import tiny_recipe
@@ -250,6 +251,24 @@ def test_a_continuation_run_samples_from_clip_starts_and_exports_the_official_lo
     for key, value in back.items():
         scale = 2.0 if ".lora_B." in key else 1.0  # alpha 16 / rank 8, folded into lora_B
         torch.testing.assert_close(value, ours[f"transformer.{key}"] * scale)
+
+    # infer.py's path: continue a video with the adapter unfused, merged, and merged-then-saved.
+    from finetune.inference import LoraRef, RenderArgs, apply_loras, complete_args, load_base, render
+
+    refs = [LoraRef(run_dir, 1.0)]
+    cpu = torch.device("cpu")
+    outputs = []
+    for merge in (False, True):
+        family, info = load_base(refs, None, cpu, torch.float32)
+        args = complete_args(RenderArgs(prompt="mystyle, a square", steps=2, guidance=1.0, seed=3,
+                                        video=clips.parent / "clip000.mp4"), family, info)
+        pipe = family.pipeline()
+        apply_loras(family, refs, merge=merge)
+        outputs.append(render(family, pipe, args))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
+    pipe.save_pretrained(str(tmp_path / "merged"))
+    merged = CLS.load(ModelSpec(pretrained=str(tmp_path / "merged"), task="continue", cond_frames=5))
+    torch.testing.assert_close(render(merged, merged.pipeline(), args), outputs[1], atol=1e-6, rtol=0)
 
 
 def test_bf16_load_keeps_the_vae_and_the_fp32_layers_in_float32(tmp_path):
