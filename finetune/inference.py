@@ -155,8 +155,8 @@ def load_image(path: str | Path, width: int, height: int):
 
 def load_video(path: str | Path, fps: float, width: int, height: int) -> list:
     """Every frame of the video at ``path``, resampled to ``fps``, resized to cover ``width`` x
-    ``height`` and centre-cropped, as RGB PIL images. Raises UserError if it is missing or
-    unreadable."""
+    ``height`` and centre-cropped, as RGB PIL images (all in memory: pass the part to continue,
+    not hours of footage). Raises UserError if it is missing or unreadable."""
     from PIL import Image
 
     from finetune.errors import DataError

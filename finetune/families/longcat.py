@@ -236,8 +236,10 @@ class LongCatFamily(Family):
     def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """i2v / continue: {"cond_latents": [B, 16, k, h, w]}, the clip's first 1 (i2v) or
         :attr:`cond_frames` (continue) pixel frames VAE-encoded on their own, as the official
-        pipeline encodes the image / the frames to continue. The Wan VAE is causal in time, so
-        these equal the first k latent frames of the clip. t2v: nothing."""
+        pipeline encodes the image / the frames to continue (it takes a posterior sample; here
+        the mode, as for the clip's latents, so the clean frames are exactly the clip's own). The
+        Wan VAE is causal in time, so these equal the first k latent frames of the clip.
+        t2v: nothing."""
         n = self.task_cond_frames(videos.shape[2])
         if not n:
             return {}
