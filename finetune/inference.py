@@ -157,19 +157,15 @@ def load_video(path: str | Path, fps: float, width: int, height: int) -> list:
     """Every frame of the video at ``path``, resampled to ``fps``, resized to cover ``width`` x
     ``height`` and centre-cropped, as RGB PIL images (all in memory: pass the part to continue,
     not hours of footage). Raises UserError if it is missing or unreadable."""
-    from PIL import Image
-
     from finetune.errors import DataError
-    from finetune.video import decoded_frame_count, read_clip
+    from finetune.video import decoded_frame_count, pil_frames, read_clip
 
     if not Path(path).is_file():
         raise UserError(f"--video {path}: file not found")
     try:
-        pixels = read_clip(path, decoded_frame_count(path, fps), fps, height, width)  # [3, F, H, W] in [-1, 1]
+        return pil_frames(read_clip(path, decoded_frame_count(path, fps), fps, height, width))
     except DataError as e:
         raise UserError(f"--video {e}") from None
-    frames = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
-    return [Image.fromarray(f) for f in frames]
 
 
 def render(family: Family, pipe, args: RenderArgs) -> torch.Tensor:

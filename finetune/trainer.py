@@ -431,17 +431,11 @@ def validation_inputs(recipe: Recipe, family: Family) -> list:
     ``family.cond_frames`` frames of each training clip, as lists of PIL images."""
     if family.task_input(family.task) == "image":
         return validation_images(recipe, None)
-    from PIL import Image
-
-    from finetune.video import read_clip
+    from finetune.video import pil_frames, read_clip
 
     d, clips = recipe.data, load_manifest(recipe.data.manifest, recipe.data.trigger)
-    videos = []
-    for c in clips[:len(recipe.validation.prompts)]:
-        pixels = read_clip(c.path, family.cond_frames, recipe.fps, d.height, d.width)  # [3, n, H, W] in [-1, 1]
-        frames = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
-        videos.append([Image.fromarray(f) for f in frames])
-    return videos
+    return [pil_frames(read_clip(c.path, family.cond_frames, recipe.fps, d.height, d.width))
+            for c in clips[:len(recipe.validation.prompts)]]
 
 
 def validation_images(recipe: Recipe, dataset: CachedDataset | None) -> list:
