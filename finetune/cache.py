@@ -3,7 +3,8 @@
 Each clip's VAE latents and each caption's text-encoder outputs are computed once and stored as
 safetensors, named by a fingerprint of everything that determines them:
 
-  latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps
+  latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps,
+            the conditioning frames of a continuation task
             (the file also holds the task's conditioning, e.g. the first frame's latents for i2v)
   text:     caption text, model id + revision, family
 
@@ -56,6 +57,8 @@ class CacheKey:
     width: int
     fps: float
     task: str = "t2v"
+    # conditioning frames of a video-conditioned task (continue); None for the others
+    cond_frames: int | None = None
 
 
 @lru_cache(maxsize=4096)
@@ -80,7 +83,9 @@ def _digest(obj: dict) -> str:
 def latent_fingerprint(clip: Clip, key: CacheKey) -> str:
     return _digest({"kind": "latents", "clip": content_hash(clip.path), "family": key.family, "model": key.model_id,
                     "revision": key.revision, "frames": key.frames, "height": key.height, "width": key.width,
-                    "fps": key.fps, "task": key.task})
+                    "fps": key.fps, "task": key.task,
+                    # only where set, so other tasks keep their fingerprints
+                    **({"cond_frames": key.cond_frames} if key.cond_frames is not None else {})})
 
 
 def text_fingerprint(caption: str, key: CacheKey) -> str:

@@ -54,6 +54,26 @@ def cond_image(cls):
     return Image.fromarray((torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy())
 
 
+def cond_video(cls, frames: int) -> list:
+    """``frames`` fixed frames (PIL) at the tiny clip size: the video a continuation continues."""
+    from PIL import Image
+
+    size = clip_size(cls)
+    gen = torch.Generator().manual_seed(6)
+    pixels = (torch.rand(frames, size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def cond_inputs(fam) -> dict:
+    """What the pipeline call of ``fam``'s task needs besides the prompt (image, video, nothing)."""
+    kind = fam.task_input(fam.task)
+    if kind == "image":
+        return {"image": cond_image(type(fam))}
+    if kind == "video":
+        return {"video": cond_video(type(fam), fam.cond_frames)}
+    return {}
+
+
 def clip_size(cls) -> int:
     """Smallest frame side giving a 2x2 token grid."""
     return 2 * cls.spatial_factor
@@ -88,8 +108,7 @@ def run(fam, pipe, steps: int = 2, **kw) -> torch.Tensor:
     """Frames [1, F, 3, H, W] in [0, 1] from a tiny seeded pipeline call."""
     size = clip_size(type(fam))
     pipe.set_progress_bar_config(disable=True)
-    image = cond_image(type(fam)) if fam.task != "t2v" else None
-    kw = {**fam.pipeline_call_kwargs(type(fam).default_fps, image=image), **kw}
+    kw = {**fam.pipeline_call_kwargs(type(fam).default_fps, **cond_inputs(fam)), **kw}
     return pipe(prompt=PROMPT, num_frames=FRAMES, height=size, width=size, num_inference_steps=steps,
                 generator=torch.Generator().manual_seed(0), output_type="pt", **kw).frames
 
