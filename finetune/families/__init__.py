@@ -10,7 +10,7 @@ from finetune.families.base import Components, Expert, Family, FrameRule, ModelS
 
 _REGISTRY: dict[str, type[Family]] = {}
 # One module per family, named as the family; add a new family by adding its name here.
-_FAMILY_MODULES = ("wan", "ltx", "mochi")
+_FAMILY_MODULES = ("wan", "ltx", "mochi", "hunyuanvideo")
 
 
 def register(cls: type[Family]) -> type[Family]:

@@ -79,7 +79,8 @@ class ModelSpec:
 class Components:
     """The loaded modules of one base model. Encoders may be ``None`` once released.
     ``transformer_2`` is the second expert of two-expert models; ``image_encoder`` and
-    ``image_processor`` the image conditioning of i2v models that take image embeddings."""
+    ``image_processor`` the image conditioning of i2v models that take image embeddings;
+    ``text_encoder_2`` and ``tokenizer_2`` the second text encoder of models with two."""
 
     transformer: torch.nn.Module | None
     vae: torch.nn.Module | None
@@ -90,9 +91,11 @@ class Components:
     transformer_2: torch.nn.Module | None = None
     image_encoder: torch.nn.Module | None = None
     image_processor: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
 
     # modules an encoder release drops, in the order encoders_id hashes them
-    ENCODERS = ("vae", "text_encoder", "image_encoder")
+    ENCODERS = ("vae", "text_encoder", "image_encoder", "text_encoder_2")
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every loaded torch module by attribute name (released ones left out)."""
@@ -258,11 +261,20 @@ class Family(ABC):
             if m is not None:
                 m.to(device)
 
-    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    def conditioning_uses_captions(self) -> bool:
+        """Whether :meth:`encode_conditioning` needs each clip's caption: models whose image
+        conditioning goes through a text encoder reading image and prompt together (a
+        vision-language model). The cache then passes ``captions`` and keys the entry on them."""
+        return False
+
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor,
+                            captions: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Cache-time conditioning of :attr:`task` for clips ``videos`` [B, 3, F, H, W] in [-1, 1]
         whose latents (from :meth:`encode_videos`) are ``latents`` [B, C, f, h, w]: a dict of
         tensors with batch dim B that :meth:`predict` receives in ``cond``. Image-to-video
-        families build it from the first frame; text-to-video needs nothing."""
+        families build it from the first frame; text-to-video needs nothing. ``captions`` (one
+        per clip) come only when :meth:`conditioning_uses_captions`; tensors returned under a
+        key of :meth:`encode_prompts` replace the caption's image-less ones."""
         return {}
 
     # --- training ---
