@@ -289,11 +289,20 @@ class Family(ABC):
             if m is not None:
                 m.to(device)
 
-    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    def conditioning_uses_captions(self) -> bool:
+        """Whether :meth:`encode_conditioning` needs each clip's caption: models whose image
+        conditioning goes through a text encoder reading image and prompt together (a
+        vision-language model). The cache then passes ``captions`` and keys the entry on them."""
+        return False
+
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor,
+                            captions: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Cache-time conditioning of :attr:`task` for clips ``videos`` [B, 3, F, H, W] in [-1, 1]
         whose latents (from :meth:`encode_videos`) are ``latents`` [B, C, f, h, w]: a dict of
         tensors with batch dim B that :meth:`predict` receives in ``cond``. Image-to-video
-        families build it from the first frame; text-to-video needs nothing."""
+        families build it from the first frame; text-to-video needs nothing. ``captions`` (one
+        per clip) come only when :meth:`conditioning_uses_captions`; tensors returned under a
+        key of :meth:`encode_prompts` replace the caption's image-less ones."""
         return {}
 
     # --- training ---
