@@ -25,7 +25,7 @@ examples:
 """
 
 CLIP = ["family", "frames", "fps", "size", "buckets", "mode", "clips_per_shot", "stride", "crf", "preset"]
-SPLIT = ["detector", "threshold", "min_shot_len"]
+SPLIT = ["detector", "threshold", "min_shot_len", "transitions"]
 FILTER = ["filter", "dup_distance", "static_threshold", "dark_threshold", "blur_threshold"]
 CAPTION = ["captioner", "trigger", "overwrite", "caption_batch", "caption_frames", "caption_prompt", "max_new_tokens", "load_8bit"]
 
@@ -43,7 +43,7 @@ def _add_options(p: argparse.ArgumentParser, names: list[str], title: str) -> No
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f"{doc} (default: {default})")
             continue
         kind = {"frames": int, "clips_per_shot": int, "stride": int, "crf": int, "min_shot_len": int,
-                "caption_batch": int, "caption_frames": int, "max_new_tokens": int}.get(name)  # fmt: skip
+                "caption_batch": int, "caption_frames": int, "max_new_tokens": int, "workers": int}.get(name)  # fmt: skip
         if kind is None:
             kind = float if name in ("fps", "threshold") or isinstance(default, float) else str
         choices = f.metadata.get("choices")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         if footage:
             p.add_argument("footage", help="folder of videos (searched recursively) or one video file; never modified")
         p.add_argument("dataset", help="output dataset folder (created; re-runs resume in it)")
-        for names, title in groups:
+        for names, title in groups + ([(["workers"], "run")] if footage else []):
             _add_options(p, names, title)
         p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bars")
         p.add_argument("--json", action="store_true", help="print the summary as JSON too")

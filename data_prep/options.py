@@ -50,6 +50,7 @@ class PrepOptions:
     detector: str = _spec("adaptive", "PySceneDetect detector: adaptive (robust to camera motion) or content", choices=("adaptive", "content"))
     threshold: float | None = _spec(None, "detector threshold (default: adaptive 3.0, content 27.0)", gt=0)
     min_shot_len: int = _spec(15, "shortest shot in source frames; closer cuts are merged", ge=1)
+    transitions: bool = _spec(True, "fades to/from black and dissolves are shot boundaries too; their frames go in no clip")
     # --- filter: clips set aside, never deleted ---
     filter: bool = _spec(True, "set aside near-duplicate, static, dark and blurred clips")
     dup_distance: float = _spec(4.0, "clips whose perceptual hashes differ by at most this many bits (of 64, averaged over sampled frames) are duplicates", ge=0, le=64)
@@ -66,6 +67,7 @@ class PrepOptions:
     max_new_tokens: int = _spec(96, "longest generated caption, in tokens", ge=1, le=1024)
     load_8bit: bool = _spec(True, "load the vision-language model in 8 bit with bitsandbytes (GPU only; ignored on CPU)")
     # --- run ---
+    workers: int = _spec(0, "files decoded at once (0: one per CPU core)", ge=0, le=256)
     progress: bool = _spec(True, "show progress bars")
 
     # ------------------------------------------------------------------

@@ -124,30 +124,50 @@ def run_probe(ds: Dataset, footage: Path, opts: PrepOptions, summary: Summary) -
     return results
 
 
-def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary: Summary, footage: Path) -> dict[str, ShotList]:
-    """Shots of every readable source, saved as shots/<key>.json; reused when the file and the
-    detector settings are unchanged."""
+def parallel_map(fn, items: list, workers: int, desc: str = "", progress: bool = False, unit: str = "file") -> list:
+    """``[fn(x) for x in items]``, a few files at once on threads (PyAV's decoder, swscale and
+    x264 release the GIL, so two files overlap one's Python work with the other's C work)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
+    n = min(len(items), workers or os.cpu_count() or 1)
+    if n <= 1:
+        return [fn(x) for x in tqdm(items, desc=desc, unit=unit, disable=not progress or not items)]
+    with ThreadPoolExecutor(n) as pool, tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
+        futures = [pool.submit(fn, x) for x in items]
+        for f in futures:
+            f.add_done_callback(lambda _: bar.update(1))
+        return [f.result() for f in futures]
+
+
+def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary: Summary, footage: Path) -> dict[str, ShotList]:
+    """Shots of every readable source, saved as shots/<key>.json; reused when the file and the
+    detector settings are unchanged. Files are decoded ``opts.workers`` at a time."""
     from data_prep.cut import source_key
 
     threshold = opts.threshold if opts.threshold is not None else default_threshold(opts.detector)
-    out, state = {}, {}
+    out: dict[str, ShotList] = {}
+    state: dict[str, dict] = {}
     ds.shot_dir.mkdir(parents=True, exist_ok=True)
     good = [p for p in probes if p.ok]
-    for pr in tqdm(good, desc="split", unit="file", disable=not opts.progress):
-        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len)
+    todo: list[ProbeResult] = []
+    for pr in good:
+        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len, opts.transitions)
         shot_file = ds.shot_dir / f"{source_key(pr.path, footage)}.json"
         old = ds.state["split"].get(pr.path)
         if old and old["fp"] == fp and shot_file.is_file():
-            shots = ShotList.from_dict(json.loads(shot_file.read_text()))
+            out[pr.path] = ShotList.from_dict(json.loads(shot_file.read_text()))
         else:
-            shots = detect_shots(pr, opts.detector, threshold, opts.min_shot_len)
-            shot_file.write_text(json.dumps(shots.to_dict()))
-            summary.files_split += 1
+            todo.append(pr)
         state[pr.path] = {"fp": fp, "file": shot_file.name}
+    detect = lambda pr: detect_shots(pr, opts.detector, threshold, opts.min_shot_len, opts.transitions)  # noqa: E731
+    for pr, shots in zip(todo, parallel_map(detect, todo, opts.workers, desc="split", progress=opts.progress)):
+        (ds.shot_dir / state[pr.path]["file"]).write_text(json.dumps(shots.to_dict()))
+        summary.files_split += 1
         out[pr.path] = shots
-        summary.cuts[pr.path] = shots.cuts
+    out = {pr.path: out[pr.path] for pr in good}
+    summary.cuts.update({path: shots.cuts for path, shots in out.items()})
     ds.state["split"] = state
     return out
 
@@ -199,11 +219,16 @@ def run_cut(
     _remove_stale(ds, set(old_clips) - set(new_clips))
     bar = tqdm(total=sum(len(p) for _, p in todo), desc="cut", unit="clip", disable=not opts.progress)
 
-    for pr, pending in todo:
+    def cut_one(item):
+        pr, pending = item
         try:
-            samples = write_clips(pr, pending, ds.clip_dir, opts.crf, opts.preset, on_done=lambda p: bar.update(1))
+            return write_clips(pr, pending, ds.clip_dir, opts.crf, opts.preset, on_done=lambda p: bar.update(1))
         except av.FFmpegError as err:
-            skipped[pr.path] = f"decoding failed while cutting ({err}); the file is probably truncated"
+            return err
+
+    for (pr, pending), samples in zip(todo, parallel_map(cut_one, todo, opts.workers)):
+        if isinstance(samples, av.FFmpegError):
+            skipped[pr.path] = f"decoding failed while cutting ({samples}); the file is probably truncated"
             for p in pending:
                 new_clips.pop(p.name, None)
             continue
