@@ -146,3 +146,27 @@ def copy_synth(dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(SYNTH, dst / SYNTH.name)
     return dst
+
+
+# Gradual transitions between two real sample clips (2 s each at 24 fps, 160x90): the frames
+# [start, end) of the transition in the output file.
+TRANSITIONS = {"dissolve.mp4": (36, 48), "fade_black.mp4": (36, 60)}
+
+
+def write_transition(path: Path, kind: str) -> Path:
+    """Big Buck Bunny (2 s) then the rocket launch (2 s) joined by an ffmpeg ``xfade`` dissolve of
+    12 frames starting at frame 36 ("dissolve"), or by ``fade`` out to black over frames 36-47 and
+    in from black over 48-59 ("fade"). Made with the imageio-ffmpeg binary."""
+    import imageio_ffmpeg
+
+    prep = "fps=24,scale=160:90,setsar=1,trim=end_frame=48,setpts=PTS-STARTPTS"
+    if kind == "dissolve":
+        graph = f"[0:v]{prep}[a];[1:v]{prep}[b];[a][b]xfade=transition=fade:duration=0.5:offset=1.5,format=yuv420p"
+    elif kind == "fade":
+        graph = f"[0:v]{prep},fade=t=out:s=36:n=12[a];[1:v]{prep},fade=t=in:s=0:n=12[b];[a][b]concat=n=2:v=1,format=yuv420p"
+    else:
+        raise ValueError(f"kind={kind!r} must be 'dissolve' or 'fade'")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(ASSETS / "bigbuckbunny.mp4"),
+           "-i", str(ASSETS / "oa4_launch.webm"), "-filter_complex", graph, "-c:v", "libx264", "-crf", "18", str(path)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return path
