@@ -142,8 +142,8 @@ class ShotScorer:
 
     @property
     def scale_bias(self) -> tuple[float, float | None]:
-        scale = float(self.model.logit_scale.exp()) if hasattr(self.model, "logit_scale") else 1.0
-        bias = float(self.model.logit_bias) if getattr(self.model, "logit_bias", None) is not None else None
+        scale = float(self.model.logit_scale.detach().exp()) if hasattr(self.model, "logit_scale") else 1.0
+        bias = float(self.model.logit_bias.detach()) if getattr(self.model, "logit_bias", None) is not None else None
         return scale, bias
 
     def image_embeddings(self, images: list[np.ndarray]) -> np.ndarray:
