@@ -79,6 +79,17 @@ def write_audio_only(path: Path) -> Path:
     return path
 
 
+def write_unknown_codec(path: Path) -> Path:
+    """An MP4 whose video sample entry names a codec nobody has ('zzz1' in place of 'avc1'): FFmpeg
+    demuxes its packets but has no decoder for them."""
+    full = write_video(path.with_name("_avc1.mp4"), 24)
+    data = full.read_bytes()
+    full.unlink()
+    assert data.count(b"avc1") >= 1
+    path.write_bytes(data.replace(b"avc1", b"zzz1"))
+    return path
+
+
 def write_theora(path: Path, seconds: float = 1.5) -> Path:
     import imageio_ffmpeg
 
@@ -99,6 +110,7 @@ BAD = {
     "truncated.mp4": "truncated",
     "notes.mp4": "not a readable media file",
     "audio_only.mp4": "no video stream",
+    "unknown_codec.mp4": "unsupported codec: no decoder",
 }
 # Files that open but are too short for one clip of the corpus settings.
 TOO_SHORT = {"one_frame.mp4": "too short"}
@@ -124,6 +136,7 @@ def build_corpus(root: Path) -> Path:
     full.unlink()
     (root / "notes.mp4").write_text("these are my notes, not a video\n" * 20)
     write_audio_only(root / "audio_only.mp4")
+    write_unknown_codec(root / "unknown_codec.mp4")
     write_video(root / "one_frame.mp4", 1)
     write_video(root / "plain.mp4", 24)
     (root / "plain.txt").write_text("a textured wall sliding left")
