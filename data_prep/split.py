@@ -9,6 +9,7 @@ decode order, so a shot boundary and a clip boundary always agree.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass, field
 
 import av
@@ -90,14 +91,16 @@ def make_detector(detector: str, threshold: float, min_shot_len: int):
 class GradualTransitions:
     """Fades to or from black and cross-dissolves, found with PySceneDetect's own detectors.
 
-    - Fades: a ThresholdDetector (mean level under ``fade_level`` of 255) marks each stretch of
-      black; the fade is that stretch plus the steady ramp of brightness into and out of it.
+    - Fades: a ThresholdDetector (mean level under ``fade_level`` of 255: true black; a dark
+      shot such as the sample's Mandelbrot sits at 11-15) marks each stretch of black; the fade
+      is that stretch plus the steady ramp of brightness into and out of it.
     - Dissolves: a HistogramDetector and a HashDetector fed every ``span``-th frame (``span``
-      instances of each, one per phase, so frame i is compared with frame i - span, about a
-      second earlier). Over that distance a dissolve looks like a hard cut to both; asking for
-      both keeps camera motion (which moves the hash) and lighting changes (which move the
-      histogram) out. Frames i - span .. i are the transition, so its edges are found to within
-      ``span`` frames, always on the safe side.
+      instances of each, one per phase, so frame i is compared with frame i - span, half a
+      second earlier). Over that distance a dissolve looks like a hard cut to them. A stretch
+      of such hits counts when both detectors hit (camera motion moves the hash alone, light the
+      histogram alone), hits follow and precede quiet frames, and it is at most 3 s long. Frames
+      i - span .. i of every hit are the transition, so its edges are found to within ``span``
+      frames, always on the safe side.
 
     Feed every frame to :meth:`add`, then call :meth:`finish` with the hard cuts.
     """
@@ -130,8 +133,9 @@ class GradualTransitions:
         n = len(self.levels)
         self.fade_marks += [tc.frame_num for tc in self.fade.post_process(end_timecode)]
         ranges = [self._fade_range(m) for m in self.fade_marks if 0 <= m < n]
+        cuts = sorted(hard_cuts)
         # a hard cut explains the hits of the `span` frames after it
-        hist, hsh = ([i for i in hits if not any(i - self.span < c <= i for c in hard_cuts)] for hits in (self.hist_hits, self.hash_hits))
+        hist, hsh = ([i for i in sorted(hits) if not _cut_in(cuts, i - self.span, i)] for hits in (self.hist_hits, self.hash_hits))
         for a, b in merge_ranges([(i - self.span, i + 1) for i in hist + hsh], n):
             n_hist, n_hash = (sum(a + self.span <= i < b for i in hits) for hits in (hist, hsh))
             # both detectors, several times: motion moves the hash alone, light the histogram alone
@@ -158,15 +162,10 @@ class GradualTransitions:
         return a, b + 1
 
 
-def runs(sorted_ints: list[int]) -> list[tuple[int, int]]:
-    """Runs of consecutive integers as (first, last): [1, 2, 3, 7, 8] -> [(1, 3), (7, 8)]."""
-    out: list[tuple[int, int]] = []
-    for i in sorted_ints:
-        if out and i == out[-1][1] + 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
+def _cut_in(sorted_cuts: list[int], lo: int, hi: int) -> bool:
+    """Whether a cut c with lo < c <= hi is in ``sorted_cuts``."""
+    k = bisect.bisect_right(sorted_cuts, lo)
+    return k < len(sorted_cuts) and sorted_cuts[k] <= hi
 
 
 def merge_ranges(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
