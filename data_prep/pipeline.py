@@ -181,18 +181,50 @@ def run_query(
     ds: Dataset, probes: list[ProbeResult], shots: dict[str, ShotList], opts: PrepOptions, summary: Summary, footage: Path
 ) -> dict[str, set[int]] | None:
     """Score every shot against ``opts.query`` and return, per source, the shot indices to keep
-    (None without a query: keep all). Shot embeddings are reused while the shots and the model are
-    unchanged, so a new query text costs one text encoding. Every score, kept or not, is recorded
-    in the state for the manifest and the review page."""
+    (None without a query: keep all). Every score, kept or not, is recorded in the state (best
+    first) for the manifest and the review page."""
     import numpy as np
 
     from data_prep.cut import source_key
-    from data_prep.query import ShotScorer, embed_source, match_scores, select_shots
+    from data_prep.query import ShotScorer, match_scores, select_shots
 
     if not opts.query.strip():
         ds.state["query"] = {}
         return None
     scorer = ShotScorer(opts.query_model, opts.load_8bit)
+    embs = _shot_embeddings(ds, probes, shots, opts, footage, scorer)
+    text = scorer.text_embedding(opts.query)
+    scale, bias = scorer.scale_bias
+    scores: dict[tuple[str, int], float] = {}
+    for path, e in embs.items():
+        got = match_scores(e, text, scale, bias) if e.shape[1] == text.shape[0] else np.zeros(len(e))
+        scores.update({(path, s.index): float(v) for s, v in zip(shots[path].shots, got)})
+    top, min_score = opts.query_rule
+    keep = select_shots(scores, top, min_score)
+    by_index = {(path, s.index): s for path in embs for s in shots[path].shots}
+    rows = [
+        {"source": path, "shot": idx, "start_time": by_index[path, idx].start_time, "end_time": by_index[path, idx].end_time,
+         "score": round(scores[path, idx], 6), "kept": (path, idx) in keep,
+         "thumb": f"query/{source_key(path, footage)}_s{idx:03d}.jpg"}
+        for path, idx in sorted(scores, key=lambda k: (-scores[k], k))
+    ]  # fmt: skip
+    rule = " and ".join(([f"best {top}"] if top is not None else []) + ([f"score >= {min_score:g}"] if min_score is not None else []))
+    ds.state["query"] = {"text": opts.query, "model": opts.query_model, "rule": rule, "shots": rows}
+    summary.query_shots, summary.query_kept = len(scores), len(keep)
+    out: dict[str, set[int]] = {path: set() for path in embs}
+    for path, idx in keep:
+        out[path].add(idx)
+    return out
+
+
+def _shot_embeddings(ds: Dataset, probes: list[ProbeResult], shots: dict[str, ShotList], opts: PrepOptions, footage: Path, scorer) -> dict:
+    """Per readable source, its shots' image embeddings [S, D], from dataset/query/<key>.npz while
+    the shots and the model are unchanged (so a new query text costs one text encoding)."""
+    import numpy as np
+
+    from data_prep.cut import source_key
+    from data_prep.query import embed_source
+
     qdir = ds.root / "query"
     cache = ds.state.setdefault("query_embeddings", {})
     embs: dict[str, np.ndarray] = {}
@@ -206,28 +238,7 @@ def run_query(
         embs[pr.path] = embed_source(scorer, shots[pr.path], pr.rotation, opts.query_frames, qdir, key)
         np.savez(file, embeddings=embs[pr.path])
         cache[pr.path] = fp
-    text = scorer.text_embedding(opts.query)
-    scale, bias = scorer.scale_bias
-    scores: dict[tuple[str, int], float] = {}
-    for path, e in embs.items():
-        got = match_scores(e, text, scale, bias) if e.shape[1] == text.shape[0] else np.zeros(len(e))
-        scores.update({(path, s.index): float(v) for s, v in zip(shots[path].shots, got)})
-    top, min_score = opts.query_rule
-    keep = select_shots(scores, top, min_score)
-    rows = []
-    for path, idx in sorted(scores, key=lambda k: (-scores[k], k)):
-        shot = shots[path].shots[[s.index for s in shots[path].shots].index(idx)]
-        rows.append({"source": path, "shot": idx, "start_time": shot.start_time, "end_time": shot.end_time,
-                     "score": round(scores[path, idx], 6), "kept": (path, idx) in keep,
-                     "thumb": f"query/{source_key(path, footage)}_s{idx:03d}.jpg"})  # fmt: skip
-    rule = (f"best {top}" if top is not None else "") + (" and " if top is not None and min_score is not None else "")
-    rule += f"score >= {min_score:g}" if min_score is not None else ""
-    ds.state["query"] = {"text": opts.query, "model": opts.query_model, "rule": rule, "shots": rows}
-    summary.query_shots, summary.query_kept = len(scores), len(keep)
-    out: dict[str, set[int]] = {pr.path: set() for pr in probes if pr.ok}
-    for path, idx in keep:
-        out[path].add(idx)
-    return out
+    return embs
 
 
 def run_cut(

@@ -5,7 +5,7 @@ transition at known frames, no shot and no clip contains a frame of it; hard cut
 from __future__ import annotations
 
 import pytest
-from data_prep_fixtures import TRANSITIONS, write_transition
+from data_prep_fixtures import ASSETS, SYNTH_CUTS, TRANSITIONS, write_transition
 
 from data_prep import PrepOptions, prepare
 from data_prep.manifest import read_jsonl
@@ -59,6 +59,15 @@ def test_no_clip_contains_a_transition(footage, tmp_path):
         assert {r["shot"] for r in mine} == {0, 1}, name
         for r in mine:
             assert not overlaps(r["start_frame"], r["end_frame"], lo, hi), (name, r)
+
+
+@pytest.mark.parametrize("name,cuts", [("synth_lavfi.mp4", SYNTH_CUTS), ("oa4_launch.webm", [74]), ("bigbuckbunny.mp4", [])])
+def test_hard_cut_samples_have_no_transitions(name, cuts):
+    """Moving test patterns, a slow gradient, a dark Mandelbrot, smoke and a panning bunny: none is
+    a fade or a dissolve, so the shots are exactly those between the known hard cuts."""
+    shots = detect_shots(probe_file(ASSETS / name))
+    assert shots.transitions == [] and shots.cuts == cuts
+    assert [(s.start_frame, s.end_frame) for s in shots.shots] == list(zip([0, *cuts], [*cuts, shots.frames]))
 
 
 def test_shot_ranges_leave_transitions_out():
