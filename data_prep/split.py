@@ -16,12 +16,15 @@ import av
 
 from data_prep.probe import ProbeResult
 
-# Detect on frames about 128 px wide, area-averaged (PySceneDetect's SceneManager uses 256; at 128
-# the detectors do a quarter of the work and every sample video's cuts are the same). swscale does
-# the resize during the colour conversion, which saves converting full-size frames. One
-# VideoReformatter per file keeps swscale's context between frames (VideoFrame.to_ndarray with a
-# size builds a new one per frame, which cost as much as decoding the frame).
+# Detect on frames about 128 px wide (PySceneDetect's SceneManager uses 256; at 128 the detectors
+# do a quarter of the work and every sample video's cuts and transitions are the same). swscale
+# does the resize during the colour conversion, which saves converting full-size frames; its
+# bilinear filter costs 0.18 ms a 720p frame against area's 0.47 with the same results here
+# (fast_bilinear aliases: a false dissolve in the synthetic sample). One VideoReformatter per file
+# keeps swscale's context between frames (VideoFrame.to_ndarray with a size builds a new one per
+# frame, which cost as much as decoding the frame).
 _DETECT_WIDTH = 128
+_DETECT_INTERP = "BILINEAR"
 
 
 def detect_size(width: int, height: int) -> tuple[int, int]:
@@ -232,7 +235,7 @@ def detect_shots(
                 t0 = t if t0 is None else t0
                 times.append(round(t - t0, 6))
                 w, h = detect_size(frame.width, frame.height)
-                img = reformatter.reformat(frame, w, h, "bgr24", interpolation="AREA").to_ndarray()
+                img = reformatter.reformat(frame, w, h, "bgr24", interpolation=_DETECT_INTERP).to_ndarray()
                 tc = FrameTimecode(i, rate)
                 cuts += [c.frame_num for c in det.process_frame(tc, img)]
                 if gradual:
