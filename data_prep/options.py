@@ -41,7 +41,7 @@ def _spec(default: Any, doc: str, **bounds: Any):
 class PrepOptions:
     # --- clips: what the trainer gets ---
     family: str = _spec("wan", "model family whose frame and size rules the clips follow (finetune.families)")
-    frames: int = _spec(81, "frames per clip; must fit the family's rule (wan 4k+1, ltx 8k+1)", ge=1, le=1025)
+    frames: int = _spec(81, "frames per clip; must fit the family's rule (wan 4k+1, ltx 8k+1, mochi 6k+1)", ge=1, le=1025)
     fps: float | None = _spec(None, "clip frame rate; sources are resampled so motion keeps its speed (default: the family's)", gt=0, le=240)
     size: str = _spec("832x480", "WxH of the main landscape bucket; both must be multiples of the family's spatial factor")
     buckets: str = _spec("auto", "aspect-ratio buckets: 'auto' (size, its portrait twin, a square of similar area), 'fixed' (size only) or 'WxH,WxH,...'")
