@@ -57,6 +57,7 @@ _SHIFT_TOKENS = (1024, 4096)
 _SHIFT_MU = (0.95, 2.05)
 _STRETCH_Z = (-2.5758, 3.0902)  # the normal's 0.5th and 99.9th percentiles
 _UNIFORM_P = 0.1
+_REFLECT_EPS = 1e-3  # raw samples below this are reflected around it
 # Video-only runs: the audio stream is pure noise at this timestep (sigma 1).
 _SILENT_AUDIO_T = 1000.0
 
@@ -139,9 +140,11 @@ class LTX2Family(Family):
     # --- loading ---
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
+        quantization = bnb_quantization_config(spec)
+        cls._check_model_index(spec)
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = diffusers.LTX2VideoTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec)
+            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=quantization
         )
         # The LTX-2 model card runs every component in bfloat16.
         vae = diffusers.AutoencoderKLLTX2Video.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
@@ -170,6 +173,9 @@ class LTX2Family(Family):
             upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=False,
             patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False,
             spatial_compression_ratio=32, temporal_compression_ratio=8,
+            # The real decoder pads by reflection, which needs latents at least 2x2; zero padding lets
+            # the tiny model decode the 1x1 latents of the smallest test clips (32x32).
+            decoder_spatial_padding_mode="zeros",
         )
         with torch.no_grad():
             raw = vae.encode(calibration_videos(frames=9, height=64, width=64)).latent_dist.mode()
@@ -377,20 +383,29 @@ class LTX2Family(Family):
     def training_sigmas(self, u: torch.Tensor, latent_shape: tuple[int, ...], logit_mean: float = 0.0,
                         logit_std: float = 1.0) -> torch.Tensor:
         """ltx-trainer's ShiftedLogitNormalTimestepSampler as a quantile function: ``u`` [B] in (0, 1)
-        -> sigmas [B]. Its distribution is 90% s = (sigmoid(mu + std z) - lo) / (hi - lo) clipped to
-        [0, 1] (lo, hi: sigmoid at the normal's 0.5th / 99.9th percentiles) and 10% uniform; the
-        inverse of that mixture's CDF, found by bisection, keeps sigmas monotone in ``u`` as the
+        -> sigmas [B]. Its distribution is 90% s = (sigmoid(mu + std z) - lo) / (hi - lo), reflected
+        below 1e-3 and clipped to [0, 1] (lo, hi: sigmoid at the normal's 0.5th / 99.9th percentiles),
+        and 10% uniform on [1e-3, 1]; the inverse of that mixture's CDF, found by bisection, keeps sigmas monotone in ``u`` as the
         trainer needs. ``logit_mean`` adds to mu and ``logit_std`` is std (official: 0 and 1)."""
         mu = self._mu(latent_shape) + logit_mean
         lo = torch.sigmoid(torch.tensor(mu + _STRETCH_Z[0] * logit_std, dtype=torch.float64))
         hi = torch.sigmoid(torch.tensor(mu + _STRETCH_Z[1] * logit_std, dtype=torch.float64))
         normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
 
+        eps = _REFLECT_EPS
+
+        def raw_cdf(x: torch.Tensor) -> torch.Tensor:
+            """P(raw <= x), raw = (sigmoid(mu + std z) - lo) / (hi - lo)."""
+            y = lo + x * (hi - lo)
+            inside = normal.cdf((torch.logit(y.clamp(1e-300, 1 - 1e-16)) - mu) / logit_std)
+            return torch.where(y <= 0, torch.zeros_like(x), torch.where(y >= 1, torch.ones_like(x), inside))
+
         def cdf(s: torch.Tensor) -> torch.Tensor:
-            x = (lo + s * (hi - lo)).clamp(1e-12, 1 - 1e-12)
-            stretched = normal.cdf((torch.logit(x) - mu) / logit_std)
+            # raw below eps is reflected to 2 eps - raw, then everything is clipped to [0, 1]
+            stretched = torch.where(s < eps, torch.zeros_like(s), raw_cdf(s) - raw_cdf(2 * eps - s))
             stretched = torch.where(s >= 1, torch.ones_like(s), stretched)
-            return (1 - _UNIFORM_P) * stretched + _UNIFORM_P * s
+            uniform = ((s - eps) / (1 - eps)).clamp(0, 1)
+            return (1 - _UNIFORM_P) * stretched + _UNIFORM_P * uniform
 
         target = u.double().clamp(1e-7, 1 - 1e-7)
         a, z = torch.zeros_like(target), torch.ones_like(target)
@@ -423,6 +438,21 @@ class LTX2Family(Family):
         return LTX2_KEY_MAP
 
     # --- checks ---
+    @classmethod
+    def _check_model_index(cls, spec: ModelSpec) -> None:
+        """Before any weights load: the checkpoint's model_index.json must name LTX-2's transformer
+        class. Raises ValueError naming the family for LTX-Video 0.9.x checkpoints."""
+        index = diffusers.DiffusionPipeline.load_config(spec.pretrained, revision=spec.revision)
+        found = (index.get("transformer") or [None, None])[1]
+        if found == "LTX2VideoTransformer3DModel":
+            return
+        hint = ("model.family=ltxv095 (LTX-Video 0.9.5+) or ltx (0.9.0/0.9.1) for it"
+                if found == "LTXVideoTransformer3DModel" else "the family of that model for it")
+        raise ValueError(
+            f"{cls.name}: {spec.pretrained} has a {found} transformer (model_index.json), not LTX-2's "
+            f"LTX2VideoTransformer3DModel; use {hint}, or a checkpoint such as {cls.default_model_id} with {cls.name}"
+        )
+
     def _check_checkpoint(self) -> None:
         """The checkpoint must be an LTX-2 one with the class's compression (32x space, 8x time)."""
         vae = self.components.vae
