@@ -40,7 +40,7 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
 from finetune.families import register
 from finetune.families._loading import bnb_quantization_config
-from finetune.families._tiny import _TINY_CHARS, calibration_videos, channel_stats, refill_zero_params
+from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_gemma_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
 
@@ -102,14 +102,6 @@ def _key_map() -> KeyMap:
 LTX2_KEY_MAP = _key_map()
 
 
-def tiny_gemma_tokenizer(model_max_length: int) -> transformers.GemmaTokenizer:
-    """A character-level Gemma tokenizer (BPE, no merges) built in code, no download: the real
-    class and special tokens, one id per printable ASCII character and ``▁``."""
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    vocab = {t: i for i, t in enumerate([*specials, *_TINY_CHARS, "▁"])}
-    return transformers.GemmaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-
-
 @register
 class LTX2Family(Family):
     name = "ltx2"
@@ -153,7 +145,9 @@ class LTX2Family(Family):
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
         connectors = LTX2TextConnectors.from_pretrained(**src, subfolder="connectors", torch_dtype=spec.dtype)
-        audio_vae = diffusers.AutoencoderKLLTX2Audio.from_pretrained(**src, subfolder="audio_vae", torch_dtype=spec.dtype)
+        audio_vae = diffusers.AutoencoderKLLTX2Audio.from_pretrained(
+            **src, subfolder="audio_vae", torch_dtype=spec.dtype
+        )
         vocoder = LTX2Vocoder.from_pretrained(**src, subfolder="vocoder", torch_dtype=spec.dtype)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=connectors,
@@ -195,7 +189,8 @@ class LTX2Family(Family):
         text_config = dict(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         vision_config = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              image_size=16, patch_size=8)
@@ -385,12 +380,14 @@ class LTX2Family(Family):
         """ltx-trainer's ShiftedLogitNormalTimestepSampler as a quantile function: ``u`` [B] in (0, 1)
         -> sigmas [B]. Its distribution is 90% s = (sigmoid(mu + std z) - lo) / (hi - lo), reflected
         below 1e-3 and clipped to [0, 1] (lo, hi: sigmoid at the normal's 0.5th / 99.9th percentiles),
-        and 10% uniform on [1e-3, 1]; the inverse of that mixture's CDF, found by bisection, keeps sigmas monotone in ``u`` as the
-        trainer needs. ``logit_mean`` adds to mu and ``logit_std`` is std (official: 0 and 1)."""
+        and 10% uniform on [1e-3, 1]; the inverse of that mixture's CDF, found by bisection, keeps
+        sigmas monotone in ``u`` as the trainer needs. ``logit_mean`` adds to mu and ``logit_std``
+        is the normal's std (official: 0 and 1)."""
         mu = self._mu(latent_shape) + logit_mean
         lo = torch.sigmoid(torch.tensor(mu + _STRETCH_Z[0] * logit_std, dtype=torch.float64))
         hi = torch.sigmoid(torch.tensor(mu + _STRETCH_Z[1] * logit_std, dtype=torch.float64))
-        normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        f64 = dict(dtype=torch.float64)
+        normal = torch.distributions.Normal(torch.tensor(0.0, **f64), torch.tensor(1.0, **f64))
 
         eps = _REFLECT_EPS
 
