@@ -233,8 +233,9 @@ class Kandinsky5Family(Family):
             spatial_compression_ratio=8, temporal_compression_ratio=4,
         )
         with torch.no_grad():
-            # A random encoder's log-variance is ~0: posterior samples would be mostly noise.
-            vae.encoder.conv_out.conv.bias[vae.config.latent_channels:] -= 12.0
+            # A random encoder's log-variance is ~0: posterior samples would be mostly noise. The
+            # encoder's moments pass through quant_conv last, so shift the log-variance there.
+            vae.quant_conv.bias[vae.config.latent_channels:] -= 12.0
             raw = vae.encode(calibration_videos(frames=9, height=32, width=32)).latent_dist.mode()
         vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
         return vae
