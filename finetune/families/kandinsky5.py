@@ -31,10 +31,10 @@ from typing import Any, ClassVar
 
 import diffusers
 import tokenizers
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor, nablaT_v2
 import torch
 import transformers
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor, nablaT_v2
 
 from finetune.families import register
 from finetune.families._loading import bnb_quantization_config
@@ -385,7 +385,8 @@ class Kandinsky5Family(Family):
             if (spatial, temporal) != (self.spatial_factor, self.frame_rule.temporal_factor):
                 raise ValueError(
                     f"{self.name}: {self.spec.display_id} compresses {spatial}x in space and {temporal}x in time, but "
-                    f"the {self.name} family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; {fix}"
+                    f"the {self.name} family assumes {self.spatial_factor}x and "
+                    f"{self.frame_rule.temporal_factor}x; {fix}"
                 )
             latent = c.vae.config.latent_channels
             if (config.in_visual_dim, config.out_visual_dim) != (latent, latent):
