@@ -38,7 +38,7 @@ from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnPr
 
 from finetune.families import register
 from finetune.families._loading import bnb_quantization_config
-from finetune.families._tiny import calibration_videos, refill_zero_params
+from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_clip_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
 
@@ -208,16 +208,11 @@ class Kandinsky5Family(Family):
 
     @staticmethod
     def tiny_clip() -> tuple[transformers.CLIPTokenizer, transformers.CLIPTextModel]:
-        """A character-level CLIP tokenizer built in code (every byte-level character, alone and
-        word-final, no merges) and a 1-layer CLIP text model (hidden 32) with the 77 positions the
-        pipelines pad to."""
-        alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-        vocab = {c: i for i, c in enumerate(alphabet)}
-        vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-        vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-        tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+        """A character-level CLIP tokenizer built in code (_tiny.tiny_clip_tokenizer) and a 1-layer
+        CLIP text model (hidden 32) with the 77 positions the pipelines pad to."""
+        tokenizer = tiny_clip_tokenizer()
         config = transformers.CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
             max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
@@ -284,7 +279,8 @@ class Kandinsky5Family(Family):
         return latents * vae.config.scaling_factor
 
     @torch.no_grad()
-    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor,
+                            captions: list[str] | None = None) -> dict[str, torch.Tensor]:
         """i2v: {"first_latent": [B, C, 1, h, w]}, the latent the I2V pipeline's own
         prepare_latents puts in the first frame, from each clip's first frame as a PIL image (so
         training sees what inference feeds; seeded). t2v: nothing."""
