@@ -106,6 +106,8 @@ def test_diffusers_own_converter_reads_our_comfyui_file_to_the_same_update(name,
     cls, transformer, lora = adapted(name, rank=8, alpha=16.0, targets=list(get_family(name).default_lora_targets))
     path = write_lora(lora, tmp_path / "c.safetensors", "comfyui", cls.comfyui_key_map())
     theirs = cls.pipeline_class.lora_state_dict(load_file(str(path)))
+    if not any(k.startswith("transformer.") for k in theirs):
+        pytest.skip(f"{cls.pipeline_class.__name__}.lora_state_dict has no ComfyUI converter (keys come back as given)")
     for n, m in lora.modules.items():
         a, b = theirs[f"transformer.{n}.lora_A.weight"], theirs[f"transformer.{n}.lora_B.weight"]
         alpha = theirs.get(f"transformer.{n}.alpha")
@@ -164,7 +166,7 @@ def test_peft_and_diffusers_files_with_alpha_tensors_import(tmp_path):
 
 @pytest.mark.parametrize("name", family_names())
 def test_foreign_keys_give_a_named_error_with_counts(name, tmp_path):
-    cls, _, lora = adapted(name, targets=["to_q"])
+    cls, _, lora = adapted(name, targets=[get_family(name).default_lora_targets[0]])
     tensors = lora.state_dict("comfyui", cls.comfyui_key_map())
     tensors["diffusion_model.not_a_layer.lora_A.weight"] = torch.zeros(8, 4)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "odd.safetensors"))
