@@ -181,3 +181,29 @@ def test_text_encoder_modes_embed_within_tolerance(mode):
     assert err == 0 if mode == "cpu" else 0 < err < TEXT_TOLERANCE
     # Quantised encoders key the cache apart from the full-precision ones.
     assert (fam.encoders_id() == tiny_wan().encoders_id()) == (mode == "cpu")
+
+
+def fp8_families() -> list[str]:
+    from finetune.families import family_names
+
+    return [n for n in family_names() if get_family(n).fp8_ok]
+
+
+@pytest.mark.parametrize("name", fp8_families())
+def test_every_fp8_family_loads_its_saved_folder_in_fp8(name, tmp_path):
+    """The real loading path of each family that offers fp8 (load_transformer) gives the same
+    weights as quantising the tiny build: same fp8 values and scales, the rest unchanged."""
+    cls = get_family(name)
+    cls.load(ModelSpec("tiny", tiny=True)).pipeline().save_pretrained(tmp_path)
+    want = cls.load(ModelSpec("tiny", tiny=True, quantization="fp8"))
+    got = cls.load(ModelSpec(str(tmp_path), quantization="fp8"))
+    for part in (e.attr for e in want.experts()):
+        a, b = getattr(got.components, part).state_dict(), getattr(want.components, part).state_dict()
+        assert a.keys() == b.keys()
+        quantised = [k for k, v in b.items() if is_quantized(v)]
+        assert quantised, f"{name}: no fp8 layers in {part}"
+        for k, v in b.items():
+            if k in quantised:
+                assert torch.equal(a[k].qdata.float(), v.qdata.float()) and torch.equal(a[k].scale, v.scale), k
+            else:
+                assert torch.equal(a[k], v), k
