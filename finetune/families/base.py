@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from finetune.memory.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
+
 if TYPE_CHECKING:
     from finetune.lora_formats import KeyMap
 
@@ -225,8 +227,6 @@ class Family(ABC):
         """Build the family with weights from ``spec``: the real ``from_pretrained`` path or the
         tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``; text
         encoders are quantised or kept on the CPU as ``spec.text_encoder`` says."""
-        from finetune.memory.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
-
         if spec.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)

@@ -22,7 +22,6 @@ the fp8 model plus one full-precision tensor, never the whole bf16 state dict.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +53,9 @@ def fp8_layer_names(model: torch.nn.Module) -> list[str]:
 
 
 def _torchao():
-    # Imported on first use: torchao takes seconds to import and only fp8/int8 runs need it. Its
-    # import warns about each CUDA kernel library it cannot open (every one on a machine without
-    # CUDA); weight-only storage uses none of them, so those warnings are held back.
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, PerRow, quantize_
-    finally:
-        logger.setLevel(level)
+    # Imported on first use: torchao takes seconds to import and only fp8/int8 runs need it (its
+    # CUDA-library warnings are held back in finetune/memory/__init__.py).
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, PerRow, quantize_
 
     return quantize_, Float8WeightOnlyConfig, Int8WeightOnlyConfig, PerRow
 
