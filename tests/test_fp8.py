@@ -222,3 +222,11 @@ def test_every_fp8_family_loads_its_saved_folder_in_fp8(name, tmp_path):
                 assert torch.equal(a[k].qdata.float(), v.qdata.float()) and torch.equal(a[k].scale, v.scale), k
             else:
                 assert torch.equal(a[k], v), k
+
+
+def test_fp8_run_resumes_from_its_checkpoint(clips, tmp_path):
+    """Checkpoints hold only the LoRA weights, so fp8 base weights never reach save_state."""
+    args = ("model.quantization=fp8", "checkpoint.every=1")
+    trainer.train(tiny_recipe("wan", clips, tmp_path / "run", *args, "optim.steps=2"))
+    result = trainer.train(tiny_recipe("wan", clips, tmp_path / "run", *args, "optim.steps=3"), resume="latest")
+    assert result.start_step == 1 and result.steps == 3 and result.adapter.is_file()
