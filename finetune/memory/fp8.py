@@ -3,8 +3,10 @@
 The storage and the linear are torchao's (``Float8WeightOnlyConfig`` with ``PerRow`` scales): it
 runs on a CPU, peft wraps the quantised ``nn.Linear`` as a LoRA base layer like any other, and
 gradient checkpointing recomputes through it, so nothing here reimplements a quantised linear.
-Its forward dequantises the weight to the activation dtype and calls ``F.linear``; LoRA A/B stay
-fp32 masters on top. A GPU scaled-mm path (fp8 activations too) is torchao's to add later.
+Its forward dequantises the weight to the dtype it had before quantisation (``model.dtype``) and
+calls ``F.linear``; LoRA A/B stay fp32 masters on top. A GPU scaled-mm path (fp8 activations too,
+torchao's ``Float8DynamicActivationFloat8WeightConfig``) could be added later; it needs an sm89+
+GPU and has not been measured here (no GPU on this machine).
 
 Which layers: the ``nn.Linear`` layers inside the model's repeated blocks (every ``nn.ModuleList``:
 ``blocks``, ``transformer_blocks``, ``encoder.block``, ``layers``), where nearly all weight bytes
