@@ -29,6 +29,13 @@ def bnb_quantization_config(spec: ModelSpec) -> diffusers.BitsAndBytesConfig | N
     return diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=spec.dtype)
 
 
+def check_quantization(spec: ModelSpec) -> None:
+    """Fail fast, before any download or weights: an unknown ``model.quantization``, or
+    bitsandbytes without CUDA. Raises ValueError or QuantizationUnavailable."""
+    if spec.quantization != "fp8":
+        bnb_quantization_config(spec)
+
+
 def load_transformer(cls: type, spec: ModelSpec, subfolder: str = "transformer", **kwargs) -> torch.nn.Module:
     """The frozen transformer ``cls`` (a diffusers model class) of ``spec``: bitsandbytes-quantised
     for int8/nf4 (``from_pretrained``), read tensor by tensor into fp8 block weights for fp8 (host

@@ -37,7 +37,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor, nablaT_v2
 
 from finetune.families import register
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_clip_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
@@ -149,8 +149,7 @@ class Kandinsky5Family(Family):
         the pipeline in bfloat16), the transformer maybe quantised; the VAE tiled as the docs
         advise for 5 s clips."""
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.Kandinsky5Transformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec))
+        transformer = load_transformer(diffusers.Kandinsky5Transformer3DModel, spec)
         vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
         vae.enable_tiling()
         text_encoder = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(

@@ -39,7 +39,7 @@ from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
 from finetune.families import register
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import check_quantization, load_transformer
 from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_gemma_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
@@ -132,12 +132,10 @@ class LTX2Family(Family):
     # --- loading ---
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
-        quantization = bnb_quantization_config(spec)
+        check_quantization(spec)
         cls._check_model_index(spec)
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.LTX2VideoTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=quantization
-        )
+        transformer = load_transformer(diffusers.LTX2VideoTransformer3DModel, spec)
         # The LTX-2 model card runs every component in bfloat16.
         vae = diffusers.AutoencoderKLLTX2Video.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
         text_encoder = transformers.Gemma3ForConditionalGeneration.from_pretrained(
