@@ -34,8 +34,8 @@ class ModelConfig(_Section):
     tiny: bool = Field(False, description="Build a tiny random model from a config in code (demo and tests).")
     tiny_seed: int = Field(0, ge=0, description="Seed of the tiny random model.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
-    quantization: Literal["none", "int8", "nf4"] = Field(
-        "none", description="bitsandbytes quantisation of the frozen transformer (CUDA only)."
+    quantization: Literal["none", "int8", "nf4", "fp8"] = Field(
+        "none", description="Quantisation of the frozen transformer: bitsandbytes int8/nf4 (CUDA only), or fp8."
     )
     task: str = Field("t2v", description="What the LoRA learns: t2v (text to video), i2v (first frame to video) "
                                          "or continue (video continuation), as the family supports.")
@@ -97,6 +97,19 @@ class MemoryConfig(_Section):
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="Autocast precision; auto = bf16 on a GPU, none on CPU."
+    )
+    # Planner fields (finetune/memory/planner.py); train_lora.py reads them before training.
+    vram_gb: float | None = Field(
+        None, gt=0, le=4096, description="Accelerator memory (GiB) the memory planner plans for; null = not planned."
+    )
+    auto: bool = Field(
+        False, description="Apply the memory planner's cheapest overrides that fit memory.vram_gb before training."
+    )
+    blocks_to_swap: int = Field(
+        0, ge=0, le=512, description="Transformer blocks kept in host memory and streamed in per step (block swap)."
+    )
+    activation_offload: bool = Field(
+        False, description="Keep the activations saved for backward in host memory between forward and backward."
     )
 
 

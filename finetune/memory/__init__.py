@@ -1,0 +1,1 @@
+"""Memory: the planner that predicts peak VRAM per phase from the real architecture (planner.py)."""
