@@ -21,6 +21,7 @@ import torch
 import transformers
 from PIL import Image
 
+from finetune.families._encoders import CLIP_VIT_H_14, UMT5_XXL
 from finetune.families._loading import bnb_quantization_config
 from finetune.families._tiny import (
     calibration_videos,
@@ -70,7 +71,7 @@ KEY_MAP = KeyMap((
 
 
 # Full-size configs of the released Wan checkpoints (their ``*/config.json`` values), for the
-# memory planner. Sources: Wan2.1-T2V-1.3B transformer and umT5-XXL text encoder as quoted from
+# memory planner (encoders in _encoders.py). Sources: Wan2.1-T2V-1.3B transformer as quoted from
 # the checkpoint's config.json in public code (code search, this session); the 14B numbers
 # (40 heads x 128, ffn 13824, 40 layers) and the I2V additions (36 input channels, CLIP image
 # dim 1280, added K/V 5120) are the Wan 2.1 / 2.2 A14B configs as diffusers' converter
@@ -86,12 +87,15 @@ WAN_TRANSFORMER_I2V_14B = {**WAN_TRANSFORMER_14B, "in_channels": 36, "image_dim"
 # dim_mult [1, 2, 4, 4], 2 res blocks, temporal downsample [F, T, T]). Loaded in float32.
 WAN_VAE_2_1 = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                    temperal_downsample=[False, True, True])
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-# Wan 2.1 I2V image encoder: open-clip ViT-H/14 vision tower as transformers' CLIPVisionModel.
-CLIP_VIT_H_14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                     image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+# Wan 2.2 A14B: each expert has the Wan 2.1 14B layout (T2V: 16 input channels; I2V: 36, and no
+# CLIP image branch). Wan 2.2 TI2V-5B: 24 heads x 128, ffn 14336, 30 layers, 48 latent channels,
+# and its own residual VAE (16x spatial via 2x2 patchify). Not re-read from the hub this session.
+WAN22_TRANSFORMER_I2V_A14B = {**WAN_TRANSFORMER_14B, "in_channels": 36}
+WAN22_TRANSFORMER_5B = {**WAN_TRANSFORMER_1_3B, "num_attention_heads": 24, "ffn_dim": 14336, "in_channels": 48,
+                        "out_channels": 48}
+WAN22_VAE_5B = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                    temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                    patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)
 
 
 def wan_full_size(transformers_: dict[str, dict], vae: dict, image_encoder: bool = False) -> dict[str, FullSize]:

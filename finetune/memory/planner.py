@@ -197,26 +197,14 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
                     ("backward workspace", work * o.batch_size),
                     ("runtime overhead", RUNTIME_OVERHEAD)]
 
-    # Caching: encoders and the VAE's working memory.
-    cache = Phase("caching")
-    encoders = [n for n in ("text_encoder", "text_encoder_2", "image_encoder", "vae") if n in parts]
-    enc_bytes = {n: weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype)) for n in encoders}
-    for n in encoders:
-        cache.items.append((f"{n} ({_label(_dtype_of(parts[n], dtype))})", enc_bytes[n]))
-    vae_work = 0
-    if "vae" in parts:
-        vae_work = _vae_working(build_meta(parts["vae"]), d.frames, d.height, d.width, fam.frame_rule.temporal_factor,
-                                _dtype_of(parts["vae"], dtype))
-        cache.items.append(("VAE encode working memory (estimate)", vae_work))
-    cache.items.append(("runtime overhead", RUNTIME_OVERHEAD))
-
+    cache, enc_bytes, vae_work = caching_phase(recipe, d.frames)
     # Validation: everything resident at once while rendering.
     phases = [cache, train]
     v = recipe.validation
     if v.prompts:
         val = Phase("validation")
         val.items += [it for it in train.items if "frozen weights" in it[0] or it[0].startswith("LoRA param")]
-        val.items += [(f"{n} ({_label(_dtype_of(parts[n], dtype))})", enc_bytes[n]) for n in encoders]
+        val.items += [(f"{n} ({_label(_dtype_of(parts[n], dtype))})", b) for n, b in enc_bytes.items()]
         branches = 2 if v.guidance > 1 else 1
         denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
         val.items.append((f"denoising activations ({branches} guidance branch{'es' if branches > 1 else ''}) "
@@ -225,6 +213,25 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
         phases.append(val)
     tokens = latent_shape[2] * latent_shape[3] * latent_shape[4] // _patch_area(parts["transformer"])
     return Plan(recipe, ckpt, tokens, phases, vram_gb)
+
+
+def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], int]:
+    """The caching phase of ``recipe`` at ``frames`` frames: (phase, encoder bytes by name,
+    VAE working bytes)."""
+    fam, _, parts = checkpoint_parts(recipe)
+    dtype, d = DTYPES[recipe.model.dtype], recipe.data
+    cache = Phase("caching")
+    encoders = [n for n in ("text_encoder", "text_encoder_2", "image_encoder", "vae") if n in parts]
+    enc_bytes = {n: weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype)) for n in encoders}
+    for n in encoders:
+        cache.items.append((f"{n} ({_label(_dtype_of(parts[n], dtype))})", enc_bytes[n]))
+    vae_work = 0
+    if "vae" in parts:
+        vae_work = _vae_working(build_meta(parts["vae"]), frames, d.height, d.width, fam.frame_rule.temporal_factor,
+                                _dtype_of(parts["vae"], dtype))
+        cache.items.append(("VAE encode working memory (estimate)", vae_work))
+    cache.items.append(("runtime overhead", RUNTIME_OVERHEAD))
+    return cache, enc_bytes, vae_work
 
 
 def _patch_area(part: FullSize) -> int:
@@ -300,6 +307,14 @@ def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
     plan = plan_recipe(recipe, vram_gb)
     if plan.fits(vram_gb):
         return plan
+    cache = caching_phase(recipe, 1)[0]
+    if cache.peak > vram_gb * GIB:  # no training setting changes the encoders
+        biggest = max(cache.items, key=lambda it: it[1])
+        raise DoesNotFit(f"{recipe.model.family} {plan.checkpoint}: the caching phase alone needs "
+                         f"{cache.peak / GIB:.2f} GiB (its largest part: {biggest[0]}, {biggest[1] / GIB:.2f} GiB), "
+                         f"more than {vram_gb:g} GiB, with any training setting; the closest is the recipe as it "
+                         f"is, predicted peak {plan.peak / GIB:.2f} GiB ({plan.peak_phase}). Encode on a larger "
+                         f"card (the cache is reused) or with the text encoder quantised or on the CPU")
     base: dict[str, Any] = {}
     for key, value in _stages(recipe):
         base[key] = value
@@ -391,6 +406,10 @@ def run_planner(recipe: Recipe, source: str, vram: Any = None, apply: bool = Fal
         return recipe
     vram_gb = check_vram(vram if vram is not None else recipe.memory.vram_gb,
                          "--vram" if vram is not None else "memory.vram_gb")
-    plan = choose_overrides(recipe, vram_gb)
-    print(format_plan(plan, source))
+    as_is = plan_recipe(recipe, vram_gb)
+    print(format_plan(as_is, source))
+    if as_is.fits(vram_gb):
+        return recipe
+    plan = choose_overrides(recipe, vram_gb)  # raises DoesNotFit after the table is out
+    print(f"\nwith the overrides:\n{format_plan(plan, source)}")
     return apply_overrides(recipe, plan.overrides) if apply else recipe

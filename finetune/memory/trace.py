@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.memory.architecture import BLOCK_COUNT_KEYS, build_meta, keeps_fp32
@@ -50,19 +51,53 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+class _ValueFree(TorchDispatchMode):
+    """Answers the few ops whose result depends on tensor values, which fake tensors do not
+    have: a tensor read as a Python scalar (``if mask.all():``) reads as 1/True, and ``nonzero``
+    (also behind boolean-mask indexing) selects every position. Models that gather the valid
+    prompt tokens by their mask (Mochi, HunyuanVideo-1.5) thus trace full-length prompts; where
+    a model also gathers the padding side (HunyuanVideo-1.5), its text tokens count twice: an
+    overestimate of at most the text length, against tens of thousands of video tokens."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return True if args[0].dtype == torch.bool else 1
+        if func is torch.ops.aten.nonzero.default:
+            return _every_position(args[0])
+        if func is torch.ops.aten.index.Tensor and any(_is_mask(i) for i in args[1]):
+            indices = []
+            for i in args[1]:
+                indices += list(_every_position(i).unbind(-1)) if _is_mask(i) else [i]
+            return func(args[0], indices)
+        return func(*args, **kwargs)
+
+
+def _is_mask(t: torch.Tensor | None) -> bool:
+    return t is not None and t.dtype in (torch.bool, torch.uint8)
+
+
+def _every_position(t: torch.Tensor) -> torch.Tensor:
+    """What ``nonzero(t)`` returns when every element is nonzero: [numel, ndim] indices."""
+    grids = torch.meshgrid(*[torch.arange(n, device=t.device) for n in t.shape], indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], dim=-1)
+
+
 @contextlib.contextmanager
-def _flash_attention():
-    """SDPA without the mask, so the fused kernel is picked and counted (module docstring)."""
-    real = F.scaled_dot_product_attention
+def _traceable(mode: FakeTensorMode):
+    """Fake tensors, value-free answers (:class:`_ValueFree`) and SDPA without the mask, so the
+    fused kernel is picked and counted (module docstring)."""
+    real_sdpa = F.scaled_dot_product_attention
 
     def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
-        return real(query, key, value, None, *args, **kwargs)
+        return real_sdpa(query, key, value, None, *args, **kwargs)
 
     F.scaled_dot_product_attention = sdpa
     try:
-        yield
+        with mode, _ValueFree():
+            yield
     finally:
-        F.scaled_dot_product_attention = real
+        F.scaled_dot_product_attention = real_sdpa
 
 
 def _fake_model(full: FullSize, dtype: torch.dtype, mode: FakeTensorMode) -> torch.nn.Module:
@@ -129,7 +164,7 @@ def trace_transformer(fam: type[Family], checkpoint: str, task: str, frames: int
         hooks.append(block.register_forward_pre_hook(functools.partial(enter, kind), with_kwargs=True))
         hooks.append(block.register_forward_hook(leave))
     try:
-        with mode, _flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _traceable(mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             latents = torch.zeros(latent_shape, dtype=dtype, requires_grad=True)
             cond = {k: torch.zeros(shape, dtype=dt) for k, (shape, dt) in cond_shapes.items()}
             family.predict(model, latents, torch.full((1,), 500.0), cond, fps)
