@@ -73,7 +73,8 @@ def param_dtype(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.
 def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantization: str = "none",
                  prefix: str = "") -> int:
     """Bytes of the frozen parameters of ``model`` (those under ``prefix``) loaded in ``dtype`` and
-    quantised as ``quantization`` (module docstring). Buffers are counted in their own dtype."""
+    quantised as ``quantization`` (module docstring). Floating buffers count in the load dtype
+    too (loading casts them); integer buffers as they are."""
     total = 0.0
     quantised: set[str] = set()
     if quantization != "none":
@@ -87,8 +88,9 @@ def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantization: str =
         if name.startswith(prefix) and name not in quantised:
             total += p.numel() * torch.empty((), dtype=param_dtype(model, name, dtype)).element_size()
     for name, b in model.named_buffers():
-        if name.startswith(prefix):
-            total += b.numel() * b.element_size()
+        if name.startswith(prefix):  # floating buffers are cast with the model, as loading does
+            buf_dtype = param_dtype(model, name, dtype) if b.is_floating_point() else b.dtype
+            total += b.numel() * torch.empty((), dtype=buf_dtype).element_size()
     return int(total)
 
 
