@@ -7,8 +7,9 @@ full-size configs built on the meta device) and from a trace of the real transfo
 
 Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
   caching     text encoder(s), image encoder and VAE weights + the VAE's encode working memory
-              (an estimate: 3 feature maps of its first convolution's width over 1 + temporal
-              factor frames, the chunk causal video VAEs encode at a time)
+              (an estimate, not a trace: 3 feature maps of its first convolution's width over
+              1 + temporal factor frames, the chunk causal video VAEs encode at a time, at the
+              resolution after the VAE's own pixel patchify if it has one)
   training    frozen transformer weights as loaded (dtype, quantisation, block swap; both experts
               unless ``memory.offload_idle_expert``), LoRA parameters (fp32, 4 B), their
               gradients (fp32, 4 B, one expert at a time), optimizer state (AdamW: 8 B/param,
@@ -41,8 +42,13 @@ RUNTIME_OVERHEAD = int(0.5 * GIB)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIM_BYTES = {"adamw": 8, "adamw8bit": 2}
 LORA_BYTES = 4  # fp32 masters, and fp32 gradients
-# Settings the planner may choose that the trainer does not run yet (train_lora refuses them).
-NOT_IMPLEMENTED = {"model.quantization": "fp8", "memory.blocks_to_swap": 0, "memory.activation_offload": False}
+# Settings the planner may choose that the trainer does not run yet (train_lora refuses them):
+# key -> whether a value of it needs what is missing. Drop an entry when its feature lands.
+NOT_IMPLEMENTED = {
+    "model.quantization": lambda v: v == "fp8",
+    "memory.blocks_to_swap": lambda v: v != 0,
+    "memory.activation_offload": lambda v: v is True,
+}
 
 
 class PlannerError(UserError):
@@ -149,7 +155,9 @@ def _vae_working(vae: torch.nn.Module, frames: int, height: int, width: int, tem
     conv = next((m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
     width_c = conv.out_channels if conv is not None else 128
     size = torch.empty((), dtype=dtype).element_size()
-    return 3 * width_c * min(frames, temporal + 1) * height * width * size
+    patch = getattr(vae.config, "patch_size", None)  # VAEs that patchify pixels first convolve at 1/patch
+    area = height * width // (patch * patch if isinstance(patch, int) and patch > 1 else 1)
+    return 3 * width_c * min(frames, temporal + 1) * area * size
 
 
 def _dtype_of(part: FullSize, dtype: torch.dtype) -> torch.dtype:
@@ -373,10 +381,10 @@ def format_plan(plan: Plan, source: str = "") -> str:
     if plan.overrides:
         lines.append("overrides to add (the cheapest that fit):")
         lines += [f"  {k}={_fmt(v)}" for k, v in plan.overrides.items()]
-        pending = [k for k, v in plan.overrides.items() if k in NOT_IMPLEMENTED and v != NOT_IMPLEMENTED[k]
-                   and (k != "model.quantization" or v == "fp8")]
+        pending = [f"{k}={_fmt(v)}" for k, v in plan.overrides.items() if k in NOT_IMPLEMENTED and NOT_IMPLEMENTED[k](v)]
         if pending:
-            lines.append(f"  note: {', '.join(pending)} planned but not run by the trainer yet")
+            lines.append(f"  note: {', '.join(pending)}: planned with (fp8 as 1 B/weight + a float32 scale per "
+                         f"row) but not run by the trainer yet")
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -388,8 +396,7 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
 
 def check_implemented(recipe: Recipe) -> None:
     """Raise NotImplementedYet for memory settings the trainer does not run yet."""
-    bad = [f"{k}={_fmt(_current(recipe, k))}" for k, off in NOT_IMPLEMENTED.items()
-           if (_current(recipe, k) == "fp8" if k == "model.quantization" else _current(recipe, k) != off)]
+    bad = [f"{k}={_fmt(_current(recipe, k))}" for k, needs in NOT_IMPLEMENTED.items() if needs(_current(recipe, k))]
     if bad:
         raise NotImplementedYet(f"{', '.join(bad)}: planned by the memory planner but not implemented by the trainer "
                                 f"yet; remove {'it' if len(bad) == 1 else 'them'} (or plan with a larger --vram)")
