@@ -145,7 +145,8 @@ class WanBase(Family):
         """Latents [1, C, f, h, w]; umT5 states [1, L, 4096]; for concat i2v the 4 mask + C
         first-frame channels (and the CLIP ViT-H patch states [1, 257, 1280] where the
         checkpoint has an image encoder), for first_frame i2v the clean first latent frame."""
-        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // cls.vae_spatial, width // cls.vae_spatial
+        s = cls.vae_spatial
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // s, width // s
         c, bf16 = cls.latent_channels, torch.bfloat16
         cond = {"prompt_embeds": ((1, text_len, 4096), bf16)}
         if task == "i2v" and cls.i2v_kind == "concat":

@@ -171,31 +171,52 @@ def _label(dtype: torch.dtype) -> str:
 def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
     """Predict every phase of ``recipe`` (module docstring). Loads no weights; raises PlannerError."""
     fam, ckpt, parts = checkpoint_parts(recipe)
-    dtype, d, o, mem = DTYPES[recipe.model.dtype], recipe.data, recipe.optim, recipe.memory
-    quant = recipe.model.quantization
+    d = recipe.data
     trace = trace_transformer(fam, ckpt, recipe.model.task, d.frames, d.height, d.width, recipe.fps)
-    latent_shape, _ = fam.planning_inputs(recipe.model.task, d.frames, d.height, d.width, fam.max_sequence_length)
+    cache, enc_bytes, vae_work = caching_phase(recipe, d.frames)
+    train = training_phase(recipe, trace)
+    phases = [cache, train]
+    v = recipe.validation
+    if v.prompts:  # everything resident at once while rendering
+        val = Phase("validation")
+        val.items += [it for it in train.items if "frozen weights" in it[0] or it[0].startswith("LoRA param")]
+        val.items += [(f"{n} ({_label(_dtype_of(parts[n], DTYPES[recipe.model.dtype]))})", b)
+                      for n, b in enc_bytes.items()]
+        branches = 2 if v.guidance > 1 else 1
+        denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
+        val.items.append((f"denoising activations ({branches} guidance branch{'es' if branches > 1 else ''}) "
+                          f"/ VAE decode", max(denoise, vae_work)))
+        val.items.append(("runtime overhead", RUNTIME_OVERHEAD))
+        phases.append(val)
+    latent, _ = fam.planning_inputs(recipe.model.task, d.frames, d.height, d.width, fam.max_sequence_length)
+    tokens = latent[2] * latent[3] * latent[4] // _patch_area(parts["transformer"])
+    return Plan(recipe, ckpt, tokens, phases, vram_gb)
 
-    # Transformers: resident frozen weights, LoRA of the trained ones.
+
+def training_phase(recipe: Recipe, trace: Trace) -> Phase:
+    """Resident frozen transformer weights, the trained experts' LoRA, gradients and optimizer
+    state, activations and workspace of one step (module docstring)."""
+    fam, ckpt, parts = checkpoint_parts(recipe)
+    dtype, o, mem, quant = DTYPES[recipe.model.dtype], recipe.optim, recipe.memory, recipe.model.quantization
     names = [n for n in ("transformer", "transformer_2") if n in parts]
-    trained_attrs = {e.attr for e in _experts(fam, ckpt, recipe.model.task)
-                     if recipe.model.experts is None or e.name in recipe.model.experts}
-    on_card = names[:1] if (mem.offload_idle_expert and len(names) > 1) else names
+    trained = [e.attr for e in _experts(fam, ckpt, recipe.model.task)
+               if recipe.model.experts is None or e.name in recipe.model.experts]
+    on_card = trained[:1] if (mem.offload_idle_expert and len(names) > 1) else names
     train = Phase("training")
     blocks = blocks_of(parts["transformer"], dtype, quant)
-    lora_each = {n: lora_param_count(build_meta(parts[n]), recipe.lora_targets, recipe.lora.rank) for n in names}
     for n in on_card:
         wb = weight_bytes(build_meta(parts[n]), dtype, quant)
         swap = min(mem.blocks_to_swap, blocks.total)
-        if swap:
+        if swap:  # N blocks leave; one block plus one prefetch buffer stay
             wb -= swap * sum(blocks.counts[k] * blocks.bytes_each[k] for k in blocks.counts) // blocks.total
             wb += 2 * blocks.largest
         label = f"{n} frozen weights ({quant if quant != 'none' else _label(dtype)}"
         train.items.append((label + (f", {swap} blocks swapped)" if swap else ")"), wb))
-    lora_params = sum(lora_each[n] for n in trained_attrs if n in lora_each)
+    lora_each = {n: lora_param_count(build_meta(parts[n]), recipe.lora_targets, recipe.lora.rank) for n in trained}
+    lora_params = sum(lora_each.values())
     train.items += [
         (f"LoRA parameters (r={recipe.lora.rank}, {lora_params / 1e6:.1f}M, fp32)", lora_params * LORA_BYTES),
-        ("LoRA gradients (fp32, one expert)", max(lora_each[n] for n in trained_attrs if n in lora_each) * LORA_BYTES),
+        ("LoRA gradients (fp32, one expert)", max(lora_each.values()) * LORA_BYTES),
         (f"optimizer state ({o.optimizer})", lora_params * OPTIM_BYTES[o.optimizer]),
     ]
     acts, work = activation_bytes(trace, blocks.counts, mem.gradient_checkpointing, mem.activation_offload)
@@ -204,23 +225,7 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
                      acts * o.batch_size),
                     ("backward workspace", work * o.batch_size),
                     ("runtime overhead", RUNTIME_OVERHEAD)]
-
-    cache, enc_bytes, vae_work = caching_phase(recipe, d.frames)
-    # Validation: everything resident at once while rendering.
-    phases = [cache, train]
-    v = recipe.validation
-    if v.prompts:
-        val = Phase("validation")
-        val.items += [it for it in train.items if "frozen weights" in it[0] or it[0].startswith("LoRA param")]
-        val.items += [(f"{n} ({_label(_dtype_of(parts[n], dtype))})", b) for n, b in enc_bytes.items()]
-        branches = 2 if v.guidance > 1 else 1
-        denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
-        val.items.append((f"denoising activations ({branches} guidance branch{'es' if branches > 1 else ''}) "
-                          f"/ VAE decode", max(denoise, vae_work)))
-        val.items.append(("runtime overhead", RUNTIME_OVERHEAD))
-        phases.append(val)
-    tokens = latent_shape[2] * latent_shape[3] * latent_shape[4] // _patch_area(parts["transformer"])
-    return Plan(recipe, ckpt, tokens, phases, vram_gb)
+    return train
 
 
 def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], int]:
@@ -381,7 +386,8 @@ def format_plan(plan: Plan, source: str = "") -> str:
     if plan.overrides:
         lines.append("overrides to add (the cheapest that fit):")
         lines += [f"  {k}={_fmt(v)}" for k, v in plan.overrides.items()]
-        pending = [f"{k}={_fmt(v)}" for k, v in plan.overrides.items() if k in NOT_IMPLEMENTED and NOT_IMPLEMENTED[k](v)]
+        pending = [f"{k}={_fmt(v)}" for k, v in plan.overrides.items()
+                   if k in NOT_IMPLEMENTED and NOT_IMPLEMENTED[k](v)]
         if pending:
             lines.append(f"  note: {', '.join(pending)}: planned with (fp8 as 1 B/weight + a float32 scale per "
                          f"row) but not run by the trainer yet")
