@@ -103,6 +103,19 @@ class MemoryConfig(_Section):
         "gpu", description="Text encoders while caching: on the GPU, in CPU memory, or on the GPU with int8/fp8 "
                            "block weights (finetune/memory/encoders.py)."
     )
+    # Planner fields (finetune/memory/planner.py); train_lora.py reads them before training.
+    vram_gb: float | None = Field(
+        None, gt=0, le=4096, description="Accelerator memory (GiB) the memory planner plans for; null = not planned."
+    )
+    auto: bool = Field(
+        False, description="Apply the memory planner's cheapest overrides that fit memory.vram_gb before training."
+    )
+    blocks_to_swap: int = Field(
+        0, ge=0, le=512, description="Transformer blocks kept in host memory and streamed in per step (block swap)."
+    )
+    activation_offload: bool = Field(
+        False, description="Keep the activations saved for backward in host memory between forward and backward."
+    )
 
 
 class CacheConfig(_Section):

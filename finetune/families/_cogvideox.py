@@ -39,9 +39,10 @@ import diffusers
 import torch
 import transformers
 
+from finetune.families._encoders import T5_XXL
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config, tiny_t5_tokenizer
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 
 # scheduler/scheduler_config.json of the THUDM/CogVideoX repos (2B: snr_shift_scale 3.0; 5B, 5B-I2V and
 # 1.5: 1.0). The families read the schedule from the loaded scheduler; the tiny builds use these.
@@ -57,6 +58,30 @@ SCHEDULER_CONFIG = dict(
     rescale_betas_zero_snr=True,
     timestep_spacing="trailing",
 )
+# Full-size transformer configs of the released checkpoints (their transformer/config.json), for
+# the memory planner; the VAE is AutoencoderKLCogVideoX's defaults (the released VAE, 16 latent
+# channels, 8x spatial, 4x temporal) and the text encoder T5-XXL (v1.1). From the model cards'
+# configs as diffusers' conversion script writes them; not re-read from the hub this session.
+COGVIDEOX_2B = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
+                    flip_sin_to_cos=True, freq_shift=0, time_embed_dim=512, text_embed_dim=4096, num_layers=30,
+                    sample_width=90, sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+                    activation_fn="gelu-approximate", norm_elementwise_affine=True, norm_eps=1e-5,
+                    spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0,
+                    use_rotary_positional_embeddings=False, use_learned_positional_embeddings=False)
+COGVIDEOX_5B = {**COGVIDEOX_2B, "num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True}
+COGVIDEOX_5B_I2V = {**COGVIDEOX_5B, "in_channels": 32, "use_learned_positional_embeddings": True}
+COGVIDEOX15_5B = {**COGVIDEOX_5B, "patch_size_t": 2, "patch_bias": False, "sample_height": 300, "sample_width": 300,
+                  "sample_frames": 81}
+COGVIDEOX15_5B_I2V = {**COGVIDEOX15_5B, "in_channels": 32, "ofs_embed_dim": 512}
+
+
+def cogvideox_full_size(transformer: dict) -> dict[str, FullSize]:
+    """One CogVideoX checkpoint: ``transformer``, the CogVideoX VAE and T5-XXL."""
+    return {"transformer": FullSize(diffusers.CogVideoXTransformer3DModel, transformer),
+            "vae": FullSize(diffusers.AutoencoderKLCogVideoX, {}),
+            "text_encoder": FullSize(transformers.T5EncoderModel, T5_XXL)}
+
+
 # The constant ofs value CogVideoXImageToVideoPipeline gives 1.5 I2V (and the official trainer trains with).
 OFS = 2.0
 
@@ -85,6 +110,18 @@ class CogVideoXBase(Family):
         # the VAE's spatial factor as the pipelines compute it
         self._vae_spatial = 2 ** (len(vae.config.block_out_channels) - 1) if vae else self.spatial_factor // self._patch
         self._check_checkpoint()
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 16, f, h, w] (8x spatial, 4x temporal), T5 states [1, L, 4096]; i2v adds the
+        image latents over the frames the transformer sees (1.5 pads f to its 2-frame patches)."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 8, width // 8
+        cond = {"prompt_embeds": ((1, text_len, 4096), torch.bfloat16)}
+        if task == "i2v":
+            padded = f + ((-f) % cls.patch_size_t if cls.patch_size_t else 0)
+            cond["image_latents"] = ((1, 16, padded, h, w), torch.bfloat16)
+        return (1, 16, f, h, w), cond
 
     # --- loading ---
     @classmethod

@@ -10,8 +10,9 @@ import diffusers
 import torch
 import transformers
 
+from finetune.families._encoders import T5_XXL
 from finetune.families._loading import load_transformer
-from finetune.families.base import Components, Family, FrameRule, ModelSpec
+from finetune.families.base import Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 
 # diffusers module name -> name in the original LTX-Video checkpoint (ltx_video/models/transformers,
@@ -36,6 +37,35 @@ LTX_KEY_MAP = KeyMap((
 VAE_095_BLOCK = "LTXVideo095DownBlock3D"
 
 
+# Full-size configs for the memory planner. LTX-Video 2B (0.9.0 to 0.9.5: 32 heads x 64, cross
+# dim 2048, 28 layers) and 13B (0.9.7/0.9.8: 32 heads x 128, cross dim 4096, 48 layers) as quoted
+# from their transformer/config.json in public code (code search, this session). The 0.9.0 VAE is
+# AutoencoderKLLTXVideo's defaults; the 0.9.5+ VAE (timestep-conditioned decoder, 4x4 patchify,
+# 0.9.5 down blocks) as diffusers' conversion script sets it -- not re-read from the hub.
+LTX_2B = dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+              attention_head_dim=64, cross_attention_dim=2048, num_layers=28, activation_fn="gelu-approximate",
+              qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096,
+              attention_bias=True, attention_out_bias=True)
+LTX_13B = {**LTX_2B, "attention_head_dim": 128, "cross_attention_dim": 4096, "num_layers": 48}
+LTX_VAE_095 = dict(
+    block_out_channels=(128, 256, 512, 1024, 2048), down_block_types=(VAE_095_BLOCK,) * 4,
+    decoder_block_out_channels=(256, 512, 1024), layers_per_block=(4, 6, 6, 2, 2),
+    decoder_layers_per_block=(5, 5, 5, 5), spatio_temporal_scaling=(True, True, True, True),
+    decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(False, False, False, False),
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=True,
+    patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, encoder_causal=True, decoder_causal=False,
+    spatial_compression_ratio=32, temporal_compression_ratio=8,
+)
+
+
+def ltx_full_size(transformer: dict, vae: dict) -> dict[str, FullSize]:
+    """One LTX-Video checkpoint: ``transformer``, the VAE and T5-XXL."""
+    return {"transformer": FullSize(diffusers.LTXVideoTransformer3DModel, transformer),
+            "vae": FullSize(diffusers.AutoencoderKLLTXVideo, vae),
+            "text_encoder": FullSize(transformers.T5EncoderModel, T5_XXL)}
+
+
 class LTXBase(Family):
     """Shared LTX-Video machinery: loading, the T5 text path, VAE latent normalisation, the
     pipeline and its call arguments, the compression check. ``pipeline_class`` (LTXPipeline or
@@ -49,6 +79,18 @@ class LTXBase(Family):
     decode_noise_scale: ClassVar[float] = 0.025
     # Whether the family's checkpoints have the 0.9.5+ VAE (checked on load).
     vae_095: ClassVar[bool] = False
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 128, f, h, w] (32x spatial, 8x temporal), T5 states [1, L, 4096] and their
+        mask; i2v (0.9.5) adds the clean first latent frame."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 32, width // 32
+        cond = {"prompt_embeds": ((1, text_len, 4096), torch.bfloat16),
+                "prompt_attention_mask": ((1, text_len), torch.bfloat16)}
+        if task == "i2v":
+            cond["first_latent"] = ((1, 128, 1, h, w), torch.bfloat16)
+        return (1, 128, f, h, w), cond
 
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)

@@ -144,6 +144,18 @@ class Noised:
     loss_mask: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class FullSize:
+    """One component of a released checkpoint as data, for the memory planner: the class the
+    checkpoint loads into and the values of its ``config.json`` (the model is then built from
+    them on the meta device, never with weights). ``dtype``: the dtype the family loads it in
+    when that is not the recipe's (the Wan VAE in float32); None = the recipe's."""
+
+    cls: type
+    config: dict[str, Any]
+    dtype: torch.dtype | None = None
+
+
 # components.extra key of a tiny build's prompt length
 TEXT_LEN_KEY = "max_sequence_length"
 # components.extra key of a tiny build's default conditioning-video length (continue task)
@@ -220,6 +232,27 @@ class Family(ABC):
         """The model's trainable transformers with their noise ranges; one full-range expert
         unless the family has several."""
         return [Expert("transformer", "transformer")]
+
+    # --- facts for the memory planner (finetune/memory) ---
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """The released checkpoints of ``task`` as data: checkpoint id -> Components attribute
+        name ("transformer", "transformer_2", "vae", "text_encoder", "text_encoder_2",
+        "image_encoder") -> :class:`FullSize`. The planner builds them on the meta device to count
+        parameters and trace one block, offline. Raises NotImplementedError until a family
+        provides them."""
+        raise NotImplementedError(f"{cls.name}: no full-size configs for the memory planner; implement "
+                                  f"{cls.__name__}.full_size_configs (see finetune/families/wan.py)")
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Shapes of what :meth:`predict` takes for one clip of ``frames`` x ``height`` x ``width``
+        pixels at full size: the latent shape [1, C, f, h, w] and ``cond`` as key -> (shape,
+        dtype), with ``text_len`` text tokens. The planner makes fake tensors of them to trace the
+        transformer. Raises NotImplementedError until a family provides them."""
+        raise NotImplementedError(f"{cls.name}: no planning inputs for the memory planner; implement "
+                                  f"{cls.__name__}.planning_inputs (see finetune/families/_wan.py)")
 
     # --- loading ---
     @classmethod

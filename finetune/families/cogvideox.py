@@ -16,8 +16,15 @@ from typing import ClassVar
 import diffusers
 
 from finetune.families import register
-from finetune.families._cogvideox import SCHEDULER_CONFIG, CogVideoXBase
-from finetune.families.base import TEXT_LEN_KEY, Components
+from finetune.families._cogvideox import (
+    COGVIDEOX_2B,
+    COGVIDEOX_5B,
+    COGVIDEOX_5B_I2V,
+    SCHEDULER_CONFIG,
+    CogVideoXBase,
+    cogvideox_full_size,
+)
+from finetune.families.base import TEXT_LEN_KEY, Components, FullSize
 
 
 @register
@@ -28,6 +35,14 @@ class CogVideoXFamily(CogVideoXBase):
     default_fps = 8  # CogVideoX 1.0 generates 49 frames at 8 fps (model cards)
     patch_size_t = None
     other_generation = ("cogvideox15", "THUDM/CogVideoX1.5-5B")
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """CogVideoX 2B and 5B (t2v), 5B-I2V."""
+        if task == "i2v":
+            return {"THUDM/CogVideoX-5b-I2V": cogvideox_full_size(COGVIDEOX_5B_I2V)}
+        return {"THUDM/CogVideoX-2b": cogvideox_full_size(COGVIDEOX_2B),
+                "THUDM/CogVideoX-5b": cogvideox_full_size(COGVIDEOX_5B)}
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

@@ -15,8 +15,14 @@ from typing import ClassVar
 import diffusers
 
 from finetune.families import register
-from finetune.families._cogvideox import SCHEDULER_CONFIG, CogVideoXBase
-from finetune.families.base import TEXT_LEN_KEY, Components
+from finetune.families._cogvideox import (
+    COGVIDEOX15_5B,
+    COGVIDEOX15_5B_I2V,
+    SCHEDULER_CONFIG,
+    CogVideoXBase,
+    cogvideox_full_size,
+)
+from finetune.families.base import TEXT_LEN_KEY, Components, FullSize
 
 
 @register
@@ -27,6 +33,11 @@ class CogVideoX15Family(CogVideoXBase):
     default_fps = 16  # CogVideoX 1.5 generates 81 frames at 16 fps (model card)
     patch_size_t = 2
     other_generation = ("cogvideox", "THUDM/CogVideoX-5b")
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """CogVideoX 1.5 5B (t2v) and 5B-I2V."""
+        return {cls.model_id_for(task): cogvideox_full_size(COGVIDEOX15_5B_I2V if task == "i2v" else COGVIDEOX15_5B)}
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

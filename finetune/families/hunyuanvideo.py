@@ -35,6 +35,7 @@ from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video_image2video
 from PIL import Image
 
 from finetune.families import register
+from finetune.families._encoders import CLIP_L_336_VISION, CLIP_L_TEXT, LLAMA3_8B
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
@@ -42,7 +43,7 @@ from finetune.families._tiny import (
     tiny_clip_tokenizer,
     tiny_llama3_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 
 # Mirrors scheduler/scheduler_config.json of hunyuanvideo-community/HunyuanVideo: Euler with flow shift 7.
 _SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=7.0, use_dynamic_shifting=False, base_image_seq_len=256,
@@ -136,6 +137,44 @@ class HunyuanVideoFamily(Family):
             text_encoder = transformers.LlamaModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra,
                           image_processor=image_processor, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """HunyuanVideo 13B: HunyuanVideoTransformer3DModel (20 dual-stream + 40 single-stream
+        blocks, 24 heads x 128), AutoencoderKLHunyuanVideo, Llama-3-8B (I2V: llava-llama-3-8b with
+        its CLIP ViT-L/14-336 tower) and CLIP ViT-L/14 text. The class defaults are the community
+        diffusers repos' configs; I2V adds token_replace. Not re-read from the hub this session
+        (the I2V repo's guidance_embeds is assumed true)."""
+        transformer = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                           num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+                           patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
+                           pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=[16, 56, 56])
+        text_encoder = FullSize(transformers.LlamaModel, LLAMA3_8B)
+        if task == "i2v":
+            transformer["image_condition_type"] = _I2V_KIND
+            text_encoder = FullSize(transformers.LlavaForConditionalGeneration, dict(
+                text_config=LLAMA3_8B, vision_config=CLIP_L_336_VISION, image_token_index=128257,
+                projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2))
+        return {cls.model_id_for(task): {
+            "transformer": FullSize(diffusers.HunyuanVideoTransformer3DModel, transformer),
+            "vae": FullSize(diffusers.AutoencoderKLHunyuanVideo, {}),
+            "text_encoder": text_encoder,
+            "text_encoder_2": FullSize(transformers.CLIPTextModel, CLIP_L_TEXT)}}
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 16, f, h, w] (8x spatial, 4x temporal), Llama states [1, L, 4096] with their
+        mask (I2V: plus the first frame's 576 image tokens pooled 4 to 1) and the pooled CLIP
+        embedding [1, 768]; I2V adds the clean first latent frame."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 8, width // 8
+        length = text_len + (576 // cls.image_embed_interleave if task == "i2v" else 0)
+        cond = {"prompt_embeds": ((1, length, 4096), torch.bfloat16),
+                "prompt_attention_mask": ((1, length), torch.bfloat16),
+                "pooled_prompt_embeds": ((1, 768), torch.bfloat16)}
+        if task == "i2v":
+            cond["first_latent"] = ((1, 16, 1, h, w), torch.bfloat16)
+        return (1, 16, f, h, w), cond
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

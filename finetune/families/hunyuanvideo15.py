@@ -39,9 +39,10 @@ from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15I
 from PIL import Image
 
 from finetune.families import register
+from finetune.families._encoders import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
 
 # components.extra keys: the CFG guider, and the tiny builds' shorter text/image token counts
 GUIDER_KEY = "guider"
@@ -187,6 +188,43 @@ class HunyuanVideo15Family(Family):
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={GUIDER_KEY: guider},
                           image_encoder=image_encoder, image_processor=image_processor,
                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """HunyuanVideo-1.5 8.3B at 480p and 720p (same weights layout; target_size 640 / 960):
+        the transformer config as quoted from the diffusers repos' transformer/config.json in
+        public code (code search, this session); AutoencoderKLHunyuanVideo15's defaults (32
+        channels, 16x), Qwen2.5-VL-7B's text model, byT5-small, and for i2v SigLIP so400m/384."""
+        out = {}
+        for res, target in (("480p", 640), ("720p", 960)):
+            parts = {
+                "transformer": FullSize(diffusers.HunyuanVideo15Transformer3DModel, dict(
+                    in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+                    num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+                    text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
+                    rope_axes_dim=[16, 56, 56], target_size=target, task_type=task, use_meanflow=False)),
+                "vae": FullSize(diffusers.AutoencoderKLHunyuanVideo15, {}),
+                "text_encoder": FullSize(transformers.Qwen2_5_VLTextModel, QWEN25_VL_7B_TEXT),
+                "text_encoder_2": FullSize(transformers.T5EncoderModel, BYT5_SMALL),
+            }
+            if task == "i2v":
+                parts["image_encoder"] = FullSize(transformers.SiglipVisionModel, SIGLIP_SO400M_384)
+            out[f"hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-{res}_{task}"] = parts
+        return out
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 32, f, h, w] (16x spatial, 4x temporal); Qwen states [1, L, 3584] and byT5
+        states [1, 256, 1472] with masks; the 33 conditioning channels and the SigLIP tokens
+        [1, 729, 1152] (zeros for t2v, as :meth:`predict` passes them)."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 16, width // 16
+        bf16 = torch.bfloat16
+        return (1, 32, f, h, w), {
+            "prompt_embeds": ((1, text_len, 3584), bf16), "prompt_embeds_mask": ((1, text_len), bf16),
+            "prompt_embeds_2": ((1, cls.byt5_max_length, 1472), bf16),
+            "prompt_embeds_mask_2": ((1, cls.byt5_max_length), bf16),
+            "condition": ((1, 33, f, h, w), bf16), "image_embeds": ((1, cls.vision_num_tokens, 1152), bf16)}
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

@@ -47,6 +47,7 @@ import transformers
 
 from finetune.errors import UserError
 from finetune.families import register
+from finetune.families._encoders import UMT5_XXL
 from finetune.families._loading import bnb_quantization_config
 from finetune.families._tiny import refill_zero_params, tiny_t5_encoder_config, tiny_t5_tokenizer
 from finetune.families._wan import WanBase
@@ -56,6 +57,7 @@ from finetune.families.base import (
     Components,
     Family,
     FrameRule,
+    FullSize,
     ModelSpec,
     Noised,
 )
@@ -169,6 +171,32 @@ class LongCatFamily(Family):
         tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
         return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """LongCat-Video 13.6B: our LongCatVideoTransformer3DModel's defaults are the released
+        dit/config.json (hidden 4096, depth 48, 32 heads, caption 4096, adaLN 512; not re-read from
+        the hub this session), the Wan 2.1 VAE (AutoencoderKLWan defaults) and umT5-XXL."""
+        return {cls.default_model_id: {
+            "transformer": FullSize(LongCatVideoTransformer3DModel, dict(
+                in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
+                mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2])),
+            "vae": FullSize(diffusers.AutoencoderKLWan, {}),
+            "text_encoder": FullSize(transformers.UMT5EncoderModel, UMT5_XXL)}}
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 16, f, h, w] (8x spatial, 4x temporal), umT5 states [1, L, 4096] and mask;
+        i2v and continue add the clean leading latent frames (1 image, or the default
+        conditioning frames)."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 8, width // 8
+        cond = {"prompt_embeds": ((1, text_len, 4096), torch.bfloat16),
+                "prompt_attention_mask": ((1, text_len), torch.int64)}
+        if task != "t2v":
+            n = 1 if task == "i2v" else cls.default_cond_frames
+            cond["cond_latents"] = ((1, 16, (n - 1) // cls.frame_rule.temporal_factor + 1, h, w), torch.bfloat16)
+        return (1, 16, f, h, w), cond
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

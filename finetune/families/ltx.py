@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from finetune.families import register
-from finetune.families._ltx import LTXBase
+from finetune.families._ltx import LTX_2B, LTXBase, ltx_full_size
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -24,7 +24,7 @@ from finetune.families._tiny import (
     tiny_t5_encoder_config,
     tiny_t5_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components
+from finetune.families.base import TEXT_LEN_KEY, Components, FullSize
 
 # Mirrors scheduler/scheduler_config.json of Lightricks/LTX-Video: flow-matching Euler whose
 # shift grows with the latent token count (1024 -> 0.95, 4096 -> 2.05, exponential).
@@ -57,6 +57,11 @@ class LTXFamily(LTXBase):
     max_sequence_length: ClassVar[int] = 128
 
     # --- loading ---
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """LTX-Video 0.9.0/0.9.1 2B with the 0.9.0 VAE."""
+        return {cls.default_model_id: ltx_full_size(LTX_2B, {})}
+
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:
         """Same classes as the real model: 2-layer transformer (4 heads x 8), a VAE with 8

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from finetune.families import register
-from finetune.families._ltx import VAE_095_BLOCK, LTXBase
+from finetune.families._ltx import LTX_2B, LTX_13B, LTX_VAE_095, VAE_095_BLOCK, LTXBase, ltx_full_size
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -34,7 +34,7 @@ from finetune.families._tiny import (
     tiny_t5_encoder_config,
     tiny_t5_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, FullSize, Noised
 
 Pipeline = diffusers.LTXConditionPipeline
 # Scheduler of the 0.9.5 / 0.9.7 diffusers repos (diffusers' convert_ltx_to_diffusers.py): plain
@@ -94,6 +94,13 @@ class LTXV095Family(LTXBase):
             vae.latents_mean.copy_(torch.tensor(mean))
             vae.latents_std.copy_(torch.tensor(std))
         return vae
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """LTX-Video 0.9.5 2B and the 13B 0.9.7/0.9.8 dev checkpoints, with the 0.9.5 VAE."""
+        two, thirteen = ltx_full_size(LTX_2B, LTX_VAE_095), ltx_full_size(LTX_13B, LTX_VAE_095)
+        return {"Lightricks/LTX-Video-0.9.5": two, "Lightricks/LTX-Video-0.9.7-dev": thirteen,
+                "Lightricks/LTX-Video-0.9.8-dev": thirteen}
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

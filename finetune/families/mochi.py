@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from finetune.families import register
+from finetune.families._encoders import T5_XXL
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
@@ -30,7 +31,7 @@ from finetune.families._tiny import (
     tiny_t5_encoder_config,
     tiny_t5_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 
 # Mirrors scheduler/scheduler_config.json of genmo/mochi-1-preview: plain flow-matching Euler with
 # inverted sigmas (time 0 = noise), no shift.
@@ -82,6 +83,27 @@ class MochiFamily(Family):
         tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
         return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """Mochi 1 preview: MochiTransformer3DModel (48 layers, 24 heads x 128, 12 latent channels)
+        and AutoencoderKLMochi with their class defaults, which diffusers set to the released
+        checkpoint (not re-read from the hub this session), and T5-XXL."""
+        return {cls.default_model_id: {
+            "transformer": FullSize(diffusers.MochiTransformer3DModel, dict(
+                patch_size=2, num_attention_heads=24, attention_head_dim=128, num_layers=48,
+                pooled_projection_dim=1536, in_channels=12, qk_norm="rms_norm", text_embed_dim=4096,
+                time_embed_dim=256, activation_fn="swiglu", max_sequence_length=256)),
+            "vae": FullSize(diffusers.AutoencoderKLMochi, {}),
+            "text_encoder": FullSize(transformers.T5EncoderModel, T5_XXL)}}
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 12, f, h, w] (8x spatial, 6x temporal), T5 states [1, L, 4096] and mask."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 8, width // 8
+        return (1, 12, f, h, w), {"prompt_embeds": ((1, text_len, 4096), torch.bfloat16),
+                                  "prompt_attention_mask": ((1, text_len), torch.bool)}
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

@@ -1,6 +1,7 @@
 """Fitting big models in little memory: fp8 frozen weights quantised while loading
-(:mod:`finetune.memory.fp8`) and quantised or CPU-resident text encoders for caching
-(:mod:`finetune.memory.encoders`). Families contribute facts only; the machinery lives here."""
+(:mod:`finetune.memory.fp8`), quantised or CPU-resident text encoders for caching
+(:mod:`finetune.memory.encoders`), and the planner that predicts peak memory per phase from the
+real architecture (:mod:`finetune.memory.planner`). Families contribute facts only; the machinery lives here."""
 
 import logging
 
