@@ -45,7 +45,6 @@ LORA_BYTES = 4  # fp32 masters, and fp32 gradients
 # Settings the planner may choose that the trainer does not run yet (train_lora refuses them):
 # key -> whether a value of it needs what is missing. Drop an entry when its feature lands.
 NOT_IMPLEMENTED = {
-    "model.quantization": lambda v: v == "fp8",
     "memory.blocks_to_swap": lambda v: v != 0,
     "memory.activation_offload": lambda v: v is True,
 }
@@ -235,9 +234,20 @@ def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], i
     dtype, d = DTYPES[recipe.model.dtype], recipe.data
     cache = Phase("caching")
     encoders = [n for n in ("text_encoder", "text_encoder_2", "image_encoder", "vae") if n in parts]
-    enc_bytes = {n: weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype)) for n in encoders}
+    # memory.text_encoder: text encoders on the card in the load dtype, in CPU memory (nothing on
+    # the card), or with int8/fp8 block weights (1 byte + a per-row scale, as the transformer's)
+    mode = recipe.memory.text_encoder
+    enc_bytes, labels = {}, {}
     for n in encoders:
-        cache.items.append((f"{n} ({_label(_dtype_of(parts[n], dtype))})", enc_bytes[n]))
+        label = _label(_dtype_of(parts[n], dtype))
+        if n.startswith("text_encoder") and mode == "cpu":
+            enc_bytes[n], labels[n] = 0, "in CPU memory"
+        elif n.startswith("text_encoder") and mode in ("int8", "fp8"):
+            enc_bytes[n], labels[n] = weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype), mode), mode
+        else:
+            enc_bytes[n], labels[n] = weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype)), label
+    for n in encoders:
+        cache.items.append((f"{n} ({labels[n]})", enc_bytes[n]))
     vae_work = 0
     if "vae" in parts:
         vae_work = _vae_working(build_meta(parts["vae"]), frames, d.height, d.width, fam.frame_rule.temporal_factor,
@@ -312,23 +322,30 @@ def _changed(recipe: Recipe, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
     """The plan of ``recipe`` with the cheapest overrides that fit ``vram_gb`` GiB (in
-    ``plan.overrides``, only keys that change; empty if it fits as it is). Order of cost:
-    gradient checkpointing, AdamW8bit, fp8 weights, the fewest swapped blocks, activation
+    ``plan.overrides``, only keys that change; empty if it fits as it is). Order of cost: for a
+    caching phase that does not fit, the text encoder in fp8 or on the CPU first; then gradient
+    checkpointing, AdamW8bit, fp8 weights, the fewest swapped blocks, activation
     offload, then fewer frames (with a warning). Deterministic. Raises DoesNotFit naming the
     closest setting and its peak, InvalidVram for a bad size."""
     vram_gb = check_vram(vram_gb)
     plan = plan_recipe(recipe, vram_gb)
     if plan.fits(vram_gb):
         return plan
-    cache = caching_phase(recipe, 1)[0]
+    base: dict[str, Any] = {}
+    if recipe.memory.text_encoder == "gpu" and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
+        # the encoders alone are too big: the first lever is where the text encoder runs
+        for mode in ("fp8", "cpu"):
+            if caching_phase(_with(recipe, {"memory.text_encoder": mode}), 1)[0].peak <= vram_gb * GIB:
+                base["memory.text_encoder"] = mode
+                break
+    cache = caching_phase(_with(recipe, base), 1)[0]
     if cache.peak > vram_gb * GIB:  # no training setting changes the encoders
         biggest = max(cache.items, key=lambda it: it[1])
         raise DoesNotFit(f"{recipe.model.family} {plan.checkpoint}: the caching phase alone needs "
                          f"{cache.peak / GIB:.2f} GiB (its largest part: {biggest[0]}, {biggest[1] / GIB:.2f} GiB), "
                          f"more than {vram_gb:g} GiB, with any training setting; the closest is the recipe as it "
                          f"is, predicted peak {plan.peak / GIB:.2f} GiB ({plan.peak_phase}). Encode on a larger "
-                         f"card (the cache is reused) or with the text encoder quantised or on the CPU")
-    base: dict[str, Any] = {}
+                         f"card (the cache is reused)")
     for key, value in _stages(recipe):
         base[key] = value
         trial = _changed(recipe, base)
