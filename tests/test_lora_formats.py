@@ -21,10 +21,14 @@ from finetune.errors import UserError
 from finetune.families import ModelSpec, family_names, get_family
 from finetune.lora_formats import (
     COMFYUI_WEIGHT_NAME,
+    KeyMap,
+    Lora,
     LoraFormatError,
+    LoraModule,
     adaptable_modules,
     comfyui_weight_name,
     export_comfyui,
+    fused,
     lora_from_peft,
     read_lora,
     write_lora,
@@ -65,6 +69,8 @@ def adapted(name: str, rank: int = 8, alpha: float = 16.0, targets: list[str] | 
 # --- 1. key maps ---
 @pytest.mark.parametrize("name", family_names())
 def test_every_family_maps_each_lora_module_to_one_original_key_and_back(name):
+    """Every LoRA module maps to exactly one original key and back; fused original modules are
+    listed with their parts (all present in the model)."""
     cls, transformer = tiny_transformer(name)
     modules = adaptable_modules(transformer)
     assert modules, f"{name}: the tiny transformer has no adaptable modules"
@@ -94,7 +100,11 @@ def test_comfyui_file_uses_original_names_with_alpha_tensors(name, tmp_path):
     keys = load_file(str(path))
     assert all(k.startswith("diffusion_model.") for k in keys)
     alphas = [k for k in keys if k.endswith(".alpha")]
-    assert len(alphas) == len(lora.modules) and all(keys[k].item() == 16.0 for k in alphas)
+    # One per original module (a fused module holds its parts at rank 8 x parts, alpha 16 x parts).
+    assert len(alphas) == len({cls.comfyui_key_map().to_original(n) for n in lora.modules})
+    for k in alphas:
+        rank = keys[k.removesuffix("alpha") + "lora_A.weight"].shape[0]
+        assert keys[k].item() / rank == 16.0 / 8 and (rank == 8 or keys[k].item() != 16.0)
     assert not any(".attn1." in k or "lora_unet" in k for k in keys if name == "wan")
 
 
@@ -103,6 +113,9 @@ def test_diffusers_own_converter_reads_our_comfyui_file_to_the_same_update(name,
     """diffusers' lora_state_dict converts ComfyUI-named files itself; on the default targets it
     must give the same update B @ A * alpha / r as our import. (Its Wan converter bakes alpha
     into the weights; its LTX one only renames and passes ``.alpha`` through.)"""
+    if not hasattr(get_family(name).pipeline_class, "lora_state_dict"):
+        pytest.skip(f"{name}: diffusers' {get_family(name).pipeline_class.__name__} has no lora_state_dict "
+                    f"(no LoRA loader, so no converter of original names to check against)")
     cls, transformer, lora = adapted(name, rank=8, alpha=16.0, targets=list(get_family(name).default_lora_targets))
     path = write_lora(lora, tmp_path / "c.safetensors", "comfyui", cls.comfyui_key_map())
     theirs = cls.pipeline_class.lora_state_dict(load_file(str(path)))
@@ -130,6 +143,114 @@ def test_a_model_with_two_transformers_writes_one_comfyui_file_per_transformer(t
         back = read_lora(paths[name], cls.comfyui_key_map(name))
         assert back.info["transformer"] == name and (back.rank, back.alpha) == (lora.rank, lora.alpha)
         assert all(torch.equal(back.modules[n].up, m.up) for n, m in lora.modules.items())
+
+
+# --- fused original modules (q, k, v [, mlp] in one Linear) ---
+class _Split(torch.nn.Module):
+    """Diffusers-style block: q, k, v and an mlp input the original fuses as ``linear1`` (1:1:1:4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.ModuleDict({p: torch.nn.Linear(8, 6) for p in ("to_q", "to_k", "to_v")})
+        self.proj_mlp = torch.nn.Linear(8, 24)
+
+
+def _split_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([_Split(), _Split()])})
+
+
+_PARTS = ("blocks.{i}.attn.to_q", "blocks.{i}.attn.to_k", "blocks.{i}.attn.to_v", "blocks.{i}.proj_mlp")
+_FUSED_MAP = KeyMap((fused(_PARTS, "single_blocks.{i}.linear1", sizes=(1, 1, 1, 4)),))
+
+
+def _random_lora(names: list[str], rank: int, alpha: float) -> Lora:
+    gen = torch.Generator().manual_seed(1)
+    widths = {"proj_mlp": 24}
+    return Lora({n: LoraModule(torch.randn(rank, 8, generator=gen), torch.randn(widths.get(n.split(".")[-1], 6), rank,
+                                                                                   generator=gen), alpha)
+                 for n in names})
+
+
+def _apply(lora: Lora) -> dict[str, torch.Tensor]:
+    """The weight update peft applies to each module of the split model for ``lora``."""
+    model = peft.inject_adapter_in_model(peft.LoraConfig(**lora.peft_config()), _split_model())
+    result = peft.set_peft_model_state_dict(model, lora.peft_state_dict())
+    assert not result.unexpected_keys
+    return {n: m.get_delta_weight("default") for n, m in model.named_modules() if hasattr(m, "get_delta_weight")}
+
+
+def test_fused_map_lists_a_fused_module_with_its_parts():
+    names = adaptable_modules(_split_model())
+    assert _FUSED_MAP.problems(names) == []
+    assert _FUSED_MAP.match("single_blocks.1.linear1").names == tuple(p.format(i=1) for p in _PARTS)
+    assert _FUSED_MAP.problems(names[:2]) == ["single_blocks.0.linear1 fuses blocks.0.attn.to_q, blocks.0.attn.to_k, "
+                                              "blocks.0.attn.to_v, blocks.0.proj_mlp, but the model lacks "
+                                              "blocks.0.attn.to_v, blocks.0.proj_mlp"]
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "kohya"])
+@pytest.mark.parametrize("which", ["all parts", "q and v only"])
+def test_fused_export_is_one_block_diagonal_lora_that_imports_back_exactly(layout, which, tmp_path):
+    names = [n for n in adaptable_modules(_split_model()) if which == "all parts" or n.endswith(("to_q", "to_v"))]
+    lora = _random_lora(names, rank=4, alpha=6.0)
+    path = write_lora(lora, tmp_path / "f.safetensors", layout, _FUSED_MAP)
+    keys = load_file(str(path))
+    head = "diffusion_model.single_blocks.0.linear1" if layout == "comfyui" else "lora_unet_single_blocks_0_linear1"
+    down, up = (keys[f"{head}.lora_{a}.weight"] for a in (("A", "B") if layout == "comfyui" else ("down", "up")))
+    parts = 4 if which == "all parts" else 2
+    assert down.shape == (4 * parts, 8) and up.shape == (6 * 3 + 24, 4 * parts)
+    assert keys[f"{head}.alpha"].item() == 6.0 * parts  # same scale alpha / r as each part
+    # the fused update is the parts' updates stacked, zeros for parts not adapted
+    expected = torch.zeros(42, 8)
+    rows = {"to_q": slice(0, 6), "to_k": slice(6, 12), "to_v": slice(12, 18), "proj_mlp": slice(18, 42)}
+    for n, m in lora.modules.items():
+        if n.startswith("blocks.0."):
+            expected[rows[n.split(".")[-1]]] = m.up @ m.down
+    torch.testing.assert_close(up @ down, expected)
+    back = read_lora(path, _FUSED_MAP)
+    assert set(back.modules) == set(lora.modules)
+    for n, m in lora.modules.items():
+        b = back.modules[n]
+        assert torch.equal(b.down, m.down) and torch.equal(b.up, m.up) and b.alpha == m.alpha == 6.0
+    # Without our record of the parts (another tool re-saved it), a block-diagonal file of all
+    # parts still splits back exactly.
+    if which == "all parts":
+        save_file(keys, str(tmp_path / "bare.safetensors"))
+        bare = read_lora(tmp_path / "bare.safetensors", _FUSED_MAP)
+        assert all(torch.equal(bare.modules[n].up, m.up) and bare.modules[n].rank == 4 for n, m in lora.modules.items())
+
+
+def test_full_rank_fused_lora_from_another_tool_applies_the_same_update_to_each_part(tmp_path):
+    """A LoRA trained on the fused linear1 (rank 4, alpha 2, dense up): every part gets the same
+    down and its rows of up, so peft applies B @ A * alpha / r, cut by rows, to q, k, v and mlp."""
+    gen = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, 8, generator=gen), torch.randn(42, 4, generator=gen)
+    save_file({"lora_unet_single_blocks_1_linear1.lora_down.weight": down,
+               "lora_unet_single_blocks_1_linear1.lora_up.weight": up,
+               "lora_unet_single_blocks_1_linear1.alpha": torch.tensor(2.0)}, str(tmp_path / "musubi.safetensors"))
+    lora = read_lora(tmp_path / "musubi.safetensors", _FUSED_MAP)
+    assert sorted(lora.modules) == sorted(p.format(i=1) for p in _PARTS)
+    assert (lora.rank, lora.alpha) == (4, 2.0)
+    full = up @ down * (2.0 / 4)
+    deltas = _apply(lora)
+    for name, rows in (("to_q", slice(0, 6)), ("to_k", slice(6, 12)), ("to_v", slice(12, 18)),
+                       ("proj_mlp", slice(18, 42))):
+        key = f"blocks.1.attn.{name}" if name != "proj_mlp" else "blocks.1.proj_mlp"
+        torch.testing.assert_close(deltas[key], full[rows])
+    # and it goes back out as one fused module with the same update
+    out = load_file(str(write_lora(lora, tmp_path / "c.safetensors", "comfyui", _FUSED_MAP)))
+    a, b = (out[f"diffusion_model.single_blocks.1.linear1.lora_{x}.weight"] for x in "AB")
+    torch.testing.assert_close(b @ a * out["diffusion_model.single_blocks.1.linear1.alpha"].item() / a.shape[0], full)
+
+
+def test_fused_rows_that_do_not_split_give_a_named_error(tmp_path):
+    save_file({"diffusion_model.single_blocks.0.linear1.lora_A.weight": torch.zeros(2, 8),
+               "diffusion_model.single_blocks.0.linear1.lora_B.weight": torch.zeros(40, 2)},
+              str(tmp_path / "odd.safetensors"))
+    with pytest.raises(LoraFormatError, match=r"single_blocks.0.linear1: 40 output rows do not split into "
+                                              r"blocks.0.attn.to_q, .*proj_mlp in proportions \(1, 1, 1, 4\)"):
+        read_lora(tmp_path / "odd.safetensors", _FUSED_MAP)
 
 
 def test_musubi_style_kohya_file_with_alpha_imports(tmp_path):
