@@ -134,5 +134,5 @@ def test_ltx_names_ltxv095_for_a_095_checkpoint(tmp_path):
 
 def test_ltxv095_names_ltx_for_a_090_checkpoint(tmp_path):
     load("ltx").pipeline().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"0\.9\.0/0\.9\.1 VAE.*family ltx"):
+    with pytest.raises(ValueError, match=r"LTX-Video 0\.9\.0/0\.9\.1 checkpoint.*model\.family=ltx for it"):
         get_family("ltxv095").load(ModelSpec(pretrained=str(tmp_path)))

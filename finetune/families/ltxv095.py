@@ -19,15 +19,14 @@ What changed from 0.9.0/0.9.1 (family ``ltx``), and what this file follows:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import diffusers
 import torch
 import transformers
 
 from finetune.families import register
-from finetune.families._loading import bnb_quantization_config
-from finetune.families._ltx import LTX_KEY_MAP
+from finetune.families._ltx import VAE_095_BLOCK, LTXBase
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -35,11 +34,9 @@ from finetune.families._tiny import (
     tiny_t5_encoder_config,
     tiny_t5_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Noised
 
 Pipeline = diffusers.LTXConditionPipeline
-# The VAE block type that marks a 0.9.5+ checkpoint (diffusers' own encoder switches on it).
-VAE_095_BLOCK = "LTXVideo095DownBlock3D"
 # Scheduler of the 0.9.5 / 0.9.7 diffusers repos (diffusers' convert_ltx_to_diffusers.py): plain
 # flow-matching Euler, no dynamic shift; LTXConditionPipeline hands it explicit timesteps.
 _SCHEDULER_CONFIG = dict(use_dynamic_shifting=False)
@@ -50,11 +47,9 @@ _SHIFT_MU = (0.95, 2.05)
 
 
 @register
-class LTXV095Family(Family):
+class LTXV095Family(LTXBase):
     name = "ltxv095"
-    frame_rule = FrameRule(8)
-    spatial_factor = 32  # VAE 32 x transformer patch 1
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+    vae_095 = True
     # The 2B 0.9.5 model is the one 0.9.5+ 2B checkpoint in diffusers format (0.9.6 2B ships as a
     # single file only); the 13B ones are Lightricks/LTX-Video-0.9.7-dev and -distilled. Both
     # tasks use the same weights: image-to-video is a condition on frame 0.
@@ -65,34 +60,7 @@ class LTXV095Family(Family):
     default_fps = 24
     # T5 tokens per prompt: LTXConditionPipeline's default and LTX-Video-Trainer's encode_prompt.
     max_sequence_length: ClassVar[int] = 256
-    # Decode settings of the original LTX-Video inference configs for timestep-aware VAEs.
-    decode_timestep: ClassVar[float] = 0.05
-    decode_noise_scale: ClassVar[float] = 0.025
-
-    def __init__(self, components: Components, spec: ModelSpec):
-        super().__init__(components, spec)
-        # Read once, unwrapped: predict() may get the transformer wrapped by DDP/PEFT, and the
-        # VAE may be released by then.
-        config = components.transformer.config
-        self._patch, self._patch_t = int(config.patch_size), int(config.patch_size_t)
-        self._vae_spatial = self.spatial_factor // self._patch
-        self._vae_temporal = self.frame_rule.temporal_factor // self._patch_t
-        self._check_checkpoint()
-
     # --- loading ---
-    @classmethod
-    def load_pretrained(cls, spec: ModelSpec) -> Components:
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.LTXVideoTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec)
-        )
-        # The LTX docs load every part in one dtype (bfloat16).
-        vae = diffusers.AutoencoderKLLTXVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
-        text_encoder = transformers.T5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler)
-
     @classmethod
     def tiny_vae(cls) -> diffusers.AutoencoderKLLTXVideo:
         """The 0.9.5 VAE layout at tiny width: patch 4, then spatial, temporal and two
@@ -152,36 +120,6 @@ class LTXV095Family(Family):
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={TEXT_LEN_KEY: text_len})
 
     # --- encoding ---
-    def _pipe(self, **parts: Any) -> diffusers.LTXConditionPipeline:
-        """LTXConditionPipeline over ``parts`` (the rest None), to call its own helpers."""
-        names = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
-        return Pipeline(**{n: parts.get(n) for n in names})
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """prompts (B strings) -> {"prompt_embeds": [B, L, D], "prompt_attention_mask": [B, L] bool}
-        with L = :attr:`text_len`. Raises RuntimeError if the text encoder was released."""
-        c = self.components
-        self.require("encode_prompts", "text_encoder")
-        embeds, mask, _, _ = self._pipe(text_encoder=c.text_encoder, tokenizer=c.tokenizer).encode_prompt(
-            list(prompts), do_classifier_free_guidance=False, max_sequence_length=self.text_len
-        )
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-
-    @torch.no_grad()
-    def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """videos: [B, 3, F, H, W] in [-1, 1], F = 8k+1, H and W multiples of 32
-        -> latents [B, C, (F-1)/8+1, H/32, W/32], normalised with the VAE's latents_mean/std as
-        LTXConditionPipeline does (and undoes before decoding).
-
-        Samples the posterior with ``generator``, as LTX-Video-Trainer's encode_video does.
-        Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
-        vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        return Pipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
-
     @torch.no_grad()
     def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """i2v: {"first_latent": [B, C, 1, h, w]}, the clean latent of each clip's first frame made
@@ -275,48 +213,3 @@ class LTXV095Family(Family):
         _, _, frames, height, width = latent_shape
         tokens = (frames // self._patch_t) * (height // self._patch) * (width // self._patch)
         return self.resolution_shift(tokens, *_SHIFT_TOKENS, *_SHIFT_MU)
-
-    # --- inference ---
-    def pipeline(self) -> diffusers.LTXConditionPipeline:
-        """LTXConditionPipeline over the current components (the transformer with any LoRA in it).
-        Raises RuntimeError if the encoders were released."""
-        c = self.components
-        self.require("pipeline()", "text_encoder", "vae")
-        return Pipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                        transformer=c.transformer)
-
-    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
-        """The clip frame rate (RoPE time axis), the training prompt length, the decode noise of
-        the timestep-conditioned VAE, and for i2v the image as the condition on frame 0."""
-        kwargs: dict[str, Any] = {"frame_rate": fps, "max_sequence_length": self.text_len}
-        vae = self.components.vae
-        if vae is not None and vae.config.timestep_conditioning:
-            kwargs.update(decode_timestep=self.decode_timestep, decode_noise_scale=self.decode_noise_scale)
-        return {**kwargs, **super().pipeline_call_kwargs(fps, image)}
-
-    # --- LoRA interchange ---
-    @classmethod
-    def comfyui_key_map(cls, transformer_name: str = "transformer"):
-        """The original LTX-Video names: the same transformer class as 0.9.0, the same layout."""
-        return LTX_KEY_MAP
-
-    # --- checks ---
-    def _check_checkpoint(self) -> None:
-        """The checkpoint must have the 0.9.5+ VAE and the class's frame and size rules."""
-        vae = self.components.vae
-        if vae is None:
-            return
-        blocks = tuple(vae.config.down_block_types)
-        if blocks[-1] != VAE_095_BLOCK:
-            raise ValueError(
-                f"ltxv095: {self.spec.display_id} has an LTX-Video 0.9.0/0.9.1 VAE (down blocks {blocks[-1]}, not "
-                f"{VAE_095_BLOCK}); load it with family ltx, or use a 0.9.5+ checkpoint such as "
-                f"{self.default_model_id}"
-            )
-        found = (vae.spatial_compression_ratio * self._patch, vae.temporal_compression_ratio * self._patch_t)
-        if found != (self.spatial_factor, self.frame_rule.temporal_factor):
-            raise ValueError(
-                f"ltxv095: {self.spec.display_id} compresses {found[0]}x in space and {found[1]}x in time, but the "
-                f"ltxv095 family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use an "
-                f"LTX-Video 0.9.5+ checkpoint such as {self.default_model_id}"
-            )
