@@ -37,6 +37,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -77,48 +78,70 @@ def _template_regex(template: str, sep: str = ".") -> re.Pattern:
 class Rule:
     """One entry of a :class:`KeyMap`: diffusers module(s) <-> one original module.
 
-    ``diffusers``: one template, or the parts of a fused original module in the order their
-    output rows are stacked there (``to_q``, ``to_k``, ``to_v`` -> ``self_attn_qkv``).
+    ``diffusers``: one template, or the parts of a fused original module (``to_q``, ``to_k``,
+    ``to_v`` -> ``self_attn_qkv``), or with ``choose`` the alternatives one original name stands
+    for in different blocks.
     ``sizes``: the parts' relative output widths (default equal; HunyuanVideo's single-block
     ``linear1`` is q, k, v, mlp = 1, 1, 1, 4), used to cut a fused file's rows.
-    ``row_order``: one-to-one only; the original's output rows are the diffusers rows cut in
-    ``len(row_order)`` equal chunks taken in this order ((1, 0): shift/scale halves swapped, as
-    diffusers' converters do for ``final_layer.adaLN_modulation.1``).
+    ``chunks``, ``pieces``: how the original stacks output rows: each part's rows cut into
+    ``chunks`` equal chunks, the original's rows being the chunks (part, chunk) in ``pieces``
+    order (default: part after part). One part with pieces ((0, 1), (0, 0)) is a module whose
+    two halves are swapped (shift/scale of a final adaLN); CogVideoX interleaves norm1's and
+    norm2's modulation chunks in one Linear.
     ``embedding``: an ``nn.Embedding``; peft keeps its factors transposed (``lora_embedding_A``
-    [r, num], ``_B`` [dim, r]), files in original naming hold them as for any weight."""
+    [r, num], ``_B`` [dim, r]), files in original naming hold them as for any weight.
+    ``choose``: for alternatives, (out, in) of a LoRA's update -> index of the diffusers name
+    it belongs to (Mochi's last block names its ``mod_y`` differently)."""
 
     diffusers: tuple[str, ...]
     original: str
     sizes: tuple[int, ...] | None = None
-    row_order: tuple[int, ...] | None = None
+    chunks: int = 1
+    pieces: tuple[tuple[int, int], ...] | None = None
     embedding: bool = False
+    choose: Callable[[int, int], int] | None = None
 
     def __post_init__(self) -> None:
         if self.sizes is not None and len(self.sizes) != len(self.diffusers):
             raise ValueError(f"{self.original}: {len(self.sizes)} sizes for {len(self.diffusers)} parts")
-        if self.row_order is not None and len(self.diffusers) != 1:
-            raise ValueError(f"{self.original}: row_order is for one-to-one entries")
+        n = 1 if self.choose else len(self.diffusers)
+        layout = self.pieces or tuple((j, k) for j in range(n) for k in range(self.chunks))
+        if sorted(layout) != [(j, k) for j in range(n) for k in range(self.chunks)]:
+            raise ValueError(f"{self.original}: pieces {layout} must name each (part, chunk) once")
+        object.__setattr__(self, "pieces", layout)
 
     @property
     def fused(self) -> bool:
-        return len(self.diffusers) > 1
+        return len(self.diffusers) > 1 and self.choose is None
+
+    @property
+    def reordered(self) -> bool:
+        """Whether the original's rows are not the diffusers rows in order."""
+        return self.pieces != tuple((j, k) for j in range(len(self.diffusers)) for k in range(self.chunks))
 
 
-def fused(parts: tuple[str, ...] | list[str], original: str, sizes: tuple[int, ...] | None = None) -> Rule:
+def fused(parts: tuple[str, ...] | list[str], original: str, sizes: tuple[int, ...] | None = None,
+          chunks: int = 1, pieces: tuple[tuple[int, int], ...] | None = None) -> Rule:
     """A KeyMap entry for an original module that stores ``parts`` (diffusers templates) stacked
     along its output rows; see :class:`Rule`."""
-    return Rule(tuple(parts), original, sizes=sizes)
+    return Rule(tuple(parts), original, sizes=sizes, chunks=chunks, pieces=pieces)
 
 
 def swapped_halves(diffusers: str, original: str) -> Rule:
     """A one-to-one KeyMap entry whose original has the two halves of its output rows swapped
-    (scale/shift of a final adaLN modulation)."""
-    return Rule((diffusers,), original, row_order=(1, 0))
+    (scale/shift of a final adaLN, proj/gate of a GEGLU input)."""
+    return Rule((diffusers,), original, chunks=2, pieces=((0, 1), (0, 0)))
 
 
 def embedding(diffusers: str, original: str) -> Rule:
     """A one-to-one KeyMap entry for an ``nn.Embedding``."""
     return Rule((diffusers,), original, embedding=True)
+
+
+def alternatives(names: tuple[str, ...] | list[str], original: str, choose: Callable[[int, int], int]) -> Rule:
+    """A KeyMap entry for an original name that stands for one of ``names`` depending on the block;
+    ``choose(out, in)`` tells which from a LoRA's shape."""
+    return Rule(tuple(names), original, choose=choose)
 
 
 @dataclass(frozen=True)
@@ -360,9 +383,8 @@ def to_original_factors(rule: Rule, down: torch.Tensor, up: torch.Tensor) -> tup
     takes them (rows reordered, embeddings as [num, r] @ [r, dim])."""
     if rule.embedding:
         return up.T.contiguous(), down.T.contiguous()
-    if rule.row_order:
-        chunks = up.chunk(len(rule.row_order), dim=0)
-        up = torch.cat([chunks[k] for k in rule.row_order], dim=0)
+    if rule.reordered:
+        up = _to_original_rows(rule, [up], [up.shape[0]])
     return down, up
 
 
@@ -370,13 +392,22 @@ def from_original_factors(rule: Rule, down: torch.Tensor, up: torch.Tensor) -> t
     """The inverse of :func:`to_original_factors`."""
     if rule.embedding:
         return up.T.contiguous(), down.T.contiguous()
-    if rule.row_order:
-        chunks = up.chunk(len(rule.row_order), dim=0)
-        back = [None] * len(chunks)
-        for pos, k in enumerate(rule.row_order):
-            back[k] = chunks[pos]
-        up = torch.cat(back, dim=0)
+    if rule.reordered:
+        up = _from_original_rows(rule, up, [up.shape[0]])[0]
     return down, up
+
+
+def _to_original_rows(rule: Rule, ups: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
+    """Per-part row blocks ups[j] [widths[j], ...] -> the original's rows (:class:`Rule` pieces)."""
+    chunks = [u.split(w // rule.chunks, dim=0) for u, w in zip(ups, widths)]
+    return torch.cat([chunks[j][k] for j, k in rule.pieces], dim=0)
+
+
+def _from_original_rows(rule: Rule, up: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """The inverse of :func:`_to_original_rows`: the original's rows -> per-part row blocks."""
+    pieces = up.split([widths[j] // rule.chunks for j, _ in rule.pieces], dim=0)
+    by_part = dict(zip(rule.pieces, pieces))
+    return [torch.cat([by_part[(j, k)] for k in range(rule.chunks)], dim=0) for j in range(len(widths))]
 
 
 def fuse(found: Match, modules: dict[str, LoraModule]) -> tuple[torch.Tensor, torch.Tensor, float, list]:
@@ -392,15 +423,15 @@ def fuse(found: Match, modules: dict[str, LoraModule]) -> tuple[torch.Tensor, to
     total = sum(modules[n].rank for n in present)
     same_scale = all(modules[n].alpha * first.rank == first.alpha * modules[n].rank for n in present)
     alpha = first.alpha * total / first.rank if same_scale else float(total)
-    up = first.up.new_zeros((sum(widths), total, *first.up.shape[2:]))
-    row = col = 0
+    blocks, col = [], 0
     for name, width in zip(found.names, widths):
+        block = first.up.new_zeros((width, total, *first.up.shape[2:]))
         if name in modules:
             m = modules[name]
-            scale = 1.0 if same_scale else m.alpha / m.rank
-            up[row:row + width, col:col + m.rank] = m.up * scale if scale != 1.0 else m.up
+            block[:, col:col + m.rank] = m.up if same_scale else m.up * (m.alpha / m.rank)
             col += m.rank
-        row += width
+        blocks.append(block)
+    up = _to_original_rows(found.rule, blocks, widths)
     down = torch.cat([modules[n].down for n in present], dim=0)
     return down, up, alpha, [[n, modules[n].rank] for n in present]
 
@@ -414,7 +445,7 @@ def unfuse(found: Match, down: torch.Tensor, up: torch.Tensor, alpha: float,
     up, rank R and the file's alpha. Raises LoraFormatError if the rows do not split."""
     total = int(down.shape[0])
     widths = _part_widths(found, {}, int(up.shape[0]))
-    rows = dict(zip(found.names, up.split(widths, dim=0)))
+    rows = dict(zip(found.names, _from_original_rows(found.rule, up, widths)))
     if recorded and {n for n, _ in recorded} <= set(found.names):
         out, col = {}, 0
         for name, rank in recorded:
@@ -437,7 +468,7 @@ def unfuse(found: Match, down: torch.Tensor, up: torch.Tensor, alpha: float,
 def _part_widths(found: Match, known: dict[str, int], total: int | None = None) -> list[int]:
     """Output rows of each part of a fused module, from the widths of adapted parts (``known``)
     or the fused module's ``total``, and the rule's relative sizes."""
-    sizes = found.rule.sizes or (1,) * len(found.names)
+    sizes = tuple(s * found.rule.chunks for s in found.rule.sizes or (1,) * len(found.names))
     if known:
         name, width = next(iter(known.items()))
         unit, rest = divmod(width, sizes[found.names.index(name)])
@@ -547,7 +578,8 @@ def lora_from_state_dict(state: dict[str, torch.Tensor], key_map: KeyMap, metada
             modules.update(unfuse(found, p["A"], p["B"], alpha, recorded.get(orig)))
             continue
         down, up = (p["A"], p["B"]) if layout == "diffusers" else from_original_factors(found.rule, p["A"], p["B"])
-        modules[found.names[0]] = LoraModule(down, up, alpha, found.rule.embedding)
+        name = found.names[found.rule.choose(up.shape[0], down.shape[1]) if found.rule.choose else 0]
+        modules[name] = LoraModule(down, up, alpha, found.rule.embedding)
     info = json.loads(metadata[INFO_KEY]) if metadata and INFO_KEY in metadata else {}
     return Lora(dict(sorted(modules.items())), layout, info)
 
