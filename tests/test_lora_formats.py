@@ -280,6 +280,54 @@ def test_fused_rows_that_do_not_split_give_a_named_error(tmp_path):
         read_lora(tmp_path / "odd.safetensors", _FUSED_MAP)
 
 
+def _swap_halves(w: torch.Tensor) -> list[torch.Tensor]:
+    first, second = w.chunk(2, dim=0)
+    return [torch.cat([second, first])]
+
+
+def _sat_adaln(w: torch.Tensor) -> list[torch.Tensor]:
+    c = w.chunk(12, dim=0)
+    return [torch.cat(c[0:3] + c[6:9]), torch.cat(c[3:6] + c[9:12])]
+
+
+# (family, diffusers modules, original module, diffusers' conversion of that original weight to
+# the diffusers modules' weights, as its scripts/convert_*_to_diffusers.py write it)
+_REORDERED = [
+    ("hunyuanvideo15", ["norm_out.linear"], "final_layer.adaLN_modulation.1", _swap_halves),  # swap_scale_shift
+    ("hunyuanvideo", ["norm_out.linear"], "final_layer.adaLN_modulation.1", _swap_halves),
+    ("mochi", ["transformer_blocks.0.ff.net.0.proj"], "blocks.0.mlp_x.w1", _swap_halves),  # swap_proj_gate
+    ("mochi", ["norm_out.linear"], "final_layer.mod", _swap_halves),
+    ("cogvideox", ["transformer_blocks.1.norm1.linear", "transformer_blocks.1.norm2.linear"],
+     "mixins.adaln_layer.adaLN_modulations.1.1", _sat_adaln),  # reassign_adaln_norm_inplace
+]
+
+
+@pytest.mark.parametrize(("name", "modules", "original", "convert"), _REORDERED,
+                         ids=[f"{r[0]}-{r[2]}" for r in _REORDERED])
+def test_reordered_original_rows_are_what_diffusers_conversion_scripts_undo(name, modules, original, convert, tmp_path):
+    """The update our ComfyUI file applies to the original module, converted as diffusers converts
+    that module's weight, is each diffusers module's own update."""
+    cls, _, lora = adapted(name, rank=4, alpha=8.0, targets=modules)
+    keys = load_file(str(write_lora(lora, tmp_path / "c.safetensors", "comfyui", cls.comfyui_key_map())))
+    head = f"diffusion_model.{original}"
+    a, b = keys[f"{head}.lora_A.weight"], keys[f"{head}.lora_B.weight"]
+    update = b @ a * keys[f"{head}.alpha"].item() / a.shape[0]
+    for n, theirs in zip(modules, convert(update)):
+        m = lora.modules[n]
+        torch.testing.assert_close(theirs, m.up @ m.down * (m.alpha / m.rank))
+
+
+def test_an_embedding_lora_is_written_as_its_weight_update(tmp_path):
+    """peft keeps an embedding's factors transposed; the ComfyUI file holds up @ down in the
+    weight's own shape [num, dim], the update peft applies."""
+    cls, transformer, lora = adapted("hunyuanvideo15", rank=2, alpha=4.0, targets=["cond_type_embed"])
+    keys = load_file(str(write_lora(lora, tmp_path / "c.safetensors", "comfyui", cls.comfyui_key_map())))
+    a, b = (keys[f"diffusion_model.cond_type_embedding.lora_{x}.weight"] for x in "AB")
+    layer = dict(transformer.named_modules())["cond_type_embed"]
+    assert (b @ a).shape == layer.weight.shape
+    torch.testing.assert_close(b @ a * 4.0 / 2, layer.get_delta_weight("default"))
+
+
 def test_musubi_style_kohya_file_with_alpha_imports(tmp_path):
     """A file as musubi-tuner writes it (lora_unet_ + original names, lora_down/lora_up, .alpha)."""
     cls, _, lora = adapted("wan", rank=4, alpha=2.0, targets=["to_q", "to_v"])
