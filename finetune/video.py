@@ -143,7 +143,10 @@ class Mp4Writer:
 
     def add(self, rgb: np.ndarray) -> None:
         """rgb: [height, width, 3] uint8."""
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        self.add_frame(av.VideoFrame.from_ndarray(rgb, format="rgb24"))
+
+    def add_frame(self, frame: "av.VideoFrame") -> None:
+        """A frame of the stream's size in any pixel format (yuv420p goes to x264 unconverted)."""
         frame.pts = self.frames_written
         self.frames_written += 1
         for packet in self.stream.encode(frame):
