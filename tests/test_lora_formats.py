@@ -328,6 +328,45 @@ def test_an_embedding_lora_is_written_as_its_weight_update(tmp_path):
     torch.testing.assert_close(b @ a * 4.0 / 2, layer.get_delta_weight("default"))
 
 
+def test_longcat_comfyui_file_applies_the_official_lora_formats_update(tmp_path):
+    """LongCat's own exporter (peft_lora_to_official: one stacked lora_down and an up per part of a
+    fused module) and our ComfyUI file give the fused official modules the same update."""
+    from finetune.families.longcat_model import OFFICIAL_LORA_SEP, official_lora_name, peft_lora_to_official
+
+    cls, _, lora = adapted("longcat", rank=4, alpha=8.0, targets=list(get_family("longcat").default_lora_targets))
+    official = peft_lora_to_official(lora.peft_state_dict(), scale=8.0 / 4)
+    ours = load_file(str(write_lora(lora, tmp_path / "c.safetensors", "comfyui", cls.comfyui_key_map())))
+    for module in ("blocks.0.attn.qkv", "blocks.1.cross_attn.kv_linear", "blocks.0.ffn.w2"):
+        name = official_lora_name(module)
+        assert name.replace(OFFICIAL_LORA_SEP, ".").endswith(module)
+        down = official[f"{name}.lora_down.weight"]
+        ups = [v for k, v in sorted(official.items()) if k.startswith(f"{name}.lora_up")]
+        parts = down.chunk(len(ups), dim=0)
+        theirs = torch.cat([u @ d for u, d in zip(ups, parts)]) * official[f"{name}.alpha_scale"].item()
+        a, b = (ours[f"diffusion_model.{module}.lora_{x}.weight"] for x in "AB")
+        torch.testing.assert_close(b @ a * ours[f"diffusion_model.{module}.alpha"].item() / a.shape[0], theirs)
+
+
+def test_hunyuanvideo_full_rank_fused_file_reads_as_diffusers_reads_it(tmp_path):
+    """A diffusion-pipe HunyuanVideo LoRA (original names, dense lora_B on the fused img_attn_qkv
+    and txt_attn_qkv, no alpha): our import gives each split module the update diffusers' own
+    converter (_convert_hunyuan_video_lora_to_diffusers) gives it."""
+    cls = get_family("hunyuanvideo")
+    gen = torch.Generator().manual_seed(4)
+    state = {}
+    for module, out in (("double_blocks.0.img_attn_qkv", 384), ("double_blocks.1.txt_attn_qkv", 384),
+                        ("double_blocks.0.img_attn_proj", 128)):
+        state[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(4, 128, generator=gen)
+        state[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(out, 4, generator=gen)
+    save_file(state, str(tmp_path / "pipe.safetensors"))
+    ours = read_lora(tmp_path / "pipe.safetensors", cls.comfyui_key_map())
+    theirs = cls.pipeline_class.lora_state_dict(dict(state))
+    assert {f"transformer.{n}.lora_A.weight" for n in ours.modules} == {k for k in theirs if "lora_A" in k}
+    for n, m in ours.modules.items():
+        a, b = theirs[f"transformer.{n}.lora_A.weight"], theirs[f"transformer.{n}.lora_B.weight"]
+        torch.testing.assert_close(m.up @ m.down * (m.alpha / m.rank), b @ a)
+
+
 def test_musubi_style_kohya_file_with_alpha_imports(tmp_path):
     """A file as musubi-tuner writes it (lora_unet_ + original names, lora_down/lora_up, .alpha)."""
     cls, _, lora = adapted("wan", rank=4, alpha=2.0, targets=["to_q", "to_v"])
