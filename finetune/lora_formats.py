@@ -484,13 +484,13 @@ def lora_from_peft(state: dict[str, torch.Tensor], config: dict) -> Lora:
     """A Lora from ``get_peft_model_state_dict`` output and its adapter's ``peft_config`` dict."""
     from peft.utils.other import get_pattern_key  # peft's own rule for rank/alpha patterns
 
-    modules = {}
+    modules, pat, default = {}, config.get("alpha_pattern") or {}, config["lora_alpha"]
     for key, down in state.items():
-        for a, b, emb in ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True)):
+        for a, b, emb in ((".lora_A.weight", ".lora_B.weight", False),
+                          (".lora_embedding_A", ".lora_embedding_B", True)):
             if key.endswith(a):
                 name = key.removesuffix(a)
-                pat = config.get("alpha_pattern") or {}
-                alpha = pat.get(get_pattern_key(pat.keys(), name), config["lora_alpha"]) if pat else config["lora_alpha"]
+                alpha = pat.get(get_pattern_key(pat.keys(), name), default) if pat else default
                 modules[name] = LoraModule(down, state[f"{name}{b}"], float(alpha), emb)
     return Lora(modules)
 

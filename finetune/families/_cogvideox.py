@@ -69,7 +69,8 @@ OFS = 2.0
 _ADALN_PIECES = (*((0, k) for k in range(3)), *((1, k) for k in range(3)),
                  *((0, k) for k in range(3, 6)), *((1, k) for k in range(3, 6)))
 KEY_MAP = KeyMap((
-    fused([f"transformer_blocks.{{i}}.attn1.to_{p}" for p in "qkv"], "transformer.layers.{i}.attention.query_key_value"),
+    fused([f"transformer_blocks.{{i}}.attn1.to_{p}" for p in "qkv"],
+          "transformer.layers.{i}.attention.query_key_value"),
     ("transformer_blocks.{i}.attn1.to_out.0", "transformer.layers.{i}.attention.dense"),
     ("transformer_blocks.{i}.ff.net.0.proj", "transformer.layers.{i}.mlp.dense_h_to_4h"),
     ("transformer_blocks.{i}.ff.net.2", "transformer.layers.{i}.mlp.dense_4h_to_h"),
