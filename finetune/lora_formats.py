@@ -147,13 +147,12 @@ def alternatives(names: tuple[str, ...] | list[str], original: str, choose: Call
 @dataclass(frozen=True)
 class Match:
     """What an original (or kohya) name stands for: its rule, the diffusers names of its parts
-    (one unless fused), the original name, and whether the file named it in diffusers terms (then
-    tensors are in diffusers/peft orientation and no rule transform applies)."""
+    (one unless fused or alternatives), and the original name (the diffusers name where a file
+    uses diffusers naming; its rule then reorders nothing)."""
 
     rule: Rule
     names: tuple[str, ...]
     original: str
-    diffusers_named: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,8 +161,8 @@ class KeyMap:
 
     ``pairs``: entries, each a (diffusers template, original template) pair, e.g.
     ``("blocks.{i}.attn1.to_q", "blocks.{i}.self_attn.q")``, or a :class:`Rule` (made with
-    :func:`fused`, :func:`swapped_halves`, :func:`embedding`) for an original module that fuses
-    several diffusers modules or stores its rows otherwise. ``{field}`` stands for a block
+    :func:`fused`, :func:`swapped_halves`, :func:`embedding`, :func:`alternatives`) for an
+    original module that fuses several diffusers modules or stores its rows otherwise. ``{field}`` stands for a block
     number and must appear on both sides. The first entry that matches a name wins. A map is
     complete for a model when every adaptable module maps to exactly one original module and
     back, a fused original module back to all of its parts (:meth:`problems`)."""
@@ -179,10 +178,6 @@ class KeyMap:
             for r in rules
         )
         object.__setattr__(self, "_compiled", compiled)
-
-    @property
-    def rules(self) -> tuple[Rule, ...]:
-        return tuple(c[0] for c in self._compiled)
 
     def to_original(self, name: str) -> str | None:
         """Diffusers module name -> original name (of the fused module, for a part), or None."""
@@ -208,7 +203,7 @@ class KeyMap:
     def match_flat(self, flat: str) -> Match | None:
         """A kohya name body (``blocks_0_self_attn_q``: original naming, or diffusers naming, with
         ``_`` for ``.``) -> its :class:`Match`, or None."""
-        for rule, _, d_flats, _, o_flat in self._compiled:
+        for rule, _, _, _, o_flat in self._compiled:
             if m := o_flat.match(flat):
                 g = m.groupdict()
                 return Match(rule, tuple(d.format(**g) for d in rule.diffusers), rule.original.format(**g))
@@ -216,7 +211,7 @@ class KeyMap:
             for d, d_flat in zip(rule.diffusers, d_flats):
                 if m := d_flat.match(flat):
                     name = d.format(**m.groupdict())
-                    return Match(Rule((d,), rule.original, embedding=rule.embedding), (name,), name, True)
+                    return Match(Rule((d,), rule.original, embedding=rule.embedding), (name,), name)
         return None
 
     def from_flat(self, flat: str) -> str | None:
@@ -528,7 +523,7 @@ def _parse(layout: str, key: str, key_map: KeyMap, prefix: str) -> tuple[Match, 
                 name = m["m"]
                 if key_map.to_original(name) is not None:
                     rule = Rule((name,), name, embedding=m["eab"] is not None)
-                    return Match(rule, (name,), name, True), "alpha" if m["alpha"] else (m["ab"] or m["eab"])
+                    return Match(rule, (name,), name), "alpha" if m["alpha"] else (m["ab"] or m["eab"])
         return None
     prefixes = _COMFY_PREFIXES if layout == "comfyui" else _KOHYA_PREFIXES
     for p in prefixes:
