@@ -40,6 +40,14 @@ def tiny_t5_tokenizer(model_max_length: int) -> transformers.T5Tokenizer:
     return transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+def tiny_gemma_tokenizer(model_max_length: int) -> transformers.GemmaTokenizer:
+    """A character-level Gemma tokenizer (BPE, no merges) built in code, no download: the real
+    class and special tokens, one id per printable ASCII character and ``▁``."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab = {t: i for i, t in enumerate([*specials, *_TINY_CHARS, "▁"])}
+    return transformers.GemmaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
 @torch.no_grad()
 def refill_zero_params(module: torch.nn.Module, std: float = 0.02) -> list[str]:
     """Refill every all-zero parameter of ``module`` with N(0, std) noise, in place.
