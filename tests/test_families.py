@@ -160,7 +160,8 @@ def test_encode_and_predict_shapes_follow_the_family_rules(name):
     videos = random_videos(cls)
     latents, cond = encoded(fam, videos)
     b, ch, f, h, w = latents.shape
-    assert (b, ch) == (2, transformers_of(fam)[0].config.out_channels)
+    config = transformers_of(fam)[0].config  # Kandinsky 5 calls it out_visual_dim
+    assert (b, ch) == (2, config.get("out_channels", config.get("out_visual_dim")))
     assert all(v.shape[0] == 2 for v in cond.values())
     assert f == (clip_frames(cls) - 1) // cls.frame_rule.temporal_factor + 1
     vae_factor = videos.shape[-1] // w

@@ -399,7 +399,7 @@ def test_peft_and_diffusers_files_with_alpha_tensors_import(tmp_path):
 
 @pytest.mark.parametrize("name", family_names())
 def test_foreign_keys_give_a_named_error_with_counts(name, tmp_path):
-    cls, _, lora = adapted(name, targets=["to_q"])
+    cls, _, lora = adapted(name, targets=[get_family(name).default_lora_targets[0]])
     tensors = lora.state_dict("comfyui", cls.comfyui_key_map())
     tensors["diffusion_model.not_a_layer.lora_A.weight"] = torch.zeros(8, 4)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "odd.safetensors"))
