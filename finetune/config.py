@@ -34,8 +34,9 @@ class ModelConfig(_Section):
     tiny: bool = Field(False, description="Build a tiny random model from a config in code (demo and tests).")
     tiny_seed: int = Field(0, ge=0, description="Seed of the tiny random model.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
-    quantization: Literal["none", "int8", "nf4"] = Field(
-        "none", description="bitsandbytes quantisation of the frozen transformer (CUDA only)."
+    quantization: Literal["none", "int8", "nf4", "fp8"] = Field(
+        "none", description="Frozen transformer weights: int8/nf4 with bitsandbytes (CUDA only), or fp8 (e4m3, "
+                            "per-row scales, quantised while loading; also runs on a CPU)."
     )
     task: str = Field("t2v", description="What the LoRA learns: t2v (text to video), i2v (first frame to video) "
                                          "or continue (video continuation), as the family supports.")
@@ -97,6 +98,10 @@ class MemoryConfig(_Section):
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="Autocast precision; auto = bf16 on a GPU, none on CPU."
+    )
+    text_encoder: Literal["gpu", "cpu", "int8", "fp8"] = Field(
+        "gpu", description="Text encoders while caching: on the GPU, in CPU memory, or on the GPU with int8/fp8 "
+                           "block weights (finetune/memory/encoders.py)."
     )
 
 
@@ -210,10 +215,13 @@ def family_problems(data: dict) -> list[str]:
         out.append(f"lora.init_from={init_from!r}: LoRA files are read as .safetensors only")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
-    if model.get("quantization", "none") != "none" and model.get("tiny"):
+    if model.get("quantization", "none") not in ("none", "fp8") and model.get("tiny"):
         out.append(
             f"model.quantization={model['quantization']!r} needs real weights on a GPU (set it to none for tiny models)"
         )
+    if model.get("quantization") == "fp8" and not fam.fp8_ok:
+        out.append(f"model.quantization='fp8': {fam.name}'s transformer cannot be loaded in fp8 yet "
+                   f"(use int8 or nf4 on a GPU, or none)")
     return out
 
 

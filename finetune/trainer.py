@@ -48,7 +48,8 @@ def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
     dtype = DTYPES[recipe.model.dtype] if device.type == "cuda" else torch.float32
     return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
                      tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization,
-                     task=recipe.model.task, cond_frames=recipe.model.cond_frames)
+                     task=recipe.model.task, cond_frames=recipe.model.cond_frames,
+                     text_encoder=recipe.memory.text_encoder)
 
 
 def cache_key(recipe: Recipe, family: Family) -> CacheKey:

@@ -39,7 +39,7 @@ import diffusers
 import torch
 import transformers
 
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config, tiny_t5_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
 from finetune.lora_formats import KeyMap, fused
@@ -118,8 +118,7 @@ class CogVideoXBase(Family):
         """The diffusers repo layout; every part in ``spec.dtype`` as the CogVideoX docs load the
         pipeline (bf16 for 5B and 1.5, fp16 for 2B), the transformer quantised if asked."""
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.CogVideoXTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec))
+        transformer = load_transformer(diffusers.CogVideoXTransformer3DModel, spec)
         vae = diffusers.AutoencoderKLCogVideoX.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
         text_encoder = transformers.T5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")

@@ -10,7 +10,7 @@ import diffusers
 import torch
 import transformers
 
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import load_transformer
 from finetune.families.base import Components, Family, FrameRule, ModelSpec
 from finetune.lora_formats import KeyMap
 
@@ -63,9 +63,7 @@ class LTXBase(Family):
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.LTXVideoTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec)
-        )
+        transformer = load_transformer(diffusers.LTXVideoTransformer3DModel, spec)
         # The LTX docs recommend one dtype (bfloat16) for transformer, VAE and text encoder.
         vae = diffusers.AutoencoderKLLTXVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
         text_encoder = transformers.T5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)

@@ -21,7 +21,7 @@ import torch
 import transformers
 from PIL import Image
 
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -101,8 +101,7 @@ class WanBase(Family):
         """Every component with ``from_pretrained`` from the diffusers repo layout."""
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         loaded = {
-            name: diffusers.WanTransformer3DModel.from_pretrained(
-                **src, subfolder=name, torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec))
+            name: load_transformer(diffusers.WanTransformer3DModel, spec, subfolder=name)
             for name in transformers_
         }
         # The Wan docs recommend the VAE in float32 for decoding quality, whatever the rest uses.

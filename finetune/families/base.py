@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from finetune.memory.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
+
 if TYPE_CHECKING:
     from finetune.lora_formats import KeyMap
 
@@ -70,8 +72,11 @@ class ModelSpec:
     tiny: bool = False
     tiny_seed: int = 0
     dtype: torch.dtype = torch.float32
-    # "none" | "int8" | "nf4": bitsandbytes quantisation of the frozen transformer (CUDA only).
+    # "none" | "int8" | "nf4": bitsandbytes quantisation of the frozen transformer (CUDA only);
+    # "fp8": e4m3 block weights with per-row scales, quantised while loading (finetune/memory/fp8.py).
     quantization: str = "none"
+    # "gpu" | "cpu" | "int8" | "fp8": where/how the text encoders run (finetune/memory/encoders.py).
+    text_encoder: str = "gpu"
     # "t2v" | "i2v" | ...: one of the family's tasks; picks the default checkpoint and pipeline.
     task: str = "t2v"
     # tasks conditioned on a video (continue): pixel frames of it given clean; None = the family's
@@ -177,6 +182,9 @@ class Family(ABC):
     # condition the clip unless model.cond_frames says otherwise; tiny builds may store a shorter
     # default under COND_FRAMES_KEY
     default_cond_frames: ClassVar[int] = 1
+    # whether model.quantization=fp8 can load this family's transformer (its block linears are
+    # nn.Linear and its loader goes through _loading.load_transformer)
+    fp8_ok: ClassVar[bool] = True
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -217,7 +225,8 @@ class Family(ABC):
     @classmethod
     def load(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> "Family":
         """Build the family with weights from ``spec``: the real ``from_pretrained`` path or the
-        tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``."""
+        tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``; text
+        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says."""
         if spec.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)
@@ -226,12 +235,21 @@ class Family(ABC):
                 # Tiny models are built in fp32; cast only when asked for another dtype.
                 if spec.dtype != torch.float32:
                     m.to(spec.dtype)
+            if spec.quantization == "fp8":  # the real path quantises while loading
+                from finetune.memory.fp8 import quantize_fp8
+
+                for name, m in components.modules().items():
+                    if name.startswith("transformer"):
+                        quantize_fp8(m, what=f"model.quantization=fp8: {cls.name} {name}")
         else:
             components = cls.load_pretrained(spec)
         for name, m in components.modules().items():
             m.requires_grad_(False)
             m.eval()
-            if spec.quantization == "none" or not name.startswith("transformer"):
+            if name in TEXT_ENCODERS:
+                prepare_text_encoder(name, m, spec.text_encoder)
+                m.to(text_encoder_device(spec.text_encoder, device))
+            elif spec.quantization in ("none", "fp8") or not name.startswith("transformer"):
                 m.to(device)
         return cls(components, spec)
 
@@ -239,7 +257,8 @@ class Family(ABC):
     @abstractmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         """Load every component with ``from_pretrained(spec.pretrained, subfolder=..., revision=...)``
-        in ``spec.dtype``; quantise the transformer with bitsandbytes if ``spec.quantization`` says so."""
+        in ``spec.dtype``; the transformer through ``_loading.load_transformer``, which quantises it
+        (bitsandbytes int8/nf4, fp8 while loading) if ``spec.quantization`` says so."""
 
     @classmethod
     @abstractmethod
@@ -267,15 +286,19 @@ class Family(ABC):
         """Names the weights that produce cached latents and embeddings. Real weights: the model id
         (its revision is keyed separately). Tiny models: a digest of the encoder weights, so a
         change to a tiny builder never reuses stale cache entries."""
+        # Quantised text encoders give other embeddings than the full-precision ones.
+        mode = self.spec.text_encoder
+        suffix = f"+text_encoder-{mode}" if mode in ("int8", "fp8") else ""
         if not self.spec.tiny:
-            return self.spec.pretrained
+            return self.spec.pretrained + suffix
         h = hashlib.sha256()
         encoders = [getattr(self.components, n) for n in Components.ENCODERS]
         for module in (m for m in encoders if m is not None):
             for name, t in sorted(module.state_dict().items()):
                 h.update(name.encode())
+                t = t.dequantize() if type(t) is not torch.Tensor else t  # torchao fp8/int8 weights
                 h.update(t.detach().float().cpu().numpy().tobytes())
-        return f"{self.spec.display_id}:{h.hexdigest()[:16]}"
+        return f"{self.spec.display_id}:{h.hexdigest()[:16]}{suffix}"
 
     def release_encoders(self) -> None:
         """Drop the text encoders, VAE and image encoder so their memory is free for training."""

@@ -35,7 +35,7 @@ from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video_image2video
 from PIL import Image
 
 from finetune.families import register
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     refill_zero_params,
@@ -162,9 +162,7 @@ class HunyuanVideoFamily(Family):
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.HunyuanVideoTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec)
-        )
+        transformer = load_transformer(diffusers.HunyuanVideoTransformer3DModel, spec)
         # The HunyuanVideo docs load the VAE in float16/bfloat16 with the rest; keep the spec's dtype.
         vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")

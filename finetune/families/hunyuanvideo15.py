@@ -39,7 +39,7 @@ from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15I
 from PIL import Image
 
 from finetune.families import register
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
 from finetune.lora_formats import KeyMap, embedding, fused, swapped_halves
@@ -211,8 +211,7 @@ class HunyuanVideo15Family(Family):
         docs load the whole pipeline in bfloat16), the transformer maybe quantised; the VAE tiled
         and sliced as the docs advise."""
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.HunyuanVideo15Transformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec))
+        transformer = load_transformer(diffusers.HunyuanVideo15Transformer3DModel, spec)
         vae = diffusers.AutoencoderKLHunyuanVideo15.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
         vae.enable_tiling()
         vae.enable_slicing()  # its causal mid-block attention only handles one clip at a time

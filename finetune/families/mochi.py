@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from finetune.families import register
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -105,9 +105,7 @@ class MochiFamily(Family):
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-        transformer = diffusers.MochiTransformer3DModel.from_pretrained(
-            **src, subfolder="transformer", torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec)
-        )
+        transformer = load_transformer(diffusers.MochiTransformer3DModel, spec)
         # The VAE stays in float32: the genmo reference decodes in fp32, and the diffusers docs
         # note bf16 decoding as a quality/memory trade-off.
         vae = diffusers.AutoencoderKLMochi.from_pretrained(**src, subfolder="vae", torch_dtype=torch.float32)
