@@ -43,6 +43,7 @@ from finetune.families._encoders import T5_XXL
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config, tiny_t5_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.lora_formats import KeyMap, fused
 
 # scheduler/scheduler_config.json of the THUDM/CogVideoX repos (2B: snr_shift_scale 3.0; 5B, 5B-I2V and
 # 1.5: 1.0). The families read the schedule from the loaded scheduler; the tiny builds use these.
@@ -84,6 +85,31 @@ def cogvideox_full_size(transformer: dict) -> dict[str, FullSize]:
 
 # The constant ofs value CogVideoXImageToVideoPipeline gives 1.5 I2V (and the official trainer trains with).
 OFS = 2.0
+
+
+# diffusers module name -> name in the original SAT checkpoint (THUDM/CogVideo sat/dit_video_concat.py,
+# keys under model.diffusion_model.), the inverse of diffusers' scripts/convert_cogvideox_to_diffusers.py;
+# the same for 1.0 and 1.5. SAT fuses q, k, v (query_key_value) and keeps both adaLN modulations of a
+# block in one Linear of 12 chunks: norm1's chunks 0-2 and 3-5 at 0-2 and 6-8, norm2's at 3-5 and 9-11.
+_ADALN_PIECES = (*((0, k) for k in range(3)), *((1, k) for k in range(3)),
+                 *((0, k) for k in range(3, 6)), *((1, k) for k in range(3, 6)))
+KEY_MAP = KeyMap((
+    fused([f"transformer_blocks.{{i}}.attn1.to_{p}" for p in "qkv"],
+          "transformer.layers.{i}.attention.query_key_value"),
+    ("transformer_blocks.{i}.attn1.to_out.0", "transformer.layers.{i}.attention.dense"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "transformer.layers.{i}.mlp.dense_h_to_4h"),
+    ("transformer_blocks.{i}.ff.net.2", "transformer.layers.{i}.mlp.dense_4h_to_h"),
+    fused(("transformer_blocks.{i}.norm1.linear", "transformer_blocks.{i}.norm2.linear"),
+          "mixins.adaln_layer.adaLN_modulations.{i}.1", chunks=6, pieces=_ADALN_PIECES),
+    ("patch_embed.proj", "mixins.patch_embed.proj"),
+    ("patch_embed.text_proj", "mixins.patch_embed.text_proj"),
+    ("time_embedding.linear_1", "time_embed.0"),
+    ("time_embedding.linear_2", "time_embed.2"),
+    ("ofs_embedding.linear_1", "ofs_embed.0"),  # CogVideoX 1.5 I2V
+    ("ofs_embedding.linear_2", "ofs_embed.2"),
+    ("norm_out.linear", "mixins.final_layer.adaLN_modulation.1"),
+    ("proj_out", "mixins.final_layer.linear"),
+))
 
 
 class CogVideoXBase(Family):
@@ -327,6 +353,13 @@ class CogVideoXBase(Family):
         """Prompts padded to the length training used, and the first frame for i2v. The
         pipelines take no frame rate (the clip is written at ``fps``)."""
         return {"max_sequence_length": self.text_len, **super().pipeline_call_kwargs(fps, image)}
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original SAT names (``transformer.layers.{i}.attention.query_key_value`` fusing to_q,
+        to_k, to_v; ``mixins.adaln_layer.adaLN_modulations.{i}.1`` holding norm1 and norm2)."""
+        return KEY_MAP
 
     # --- checks ---
     def check_videos(self, videos: torch.Tensor) -> None:

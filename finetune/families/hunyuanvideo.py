@@ -44,6 +44,7 @@ from finetune.families._tiny import (
     tiny_llama3_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.lora_formats import KeyMap, fused, swapped_halves
 
 # Mirrors scheduler/scheduler_config.json of hunyuanvideo-community/HunyuanVideo: Euler with flow shift 7.
 _SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=7.0, use_dynamic_shifting=False, base_image_seq_len=256,
@@ -80,6 +81,51 @@ def llava_image_tokens(text_encoder: transformers.LlavaForConditionalGeneration)
     """Tokens the Llava vision tower puts in place of ``<image>`` (patches, CLS dropped)."""
     vision = text_encoder.config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
+
+
+# diffusers module name -> name in the original checkpoint (Tencent/HunyuanVideo, hyvideo/modules/
+# models.py, token_refiner.py, embed_layers.py; also ComfyUI's HunyuanVideo model and musubi-tuner),
+# the inverse of diffusers' scripts/convert_hunyuan_video_to_diffusers.py and of its LoRA converter
+# _convert_hunyuan_video_lora_to_diffusers. The original fuses q, k, v (img_attn_qkv, txt_attn_qkv,
+# the refiner's self_attn_qkv) and the single blocks' q, k, v and mlp input (linear1, 1:1:1:4 at
+# mlp_ratio 4); its final adaLN stores shift before scale, diffusers scale before shift.
+_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
+KEY_MAP = KeyMap((
+    fused([f"transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"], "double_blocks.{i}.img_attn_qkv"),
+    fused([f"transformer_blocks.{{i}}.attn.add_{p}_proj" for p in "qkv"], "double_blocks.{i}.txt_attn_qkv"),
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn_proj"),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn_proj"),
+    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
+    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
+    fused([*(f"single_transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"), "single_transformer_blocks.{i}.proj_mlp"],
+          "single_blocks.{i}.linear1", sizes=(1, 1, 1, 4)),
+    ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
+    ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.linear"),
+    fused([f"context_embedder.token_refiner.refiner_blocks.{{i}}.attn.to_{p}" for p in "qkv"],
+          f"{_REFINER}.self_attn_qkv"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.attn.to_out.0", f"{_REFINER}.self_attn_proj"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.0.proj", f"{_REFINER}.mlp.fc1"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.2", f"{_REFINER}.mlp.fc2"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.norm_out.linear", f"{_REFINER}.adaLN_modulation.1"),
+    ("context_embedder.proj_in", "txt_in.input_embedder"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
+    ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
+    ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
+    ("time_text_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
+    ("time_text_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
+    ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
+    ("time_text_embed.guidance_embedder.linear_2", "guidance_in.mlp.2"),
+    ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+    ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+    ("x_embedder.proj", "img_in.proj"),
+    swapped_halves("norm_out.linear", "final_layer.adaLN_modulation.1"),
+    ("proj_out", "final_layer.linear"),
+))
 
 
 @register
@@ -368,6 +414,13 @@ class HunyuanVideoFamily(Family):
         if TEMPLATE_KEY in self.components.extra:
             kwargs["prompt_template"] = self.components.extra[TEMPLATE_KEY]
         return kwargs
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original HunyuanVideo names (``double_blocks.{i}.img_attn_qkv`` fusing to_q/to_k/to_v,
+        ``single_blocks.{i}.linear1`` fusing q/k/v and the mlp input, ...)."""
+        return KEY_MAP
 
     # --- checks ---
     def _check_checkpoint(self) -> None:

@@ -43,6 +43,7 @@ from finetune.families._encoders import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
+from finetune.lora_formats import KeyMap, embedding, fused, swapped_halves
 
 # components.extra keys: the CFG guider, and the tiny builds' shorter text/image token counts
 GUIDER_KEY = "guider"
@@ -116,6 +117,49 @@ class HunyuanVideo15ImageToVideoPipeline(diffusers.HunyuanVideo15ImageToVideoPip
                 return super().__call__(*args, **kwargs)
         finally:
             self.video_processor = processor
+
+
+# diffusers module name -> name in the original checkpoint (Tencent-Hunyuan/HunyuanVideo-1.5,
+# hyvideo/models/transformers/hunyuanvideo_1_5_transformer.py and modules/), the inverse of diffusers'
+# scripts/convert_hunyuan_video1_5_to_diffusers.py. The double blocks keep q, k, v apart; the token
+# refiner fuses them (self_attn_qkv), and the final adaLN stores shift before scale (diffusers swaps).
+_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
+KEY_MAP = KeyMap((
+    *((f"transformer_blocks.{{i}}.attn.{d}", f"double_blocks.{{i}}.{o}") for d, o in (
+        ("to_q", "img_attn_q"), ("to_k", "img_attn_k"), ("to_v", "img_attn_v"), ("to_out.0", "img_attn_proj"),
+        ("add_q_proj", "txt_attn_q"), ("add_k_proj", "txt_attn_k"), ("add_v_proj", "txt_attn_v"),
+        ("to_add_out", "txt_attn_proj"))),
+    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
+    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
+    fused([f"context_embedder.token_refiner.refiner_blocks.{{i}}.attn.to_{p}" for p in "qkv"],
+          f"{_REFINER}.self_attn_qkv"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.attn.to_out.0", f"{_REFINER}.self_attn_proj"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.0.proj", f"{_REFINER}.mlp.fc1"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.2", f"{_REFINER}.mlp.fc2"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.norm_out.linear", f"{_REFINER}.adaLN_modulation.1"),
+    ("context_embedder.proj_in", "txt_in.input_embedder"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
+    ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
+    ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
+    ("context_embedder_2.linear_1", "byt5_in.fc1"),
+    ("context_embedder_2.linear_2", "byt5_in.fc2"),
+    ("context_embedder_2.linear_3", "byt5_in.fc3"),
+    ("image_embedder.linear_1", "vision_in.proj.1"),
+    ("image_embedder.linear_2", "vision_in.proj.3"),
+    ("time_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
+    ("time_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
+    ("time_embed.timestep_embedder_r.linear_1", "time_r_in.mlp.0"),  # step-distilled (meanflow) models
+    ("time_embed.timestep_embedder_r.linear_2", "time_r_in.mlp.2"),
+    ("x_embedder.proj", "img_in.proj"),
+    embedding("cond_type_embed", "cond_type_embedding"),
+    swapped_halves("norm_out.linear", "final_layer.adaLN_modulation.1"),
+    ("proj_out", "final_layer.linear"),
+))
 
 
 def _to_pil(frame: torch.Tensor) -> Image.Image:
@@ -429,6 +473,13 @@ class HunyuanVideo15Family(Family):
     def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
         """The training prompt length, and the first frame for i2v (no frame-rate input)."""
         return {"max_sequence_length": self.text_len, **super().pipeline_call_kwargs(fps, image)}
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original HunyuanVideo-1.5 names (``double_blocks.{i}.img_attn_q``, the token refiner's
+        fused ``self_attn_qkv``, ``final_layer.linear``, ...)."""
+        return KEY_MAP
 
     # --- checks ---
     def _check_compression(self) -> None:

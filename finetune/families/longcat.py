@@ -62,17 +62,31 @@ from finetune.families.base import (
     Noised,
 )
 from finetune.families.longcat_model import (
+    _BLOCK_MAP,
+    _TOP_LEVEL_MAP,
     LongCatVideoTransformer3DModel,
     _is_official_layout,
     frame_timesteps,
     peft_lora_to_official,
 )
 from finetune.families.longcat_pipeline import LongCatVideoPipeline
+from finetune.lora_formats import KeyMap, Rule
 
 # The released scheduler: diffusers' flow-matching Euler with a static shift of 12.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=12.0)
 # Transformer subfolders: the official release's and the one our pipeline's save_pretrained writes.
 OFFICIAL_SUBFOLDER, DIFFUSERS_SUBFOLDER = "dit", "transformer"
+
+
+# diffusers module name -> official name (meituan-longcat/LongCat-Video, longcat_video/modules/), what
+# ComfyUI and the official checkpoint use: built from longcat_model's key map, the one place that
+# knows them. Official ``attn.qkv`` and ``cross_attn.kv_linear`` fuse our q/k/v and k/v (equal
+# widths). The table's norm entries name no adaptable module and are never matched.
+KEY_MAP = KeyMap((
+    *(Rule(tuple(f"blocks.{{i}}.{t}" for t in targets), f"blocks.{{i}}.{official}")
+      for official, targets in _BLOCK_MAP.items()),
+    *(Rule(targets, official) for official, targets in _TOP_LEVEL_MAP.items()),
+))
 
 
 def _cache_root() -> Path:
@@ -334,6 +348,13 @@ class LongCatFamily(Family):
         .lora_down.weight`` etc., fused qkv / kv_linear as one LoRA with per-part up blocks,
         ``alpha_scale`` = ``scale``), which the original code and its ComfyUI ports load."""
         return peft_lora_to_official(state, scale)
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Official LongCat-Video names (``blocks.{i}.attn.qkv`` fusing attn1's to_q/to_k/to_v,
+        ``blocks.{i}.cross_attn.kv_linear`` fusing attn2's to_k/to_v, ``blocks.{i}.ffn.w1``, ...)."""
+        return KEY_MAP
 
     # --- checks ---
     def _check_compression(self) -> None:

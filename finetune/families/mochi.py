@@ -32,6 +32,7 @@ from finetune.families._tiny import (
     tiny_t5_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.lora_formats import KeyMap, alternatives, fused, swapped_halves
 
 # Mirrors scheduler/scheduler_config.json of genmo/mochi-1-preview: plain flow-matching Euler with
 # inverted sigmas (time 0 = noise), no shift.
@@ -45,6 +46,36 @@ _SCHEDULER_CONFIG = dict(
     base_shift=0.5,
     max_shift=1.15,
 )
+
+
+# diffusers module name -> name in the original checkpoint (genmoai/mochi, src/genmo/mochi_preview/dit/
+# joint_model/asymm_models_joint.py and layers.py; ComfyUI's Mochi model keeps them), the inverse of
+# diffusers' scripts/convert_mochi_to_diffusers.py: q, k, v fused per stream (qkv_x, qkv_y), the
+# SwiGLU input stored gate-second (diffusers swaps proj/gate halves), the final modulation
+# shift-first. The last block's mod_y (no text update) is diffusers' norm1_context.linear_1, [d_y]
+# rows instead of 4 d_y: fewer rows than its input (d_x) as d_y = d_x / 2, more for the others.
+KEY_MAP = KeyMap((
+    fused([f"transformer_blocks.{{i}}.attn1.to_{p}" for p in "qkv"], "blocks.{i}.attn.qkv_x"),
+    fused([f"transformer_blocks.{{i}}.attn1.add_{p}_proj" for p in "qkv"], "blocks.{i}.attn.qkv_y"),
+    ("transformer_blocks.{i}.attn1.to_out.0", "blocks.{i}.attn.proj_x"),
+    ("transformer_blocks.{i}.attn1.to_add_out", "blocks.{i}.attn.proj_y"),
+    ("transformer_blocks.{i}.norm1.linear", "blocks.{i}.mod_x"),
+    alternatives(("transformer_blocks.{i}.norm1_context.linear", "transformer_blocks.{i}.norm1_context.linear_1"),
+                 "blocks.{i}.mod_y", choose=lambda rows, cols: int(rows < cols)),
+    swapped_halves("transformer_blocks.{i}.ff.net.0.proj", "blocks.{i}.mlp_x.w1"),
+    ("transformer_blocks.{i}.ff.net.2", "blocks.{i}.mlp_x.w2"),
+    swapped_halves("transformer_blocks.{i}.ff_context.net.0.proj", "blocks.{i}.mlp_y.w1"),
+    ("transformer_blocks.{i}.ff_context.net.2", "blocks.{i}.mlp_y.w2"),
+    ("patch_embed.proj", "x_embedder.proj"),
+    ("time_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+    ("time_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+    ("time_embed.pooler.to_kv", "t5_y_embedder.to_kv"),
+    ("time_embed.pooler.to_q", "t5_y_embedder.to_q"),
+    ("time_embed.pooler.to_out", "t5_y_embedder.to_out"),
+    ("time_embed.caption_proj", "t5_yproj"),
+    swapped_halves("norm_out.linear", "final_layer.mod"),
+    ("proj_out", "final_layer.linear"),
+))
 
 
 @register
@@ -209,6 +240,13 @@ class MochiFamily(Family):
     def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
         """Prompts padded to the length training used."""
         return {"max_sequence_length": self.text_len, **super().pipeline_call_kwargs(fps, image)}
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original Mochi names (``blocks.{i}.attn.qkv_x`` fusing attn1's to_q/to_k/to_v,
+        ``blocks.{i}.mlp_x.w1``, ``final_layer.linear``, ...)."""
+        return KEY_MAP
 
     # --- checks ---
     def _check_compression(self) -> None:
