@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import av
 import numpy as np
@@ -439,9 +440,17 @@ def _frames(path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", family_names())
-def test_run_folder_gets_a_comfyui_file_that_renders_the_same_video(name, trained, tmp_path):
+def test_run_folder_gets_a_comfyui_file_that_renders_the_same_video(name, trained, tmp_path, monkeypatch):
+    """Through infer.py: the frames rendered from the ComfyUI file equal the run folder's. The
+    rendered frames are compared, not the decoded mp4s: x264 does not always encode the same
+    frames to the same file twice in one process."""
     import infer
+    from finetune import inference
 
+    rendered = {}
+    real_write = inference.write_video
+    monkeypatch.setattr(inference, "write_video", lambda frames, path, fps: (
+        rendered.__setitem__(Path(path).stem, frames.clone()), real_write(frames, path, fps))[1])
     run = trained(name)
     comfy = run / COMFYUI_WEIGHT_NAME
     with safe_open(str(comfy), "pt") as f:
@@ -451,9 +460,9 @@ def test_run_folder_gets_a_comfyui_file_that_renders_the_same_video(name, traine
     assert infer.main(["--lora", f"{run}:0.7", *common, "--out", str(tmp_path / "run.mp4")]) == 0
     assert infer.main(["--lora", f"{comfy}:0.7", *common, "--out", str(tmp_path / "comfy.mp4")]) == 0
     assert infer.main(["--base", str(run), *common, "--out", str(tmp_path / "base.mp4")]) == 0
-    run, imported, base = (_frames(tmp_path / f"{n}.mp4") for n in ("run", "comfy", "base"))
-    assert np.array_equal(run, imported)
-    assert np.abs(run.astype(int) - base.astype(int)).max() > 0, "the adapter did not change the video"
+    assert all((tmp_path / f"{n}.mp4").is_file() for n in ("run", "comfy", "base"))
+    torch.testing.assert_close(rendered["comfy"], rendered["run"], atol=1e-6, rtol=0)
+    assert (rendered["run"] - rendered["base"]).abs().max() > 1e-4, "the adapter did not change the video"
 
 
 def test_foreign_file_renders_with_family_flag_and_merges(wan_run, tmp_path):
