@@ -31,3 +31,19 @@ BYT5_SMALL = dict(vocab_size=384, d_model=1472, d_kv=64, d_ff=3584, num_layers=1
                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)
 SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                          image_size=384, patch_size=14)
+# Qwen2.5-VL-7B-Instruct's vision tower (vision_config of its config.json), for families that load
+# the whole Qwen2_5_VLForConditionalGeneration (Kandinsky 5): written from the model card's
+# config, not re-read from the hub this session.
+QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+# Gemma-3 12B (google/gemma-3-12b-it, LTX-2's text_encoder): text_config as quoted from its
+# config.json in public code (code search, this session: hidden 3840, intermediate 15360, 48 layers,
+# 16 heads, 8 kv heads, head_dim 256, query_pre_attn_scalar 256); vocab_size, sliding_window,
+# rope_scaling and the SigLIP-so400m/896 vision tower from the model card's config, not re-read.
+GEMMA3_12B_TEXT = dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                       sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                       max_position_embeddings=131072, rms_norm_eps=1e-6)
+GEMMA3_SIGLIP_896 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                         image_size=896, patch_size=14, vision_use_head=False)

@@ -37,9 +37,10 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnProcessor, nablaT_v2
 
 from finetune.families import register
+from finetune.families._encoders import CLIP_L_TEXT, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_clip_tokenizer
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
 
 # components.extra key: where a tiny build's system prompt ends (the real tokenizer's is 128)
@@ -160,6 +161,49 @@ class Kandinsky5Family(Family):
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=text_encoder_2,
                           tokenizer_2=tokenizer_2)
+
+    # Lite (2B) transformer/config.json: in/out 16 latent channels, Qwen 3584 / CLIP 768 text
+    # inputs, time_dim 512, patch [1, 2, 2], model_dim 1792, ff_dim 7168, 2 text + 32 visual blocks,
+    # rope axes [16, 24, 24], visual_cond true. Values as quoted from the Lite checkpoints' configs in
+    # public code (code search, this session: kandinskylab's get_default_conf for the Lite t2v/i2v
+    # DiT, and a test quoting Lite's transformer/config.json); the 5 s checkpoints use full
+    # ("regular") attention, diffusers' default (NABLA is for the 10 s ones).
+    _LITE_TRANSFORMER: ClassVar[dict[str, Any]] = dict(
+        in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=512,
+        patch_size=[1, 2, 2], model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32,
+        axes_dims=[16, 24, 24], visual_cond=True, attention_type="regular")
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """Kandinsky 5.0 Video Lite (t2v sft 5 s; i2v Lite 5 s, the same transformer layout): the
+        Lite transformer (:attr:`_LITE_TRANSFORMER`), the HunyuanVideo VAE with
+        AutoencoderKLHunyuanVideo's defaults (16 channels, 8x/4x: the HunyuanVideo VAE the repos
+        ship; not re-read from the hub), the whole Qwen2.5-VL-7B (load_pretrained loads
+        Qwen2_5_VLForConditionalGeneration: text model, lm_head and vision tower) and CLIP ViT-L/14
+        text."""
+        return {cls.model_id_for(task): {
+            "transformer": FullSize(diffusers.Kandinsky5Transformer3DModel, dict(cls._LITE_TRANSFORMER)),
+            "vae": FullSize(diffusers.AutoencoderKLHunyuanVideo, {}),
+            "text_encoder": FullSize(transformers.Qwen2_5_VLForConditionalGeneration, dict(
+                text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION, tie_word_embeddings=False)),
+            "text_encoder_2": FullSize(transformers.CLIPTextModel, CLIP_L_TEXT)}}
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 16, f, h, w] (8x spatial, 4x temporal); what :meth:`encode_prompts` gives:
+        Qwen states [1, L, 3584], prompt_lengths [1] (int64) and the pooled CLIP embedding [1, 768];
+        i2v adds the clean first latent frame [1, 16, 1, h, w] (:meth:`encode_conditioning`).
+        Under the planner's fake tensors prompt_lengths reads as 1 (trace._ValueFree), so the
+        trace sees one text token, not L: an underestimate of the text blocks and the
+        cross-attention keys/values, small next to the video tokens."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 8, width // 8
+        bf16 = torch.bfloat16
+        cond = {"prompt_embeds": ((1, text_len, 3584), bf16), "prompt_lengths": ((1,), torch.int64),
+                "pooled_projections": ((1, 768), bf16)}
+        if task == "i2v":
+            cond["first_latent"] = ((1, 16, 1, h, w), bf16)
+        return (1, 16, f, h, w), cond
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

@@ -39,9 +39,10 @@ from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
 from finetune.families import register
+from finetune.families._encoders import GEMMA3_12B_TEXT, GEMMA3_SIGLIP_896
 from finetune.families._loading import check_quantization, load_transformer
 from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_gemma_tokenizer
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
 
 Pipeline = diffusers.LTX2Pipeline
@@ -150,6 +151,68 @@ class LTX2Family(Family):
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=connectors,
                           extra={"audio_vae": audio_vae, "vocoder": vocoder})
+
+    # LTX-2 19B, as diffusers' scripts/convert_ltx2_to_diffusers.py (version "2.0") writes the
+    # Lightricks/LTX-2 transformer/, connectors/ and vae/ config.json (quoted from it in public
+    # code, code search, this session). Keys it leaves out keep LTX2VideoTransformer3DModel's /
+    # LTX2TextConnectors' defaults.
+    _TRANSFORMER: ClassVar[dict[str, Any]] = dict(
+        in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+        attention_head_dim=128, cross_attention_dim=4096, vae_scale_factors=[8, 32, 32], pos_embed_max_pos=20,
+        base_height=2048, base_width=2048, audio_in_channels=128, audio_out_channels=128, audio_patch_size=1,
+        audio_patch_size_t=1, audio_num_attention_heads=32, audio_attention_head_dim=64,
+        audio_cross_attention_dim=2048, audio_scale_factor=4, audio_pos_embed_max_pos=20,
+        audio_sampling_rate=16000, audio_hop_length=160, num_layers=48, activation_fn="gelu-approximate",
+        qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=3840,
+        attention_bias=True, attention_out_bias=True, rope_theta=10000.0, rope_double_precision=True,
+        causal_offset=1, timestep_scale_multiplier=1000, cross_attn_timestep_scale_multiplier=1000,
+        rope_type="split")
+    _CONNECTORS: ClassVar[dict[str, Any]] = dict(
+        caption_channels=3840, text_proj_in_factor=49, video_connector_num_attention_heads=30,
+        video_connector_attention_head_dim=128, video_connector_num_layers=2,
+        video_connector_num_learnable_registers=128, audio_connector_num_attention_heads=30,
+        audio_connector_attention_head_dim=128, audio_connector_num_layers=2,
+        audio_connector_num_learnable_registers=128, connector_rope_base_seq_len=4096, rope_theta=10000.0,
+        rope_double_precision=True, causal_temporal_positioning=False, rope_type="split")
+    _VAE: ClassVar[dict[str, Any]] = dict(
+        in_channels=3, out_channels=3, latent_channels=128, block_out_channels=[256, 512, 1024, 2048],
+        decoder_block_out_channels=[256, 512, 1024], layers_per_block=[4, 6, 6, 2, 2],
+        decoder_layers_per_block=[5, 5, 5, 5], spatio_temporal_scaling=[True, True, True, True],
+        decoder_spatio_temporal_scaling=[True, True, True], decoder_inject_noise=[False, False, False, False],
+        downsample_type=["spatial", "temporal", "spatiotemporal", "spatiotemporal"],
+        upsample_residual=[True, True, True], upsample_factor=[2, 2, 2], timestep_conditioning=False,
+        patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, encoder_causal=True, decoder_causal=False,
+        encoder_spatial_padding_mode="zeros", decoder_spatial_padding_mode="reflect",
+        spatial_compression_ratio=32, temporal_compression_ratio=8)
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """Lightricks/LTX-2 (both tasks, same weights): the 19B transformer, the video VAE, the
+        whole Gemma-3 12B (load_pretrained loads Gemma3ForConditionalGeneration, vision tower
+        included; _encoders.GEMMA3_12B_TEXT) and the text connectors as text_encoder_2 (where
+        Components keeps them). The audio VAE and vocoder (components.extra) are left out: the
+        planner counts only the Components encoder names, and they run only when rendering."""
+        return {cls.default_model_id: {
+            "transformer": FullSize(diffusers.LTX2VideoTransformer3DModel, dict(cls._TRANSFORMER)),
+            "vae": FullSize(diffusers.AutoencoderKLLTX2Video, dict(cls._VAE)),
+            "text_encoder": FullSize(transformers.Gemma3ForConditionalGeneration, dict(
+                text_config=GEMMA3_12B_TEXT, vision_config=GEMMA3_SIGLIP_896, mm_tokens_per_image=256)),
+            "text_encoder_2": FullSize(LTX2TextConnectors, dict(cls._CONNECTORS))}}
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 128, f, h, w] (32x spatial, 8x temporal); what :meth:`encode_prompts` gives:
+        the connectors' video and audio streams [1, L, 3840] each (30 heads x 128) and their
+        binary mask [1, L] (int64); i2v adds the clean first latent frame [1, 128, 1, h, w]. The
+        audio stream's noise is drawn inside :meth:`predict` (no ``audio_noise`` key)."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 32, width // 32
+        bf16 = torch.bfloat16
+        cond = {"prompt_embeds": ((1, text_len, 3840), bf16), "audio_prompt_embeds": ((1, text_len, 3840), bf16),
+                "prompt_attention_mask": ((1, text_len), torch.int64)}
+        if task == "i2v":
+            cond["first_latent"] = ((1, 128, 1, h, w), bf16)
+        return (1, 128, f, h, w), cond
 
     @classmethod
     def tiny_vae(cls) -> diffusers.AutoencoderKLLTX2Video:

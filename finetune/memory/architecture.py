@@ -30,7 +30,8 @@ QUANT_BYTES: dict[str, tuple[float, float, float]] = {
     "fp8": (1.0, 4.0, 0.0),
 }
 # config keys that count repeated transformer blocks; the trace builds the model with each set to 1
-BLOCK_COUNT_KEYS = ("num_layers", "num_single_layers", "depth")
+# (Kandinsky 5 counts its text and visual blocks as num_text_blocks / num_visual_blocks)
+BLOCK_COUNT_KEYS = ("num_layers", "num_single_layers", "depth", "num_text_blocks", "num_visual_blocks")
 
 
 def _freeze(config: dict) -> str:
