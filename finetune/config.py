@@ -50,6 +50,9 @@ class DataConfig(_Section):
     buckets: bool = Field(
         False, description="Train each clip at its own size from the manifest (aspect buckets); needs batch_size 1."
     )
+    strict: bool = Field(
+        False, description="Stop on any unusable clip or caption; false = skip it, list it in skipped_clips.jsonl."
+    )
 
 
 class LoraConfig(_Section):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.adapters import read_adapter_file
 from finetune.errors import UserError
 from finetune.export import RunInfo
 from finetune.families import get_family
@@ -40,8 +41,11 @@ def base_spec(info: RunInfo, device: torch.device, dtype: torch.dtype) -> ModelS
 
 def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype) -> tuple[Family, RunInfo]:
     """The base model all ``loras`` were trained on (or that of run folder ``base``).
-    Raises UserError if none is given or the adapters disagree on the base model."""
+    Raises UserError if none is given or the adapters disagree on the base model, AdapterError
+    if an adapter file is missing, damaged or not a LoRA."""
     infos = [(ref.run_dir, RunInfo.read(ref.run_dir)) for ref in loras]
+    for run_dir, info in infos:  # before any weights load: a damaged or foreign file is an AdapterError
+        read_adapter_file(run_dir / info.weight_name)
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
     if not infos:
