@@ -130,9 +130,12 @@ def check_checkpoint(path: Path, earlier: list[Path]) -> Path:
     """Check that checkpoint folder ``path`` is whole and readable before any weights load;
     returns it. ``earlier``: older checkpoints of the run, suggested instead of a damaged one.
     Raises CheckpointError naming the damaged file."""
-    read_step(path)
     missing = [name for name in (LORA_FILE, *ACCELERATE_FILES) if not (path / name).is_file()]
     problem = f"{', '.join(missing)} missing" if missing else None
+    try:
+        read_step(path)
+    except CheckpointError:
+        problem = f"{STATE_FILE} unreadable"
     if not problem:
         try:
             read_adapter_file(path / LORA_FILE)

@@ -44,8 +44,6 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
     Raises UserError if none is given or the adapters disagree on the base model, AdapterError
     if an adapter file is missing, damaged or not a LoRA."""
     infos = [(ref.run_dir, RunInfo.read(ref.run_dir)) for ref in loras]
-    for run_dir, info in infos:  # before any weights load: a damaged or foreign file is an AdapterError
-        read_adapter_file(run_dir / info.weight_name)
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
     if not infos:
@@ -57,6 +55,8 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
         if other != key:
             raise UserError(f"{run_dir} was trained on {other[:3]} but {first_dir} on {key[:3]}: "
                             f"adapters can only be combined on the same base model")
+    for ref in loras:  # before any weights load: a damaged or foreign file is an AdapterError
+        read_adapter_file(ref.run_dir / RunInfo.read(ref.run_dir).weight_name)
     family = get_family(first.family).load(base_spec(first, device, dtype), device=device)
     return family, first
 
