@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_clips
-from test_scripts import run, tiny_args
+from test_scripts import ACCELERATE, run, tiny_args
 
-# Wrap the step function to send STOP_SIGNAL to this process while step STOP_AT runs; with
+# Wrap the step function to send STOP_SIGNAL to this process (to process STOP_RANK only, under a
+# multi-process launch) while step STOP_AT runs; with
 # AGAIN=1 send it a second time right after the stop checkpoint's state is written (before it
 # is renamed into place): the user pressing Ctrl-C twice at the worst moment.
 SIGNAL_DURING_STEP = """
@@ -22,9 +23,10 @@ import os, runpy, sys
 import accelerate
 import finetune.trainer as t
 sig, at, again = int(os.environ["STOP_SIGNAL"]), int(os.environ["STOP_AT"]), os.environ.get("AGAIN") == "1"
+rank = int(os.environ.get("STOP_RANK", os.environ.get("RANK", "0")))
 real_step, real_save = t.accumulate_gradients, accelerate.Accelerator.save_state
 def step(accelerator, family, transformer, dataset, recipe, s):
-    if s == at:
+    if s == at and accelerator.process_index == rank:
         os.kill(os.getpid(), sig)
     return real_step(accelerator, family, transformer, dataset, recipe, s)
 def save(self, output_dir=None, **kw):
@@ -90,3 +92,20 @@ def test_second_sigint_aborts_and_the_last_checkpoint_still_loads(manifest, tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {checkpoints / 'step-00000002'} at step 2" in resumed.stdout
     assert f"note: took over {tmp_path / 'run' / 'train.lock'}, left by PID" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(manifest, tmp_path):
+    wrapper = tmp_path / "signal_during_step.py"
+    wrapper.write_text(SIGNAL_DURING_STEP)
+    out = tmp_path / "run"
+    res = run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", "29518", str(wrapper),
+               *tiny_args("wan", manifest, out, "optim.steps=6", "checkpoint.every=0")],
+              ACCELERATE_USE_CPU="true", STOP_SIGNAL=str(int(signal.SIGTERM)), STOP_AT="1", STOP_RANK="1")
+    assert res.returncode != 0
+    assert "stopped: SIGTERM after step 2 of 6" in res.stderr  # the process that got the signal
+    assert "stopped: a signal on another process after step 2 of 6" in res.stderr  # the one that did not
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
