@@ -26,14 +26,11 @@ def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AdapterError(f"{path}: adapter file not found (a finished run folder holds it; pass the output.dir of "
                            f"a completed train_lora.py run, or the .safetensors file itself)")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        hint = " (it looks like a pickle checkpoint; convert it to .safetensors)" if _is_pickle(path) else ""
-        raise AdapterError(f"{path}: not a readable safetensors file: {e}{hint}; the file is damaged or in another "
+    state, problem = _read(path)
+    if problem:
+        raise AdapterError(f"{path}: not a readable safetensors file ({problem}); the file is damaged or in another "
                            f"format: copy it again, re-export it, or retrain (--resume latest from its last "
-                           f"checkpoint)") from None
+                           f"checkpoint)")
     if not state:
         raise AdapterError(f"{path}: the file holds no tensors; it is not a LoRA adapter")
     lora = [k for k in state if any(m in k for m in LORA_KEY_MARKS)]
@@ -44,8 +41,16 @@ def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _is_pickle(path: Path) -> bool:
-    """Zip (torch.save) or raw pickle protocol 2+ magic bytes."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why the safetensors file at ``path`` cannot be read (short, for messages), or None."""
+    return _read(Path(path))[1]
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format
+        return {}, "a torch.save pickle; convert it to .safetensors" if zipped else str(e)

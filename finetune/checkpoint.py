@@ -19,8 +19,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from finetune import diskspace
-from finetune.adapters import read_adapter_file
-from finetune.errors import AdapterError, CheckpointError
+from finetune.adapters import safetensors_problem
+from finetune.errors import CheckpointError
 
 PREFIX = "step-"
 LORA_FILE = "lora.safetensors"
@@ -136,11 +136,8 @@ def check_checkpoint(path: Path, earlier: list[Path]) -> Path:
         read_step(path)
     except CheckpointError:
         problem = f"{STATE_FILE} unreadable"
-    if not problem:
-        try:
-            read_adapter_file(path / LORA_FILE)
-        except AdapterError as e:
-            problem = str(e)
+    if not problem and (bad := safetensors_problem(path / LORA_FILE)):
+        problem = f"{LORA_FILE} unreadable: {bad}"
     if problem:
         instead = (f"resume from the one before it with --resume {earlier[-1]}" if earlier
                    else "train without --resume to start over")

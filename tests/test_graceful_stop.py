@@ -4,6 +4,7 @@ deterministic without sleeping."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 
@@ -65,6 +66,7 @@ def test_sigterm_saves_then_resume_matches_an_uninterrupted_run(manifest, tmp_pa
     assert stopped.stderr.rstrip().endswith("--resume latest")
     assert (ckpt / "lora.safetensors").is_file()
     assert load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))  # the adapter as it stands
+    assert json.loads((tmp_path / "b" / "video_lora.json").read_text())["steps"] == 3
     assert not (tmp_path / "b" / "train.lock").read_text()  # released
 
     resumed = run([sys.executable, *args, "--resume", "latest"])

@@ -215,7 +215,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_suggested(damage, caps
     assert rc == USER_ERROR_EXIT, err
     assert "Traceback" not in err and f"{latest}" in err
     assert f"--resume {run / 'checkpoints' / 'step-00000002'}" in err
-    assert {"lora": "damaged checkpoint", "state": "damaged checkpoint (trainer_state.json unreadable)",
+    assert {"lora": "damaged checkpoint (lora.safetensors unreadable: Error while deserializing header", "state": "damaged checkpoint (trainer_state.json unreadable)",
             "optimizer": "damaged checkpoint (optimizer.bin missing)"}[damage] in err
 
 
@@ -240,11 +240,12 @@ def test_adapter_files_missing_damaged_pickled_or_foreign_are_named(tmp_path):
         read_adapter_file(tmp_path / "gone.safetensors")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-10])
-    with pytest.raises(AdapterError, match="cut.safetensors: not a readable safetensors file: .*damaged"):
+    with pytest.raises(AdapterError, match=r"cut.safetensors: not a readable safetensors file \(.*\); the file is "
+                                           r"damaged"):
         read_adapter_file(cut)
     pickled = tmp_path / "model.safetensors"
     torch.save({"w": torch.zeros(2)}, pickled)
-    with pytest.raises(AdapterError, match="looks like a pickle checkpoint"):
+    with pytest.raises(AdapterError, match=r"\(a torch.save pickle; convert it to .safetensors\)"):
         read_adapter_file(pickled)
     foreign = tmp_path / "full.safetensors"
     save_file({"blocks.0.attn.to_q.weight": torch.zeros(4, 4)}, str(foreign))
@@ -259,7 +260,7 @@ def test_infer_on_a_run_with_a_damaged_adapter_is_a_named_error(capsys, checkpoi
     rc = run_main(infer.main, ["--lora", str(run), "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err
     assert rc == USER_ERROR_EXIT
-    assert err.startswith(f"error: {adapter}: not a readable safetensors file: ") and "Traceback" not in err
+    assert err.startswith(f"error: {adapter}: not a readable safetensors file (") and "Traceback" not in err
     (run / "video_lora.json").write_text("{\"family\": ")
     rc = run_main(infer.main, ["--lora", str(run), "--prompt", "x"])
     assert rc == USER_ERROR_EXIT
