@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -19,6 +20,11 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (loading, caching, rendering): no traceback. The cache and
+        # checkpoints are written under temporary names and renamed, so none is left half-written.
+        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT

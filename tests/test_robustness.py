@@ -136,7 +136,7 @@ def test_too_little_space_for_a_checkpoint_fails_before_writing(capsys, tmp_path
     rc, _, err = _train_cli(capsys, manifest, tmp_path / "run", "optim.steps=4", "checkpoint.every=2")
     assert rc == USER_ERROR_EXIT
     assert "error: not enough disk space for checkpoint step 2: it needs about" in err
-    assert not list((tmp_path / "run" / "checkpoints").glob("*")) if (tmp_path / "run" / "checkpoints").exists() else True
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
 
 
 # ---------------------------------------------------------------------------- resume: recipe and damaged checkpoints
@@ -345,6 +345,14 @@ def test_first_signal_sets_the_flag_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM and "SIGTERM received: finishing this step" in notes[0]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_outside_the_loop_is_a_short_message(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_main(interrupted, []) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "stopped: interrupted (Ctrl-C)\n"
 
 
 def test_resume_command_replaces_any_resume(monkeypatch):
