@@ -23,14 +23,9 @@ def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
     damaged, a pickle ``.bin`` or ``.ckpt``), or holds no LoRA weights (a full model, say).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter file not found (a finished run folder holds it; pass the output.dir of "
-                           f"a completed train_lora.py run, or the .safetensors file itself)")
-    state, problem = _read(path)
-    if problem:
-        raise AdapterError(f"{path}: not a readable safetensors file ({problem}); the file is damaged or in another "
-                           f"format: copy it again, re-export it, or retrain (--resume latest from its last "
-                           f"checkpoint)")
+    require_readable(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
     if not state:
         raise AdapterError(f"{path}: the file holds no tensors; it is not a LoRA adapter")
     lora = [k for k in state if any(m in k for m in LORA_KEY_MARKS)]
@@ -41,16 +36,27 @@ def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def require_readable(path: str | Path) -> None:
+    """Raise AdapterError unless ``path`` is a safetensors file whose header reads (cheap: the
+    tensors are not loaded). The header must cover the whole file, so a truncated copy fails."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found (a finished run folder holds it; pass the output.dir of "
+                           f"a completed train_lora.py run, or the .safetensors file itself)")
+    problem = safetensors_problem(path)
+    if problem:
+        raise AdapterError(f"{path}: not a readable safetensors file ({problem}); the file is damaged or in another "
+                           f"format: copy it again, re-export it, or retrain (--resume latest from its last "
+                           f"checkpoint)")
+
+
 def safetensors_problem(path: str | Path) -> str | None:
     """Why the safetensors file at ``path`` cannot be read (short, for messages), or None."""
-    return _read(Path(path))[1]
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, None
+            f.keys()
+        return None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         with open(path, "rb") as f:
             zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format
-        return {}, "a torch.save pickle; convert it to .safetensors" if zipped else str(e)
+        return "a torch.save pickle; convert it to .safetensors" if zipped else str(e)

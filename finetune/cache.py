@@ -3,7 +3,8 @@
 Each clip's VAE latents and each caption's text-encoder outputs are computed once and stored as
 safetensors, named by a fingerprint of everything that determines them:
 
-  latents:  clip content (sha256), model id + revision, family, frames, height, width, fps
+  latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps
+            (the file also holds the task's conditioning, e.g. the first frame's latents for i2v)
   text:     caption text, model id + revision, family
 
 so changing one caption re-encodes that caption only, and changing the resolution recomputes
@@ -64,6 +65,7 @@ class CacheKey:
     height: int
     width: int
     fps: float
+    task: str = "t2v"
 
 
 @lru_cache(maxsize=4096)
@@ -88,7 +90,7 @@ def _digest(obj: dict) -> str:
 def latent_fingerprint(clip: Clip, key: CacheKey) -> str:
     return _digest({"kind": "latents", "clip": content_hash(clip.path), "family": key.family, "model": key.model_id,
                     "revision": key.revision, "frames": key.frames, "height": key.height, "width": key.width,
-                    "fps": key.fps})
+                    "fps": key.fps, "task": key.task})
 
 
 def text_fingerprint(caption: str, key: CacheKey) -> str:
@@ -152,12 +154,14 @@ def build_cache(
             # Seeded by the fingerprint: the cached sample does not depend on clip order.
             gen = torch.Generator(device="cpu").manual_seed(int(entry.latents.stem[:15], 16))
             with torch.no_grad():
-                latents = family.encode_videos(video.unsqueeze(0).to(device, vae_dtype), generator=gen)
+                pixels = video.unsqueeze(0).to(device, vae_dtype)
+                latents = family.encode_videos(pixels, generator=gen)
+                cond = family.encode_conditioning(pixels, latents)
         except (DataError, ValueError) as e:  # ValueError: the family's size/frame checks
             stats.skipped.append((clip, str(e).removeprefix(f"{clip.path}: ")))
             failed.add(entry.latents)
             continue
-        _save_atomic({"latents": latents[0]}, entry.latents)
+        _save_atomic({"latents": latents[0], **{k: v[0] for k, v in cond.items()}}, entry.latents)
         stats.latents_computed += 1
 
     unique_text = {e.text: c.caption for c, e in zip(clips, entries)}
@@ -178,7 +182,7 @@ def build_cache(
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Item i: {"latents": [C, f, h, w], **text tensors} read from the cache files."""
+    """Item i: {"latents": [C, f, h, w], **conditioning tensors, **text tensors} read from the cache files."""
 
     def __init__(self, entries: list[CacheEntry]):
         self.entries = entries

@@ -70,25 +70,31 @@ def read_step(ckpt: Path) -> int:
     return step
 
 
-def register_lora_hooks(accelerator, transformer: torch.nn.Module) -> None:
-    """Make ``save_state``/``load_state`` store only the LoRA weights of ``transformer``."""
+def lora_file(index: int) -> str:
+    """Checkpoint file of the ``index``-th trained transformer (two-expert models have two)."""
+    return LORA_FILE if index == 0 else LORA_FILE.replace(".safetensors", f"_{index}.safetensors")
+
+
+def register_lora_hooks(accelerator, transformers: list[torch.nn.Module]) -> None:
+    """Make ``save_state``/``load_state`` store only the LoRA weights of ``transformers`` (in the
+    order they were prepared), one file each."""
 
     def save_hook(models, weights, output_dir):
-        for model in models:
+        for i, model in enumerate(models):
             if accelerator.is_main_process:
                 state = get_peft_model_state_dict(accelerator.unwrap_model(model))
                 save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                          os.path.join(output_dir, LORA_FILE))
-            if weights:
-                weights.pop()
+                          os.path.join(output_dir, lora_file(i)))
+        weights.clear()  # the whole models are not saved
 
     def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_FILE)))
+        for i, wrapped in enumerate(list(models)):
+            model = accelerator.unwrap_model(wrapped)
+            result = set_peft_model_state_dict(model, load_file(os.path.join(input_dir, lora_file(i))))
             if result.unexpected_keys:
                 raise CheckpointError(f"{input_dir}: LoRA weights do not fit this model "
                                       f"({len(result.unexpected_keys)} unexpected keys, e.g. {result.unexpected_keys[0]})")
+        models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -136,8 +142,10 @@ def check_checkpoint(path: Path, earlier: list[Path]) -> Path:
         read_step(path)
     except CheckpointError:
         problem = f"{STATE_FILE} unreadable"
-    if not problem and (bad := safetensors_problem(path / LORA_FILE)):
-        problem = f"{LORA_FILE} unreadable: {bad}"
+    for weights in sorted(path.glob("lora*.safetensors")) if not problem else []:  # one per trained expert
+        if bad := safetensors_problem(weights):
+            problem = f"{weights.name} unreadable: {bad}"
+            break
     if problem:
         instead = (f"resume from the one before it with --resume {earlier[-1]}" if earlier
                    else "train without --resume to start over")
@@ -166,9 +174,9 @@ def load_checkpoint(accelerator, path: Path) -> int:
 # checkpoint's weights or optimizer state meaningless for the new recipe; SAFE ones change only
 # what happens from here on; any other change is allowed with a warning (learning rate, data, ...).
 FATAL_FIELDS = ("model.family", "model.pretrained", "model.revision", "model.tiny", "model.tiny_seed",
-                "model.task", "lora.rank", "lora.alpha", "lora.targets", "optim.optimizer")
+                "model.task", "model.experts", "lora.rank", "lora.alpha", "lora.targets", "optim.optimizer")
 SAFE_FIELDS = ("optim.steps", "checkpoint.", "validation.", "output.log_every", "output.dir", "cache.dir",
-               "memory.gradient_checkpointing")
+               "memory.gradient_checkpointing", "memory.offload_idle_expert", "lora.init_from")
 
 
 def flatten(doc: dict, prefix: str = "") -> dict[str, object]:

@@ -37,6 +37,12 @@ class ModelConfig(_Section):
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="bitsandbytes quantisation of the frozen transformer (CUDA only)."
     )
+    task: str = Field("t2v", description="What the LoRA learns: t2v (text to video) or i2v (first frame to video), "
+                                         "as the family supports.")
+    experts: list[str] | None = Field(
+        None, description="Two-expert models (Wan 2.2 A14B): which to train, [high], [low] or [high, low]; "
+                          "null = all."
+    )
 
 
 class DataConfig(_Section):
@@ -60,6 +66,10 @@ class LoraConfig(_Section):
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     targets: list[str] | None = Field(None, description="Module names to adapt; null = the family's default targets.")
+    init_from: str | None = Field(
+        None, description="LoRA file (diffusers, ComfyUI or kohya naming) to continue training from; rank, alpha and "
+        "targets come from the file."
+    )
 
 
 class OptimConfig(_Section):
@@ -81,6 +91,9 @@ class OptimConfig(_Section):
 
 class MemoryConfig(_Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    offload_idle_expert: bool = Field(
+        False, description="Two-expert models: keep the expert a step does not train in CPU memory."
+    )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="Autocast precision; auto = bf16 on a GPU, none on CPU."
     )
@@ -96,6 +109,10 @@ class ValidationConfig(_Section):
     steps: int = Field(30, ge=1, le=500, description="Inference steps for samples.")
     guidance: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance scale for samples.")
     seed: int = Field(0, ge=0, description="Seed of the samples.")
+    images: list[str] = Field(
+        default_factory=list, description="i2v: first-frame images for the prompts (cycled); empty = the first "
+                                          "frame of the training clips."
+    )
 
 
 class CheckpointConfig(_Section):
@@ -131,7 +148,7 @@ class Recipe(_Section):
 
     @property
     def pretrained(self) -> str:
-        return self.model.pretrained or self.family_cls().default_model_id
+        return self.model.pretrained or self.family_cls().model_id_for(self.model.task)
 
     @property
     def lora_targets(self) -> list[str]:
@@ -157,6 +174,17 @@ def family_problems(data: dict) -> list[str]:
     except KeyError as e:
         return [f"model.family={name!r}: {e.args[0]}"]
     out = []
+    task = model.get("task", "t2v")
+    if isinstance(task, str) and task not in fam.tasks:
+        out.append(f"model.task={task!r}: {fam.name} trains {', '.join(fam.tasks)}")
+    experts = model.get("experts")
+    if isinstance(experts, list):
+        if not fam.expert_names:
+            out.append(f"model.experts={experts}: {fam.name} has one transformer (remove the key)")
+        else:
+            bad = [e for e in experts if e not in fam.expert_names]
+            if bad or not experts or len(set(experts)) != len(experts):
+                out.append(f"model.experts={experts}: list each of {', '.join(fam.expert_names)} at most once")
     rule, f = fam.frame_rule, dat.get("frames")
     if isinstance(f, int) and f >= 1 and not rule.is_valid(f):
         out.append(f"data.frames={f} must be {rule.describe()} for {fam.name} (try {rule.nearest(f)})")
@@ -172,6 +200,12 @@ def family_problems(data: dict) -> list[str]:
     if dat.get("buckets") is True and isinstance(optim.get("batch_size"), int) and optim["batch_size"] > 1:
         out.append(f"data.buckets=true trains clips of different sizes, so optim.batch_size={optim['batch_size']} "
                    f"must be 1 (raise optim.grad_accum instead)")
+    init_from = lora.get("init_from")
+    init_path = Path(init_from) if isinstance(init_from, str) else None
+    if init_path and not (init_path.is_file() or (init_path / "video_lora.json").is_file()):
+        out.append(f"lora.init_from={init_from!r}: no such LoRA file or run folder")
+    elif init_path and init_path.is_file() and init_path.suffix != ".safetensors":
+        out.append(f"lora.init_from={init_from!r}: LoRA files are read as .safetensors only")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
     if model.get("quantization", "none") != "none" and model.get("tiny"):

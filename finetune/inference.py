@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,12 +20,18 @@ from finetune.video import write_video
 
 @dataclass(frozen=True)
 class LoraRef:
+    """A run folder, or a LoRA file (any layout lora_formats reads), and its scale."""
+
     run_dir: Path
     scale: float = 1.0
 
+    @property
+    def is_file(self) -> bool:
+        return self.run_dir.is_file()
+
     @classmethod
     def parse(cls, text: str) -> "LoraRef":
-        """``runs/x`` or ``runs/x:0.8``."""
+        """``runs/x``, ``runs/x:0.8`` or ``some_lora.safetensors:0.8``."""
         head, sep, tail = text.rpartition(":")
         if sep:
             try:
@@ -36,46 +43,100 @@ class LoraRef:
 
 def base_spec(info: RunInfo, device: torch.device, dtype: torch.dtype) -> ModelSpec:
     return ModelSpec(pretrained=info.base_model, revision=info.revision, tiny=info.tiny, tiny_seed=info.tiny_seed,
-                     dtype=dtype if device.type == "cuda" else torch.float32)
+                     dtype=dtype if device.type == "cuda" else torch.float32, task=info.task)
 
 
-def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype) -> tuple[Family, RunInfo]:
-    """The base model all ``loras`` were trained on (or that of run folder ``base``).
+def lora_info(ref: LoraRef, family: str | None = None, base_model: str | None = None) -> RunInfo:
+    """What a run folder's ``video_lora.json`` says, or what a LoRA file records; a file that
+    records nothing needs ``family`` and gets ``base_model`` or that family's default base model.
+    Raises UserError naming the missing ``--family``."""
+    if not ref.is_file:
+        return RunInfo.read(ref.run_dir)
+    from finetune.lora_formats import read_info
+
+    if ref.run_dir.suffix != ".safetensors":
+        raise UserError(f"--lora {ref.run_dir}: LoRA files must be .safetensors")
+    meta = read_info(ref.run_dir)
+    name = meta.get("family") or family
+    if name is None:
+        raise UserError(f"--lora {ref.run_dir}: the file does not record its model family; pass --family (e.g. wan)")
+    if family is not None and name != family:
+        raise UserError(f"--lora {ref.run_dir} was made for {name}, not --family {family}")
+    if all(k in meta for k in RunInfo.__dataclass_fields__):
+        return RunInfo(**{k: meta[k] for k in RunInfo.__dataclass_fields__})
+    return RunInfo(family=name, base_model=meta.get("base_model") or base_model or get_family(name).default_model_id,
+                   revision=meta.get("revision"), tiny=False, tiny_seed=0, trigger=meta.get("trigger", ""), steps=0,
+                   weight_name=ref.run_dir.name, recipe={})
+
+
+def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dtype: torch.dtype,
+              family: str | None = None, base_model: str | None = None) -> tuple[Family, RunInfo]:
+    """The base model all ``loras`` were trained on (or that of run folder ``base``); ``family``
+    and ``base_model`` stand in for what LoRA files from other tools do not record.
     Raises UserError if none is given or the adapters disagree on the base model, AdapterError
     if an adapter file is missing, damaged or not a LoRA."""
-    infos = [(ref.run_dir, RunInfo.read(ref.run_dir)) for ref in loras]
+    infos = [(ref.run_dir, lora_info(ref, family, base_model)) for ref in loras]
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
     if not infos:
         raise UserError("nothing to render with: pass --lora RUN_DIR[:scale] (repeatable) or --base RUN_DIR")
     first_dir, first = infos[0]
-    key = (first.family, first.base_model, first.revision, first.tiny_seed if first.tiny else None)
+    key = (first.family, first.base_model, first.revision, first.task, first.tiny_seed if first.tiny else None)
     for run_dir, info in infos[1:]:
-        other = (info.family, info.base_model, info.revision, info.tiny_seed if info.tiny else None)
+        other = (info.family, info.base_model, info.revision, info.task, info.tiny_seed if info.tiny else None)
         if other != key:
-            raise UserError(f"{run_dir} was trained on {other[:3]} but {first_dir} on {key[:3]}: "
-                            f"adapters can only be combined on the same base model")
-    for ref in loras:  # before any weights load: a damaged or foreign file is an AdapterError
-        read_adapter_file(ref.run_dir / RunInfo.read(ref.run_dir).weight_name)
+            raise UserError(f"{run_dir} was trained on {other[:4]} but {first_dir} on {key[:4]}: "
+                            f"adapters can only be combined on the same base model and task")
+    for run_dir, info in infos[len(infos) - len(loras):]:  # the --lora ones, checked before any weights load
+        for name in ([] if run_dir.is_file() else info.adapter_files().values()):
+            read_adapter_file(run_dir / name)
     family = get_family(first.family).load(base_spec(first, device, dtype), device=device)
     return family, first
 
 
-def apply_loras(pipe, loras: list[LoraRef], merge: bool) -> list[str]:
-    """Load each adapter with its scale; with ``merge`` fuse them into the base weights and drop
-    the LoRA layers. Returns the adapter names."""
-    names = []
+def apply_loras(family: Family, loras: list[LoraRef], merge: bool) -> list[str]:
+    """Load each run's adapters, each file into the transformer it was trained on (both experts
+    of a two-expert model), or a LoRA file in any known layout (ComfyUI, kohya/musubi, diffusers)
+    into the first transformer, with its scale; with ``merge`` fuse them into the base weights and
+    drop the LoRA layers. Works at transformer level, so pipelines without a LoRA loader render
+    adapters too. Returns the adapter names."""
+    experts = {e.attr: e for e in family.experts()}
+    loaded: dict[str, list[tuple[str, float]]] = {}
     for i, ref in enumerate(loras):
-        info = RunInfo.read(ref.run_dir)
         name = f"lora{i}"
-        pipe.load_lora_weights(str(ref.run_dir), weight_name=info.weight_name, adapter_name=name)
-        names.append(name)
-    if names:
-        pipe.set_adapters(names, [ref.scale for ref in loras])
+        if ref.is_file:
+            first = family.experts()[0]
+            load_lora_file(family, ref.run_dir, first, name)
+            loaded.setdefault(first.attr, []).append((name, ref.scale))
+            continue
+        info = RunInfo.read(ref.run_dir)
+        for attr, file in info.adapter_files().items():
+            if attr not in experts:
+                raise UserError(f"{ref.run_dir}: adapter {file} is for {attr}, which {family.name} does not have")
+            family.load_adapter(str(Path(ref.run_dir) / file), experts[attr], name)
+            loaded.setdefault(attr, []).append((name, ref.scale))
+    for attr, pairs in loaded.items():
+        transformer = getattr(family.components, attr)
+        transformer.set_adapters([n for n, _ in pairs], [s for _, s in pairs])
         if merge:
-            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-            pipe.unload_lora_weights()
-    return names
+            transformer.fuse_lora(lora_scale=1.0, adapter_names=[n for n, _ in pairs])
+            transformer.unload_lora()
+    return [f"lora{i}" for i in range(len(loras))]
+
+
+def load_lora_file(family: Family, path: Path, expert, adapter_name: str) -> None:
+    """A LoRA file in any known layout, converted to a diffusers file (rank and alpha kept) and
+    loaded into ``expert``'s transformer. Raises LoraFormatError for a file of no known layout."""
+    import tempfile
+
+    from finetune.export import WEIGHT_NAME
+    from finetune.lora_formats import read_lora, write_lora
+
+    key_map = family.comfyui_key_map(expert.attr)
+    lora = read_lora(path, key_map)
+    with tempfile.TemporaryDirectory(prefix="lora-import-") as tmp:
+        out = write_lora(lora, Path(tmp) / WEIGHT_NAME, "diffusers", key_map, family.pipeline_class)
+        family.load_adapter(str(out), expert, adapter_name)
 
 
 @dataclass
@@ -89,6 +150,7 @@ class RenderArgs:
     steps: int = 30
     guidance: float = 5.0
     seed: int = 0
+    image: Any = None  # i2v: the first frame, a PIL image or a path to one
 
 
 def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs:
@@ -97,6 +159,10 @@ def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs
     data = info.recipe.get("data", {})
     done = replace(args, frames=args.frames or data.get("frames"), height=args.height or data.get("height"),
                    width=args.width or data.get("width"), fps=float(args.fps or data.get("fps") or family.default_fps))
+    unset = [flag for flag, v in (("--frames", done.frames), ("--height", done.height), ("--width", done.width))
+             if v is None]
+    if unset:
+        raise UserError(f"{' '.join(unset)}: needed for a LoRA file that records no training recipe")
     if not family.frame_rule.is_valid(done.frames):
         raise UserError(f"--frames {done.frames} must be {family.frame_rule.describe()} for {family.name} "
                         f"(try {family.frame_rule.nearest(done.frames)})")
@@ -105,17 +171,40 @@ def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs
             raise UserError(f"{flag} {v} must be a multiple of {family.spatial_factor} for {family.name}")
     if done.steps < family.min_inference_steps:
         raise UserError(f"--steps {done.steps}: {family.name} needs at least {family.min_inference_steps}")
+    if family.task == "t2v" and done.image is not None:
+        raise UserError(f"--image: this adapter was trained for text-to-video (model.task=t2v) and takes no "
+                        f"conditioning image; drop --image, or train with model.task=i2v")
+    if family.task != "t2v" and done.image is None:
+        raise UserError(f"--image PATH is required: this adapter was trained for model.task={family.task} "
+                        f"(the image becomes the first frame)")
+    if isinstance(done.image, (str, Path)):
+        done = replace(done, image=load_image(done.image, done.width, done.height))
     return done
+
+
+def load_image(path: str | Path, width: int, height: int):
+    """An RGB PIL image from ``path``, resized to cover ``width`` x ``height`` and centre-cropped.
+    Raises UserError if it is missing or not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"--image {path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"--image {path}: not an image ({e}); pass a PNG or JPEG") from None
+    return ImageOps.fit(img, (width, height), method=Image.Resampling.BICUBIC)
 
 
 def render(family: Family, pipe, args: RenderArgs) -> torch.Tensor:
     """Run the pipeline with complete ``args``. Returns frames [F, H, W, 3] float in [0, 1]."""
-    device = next(family.components.transformer.parameters()).device
+    first = next(iter(family.components.modules().values()))
+    device = next(first.parameters()).device
     out = pipe(
         prompt=args.prompt, negative_prompt=args.negative_prompt or None, num_frames=args.frames, height=args.height,
         width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
         generator=torch.Generator(device=device).manual_seed(args.seed), output_type="pt",
-        **family.pipeline_call_kwargs(args.fps),
+        **family.pipeline_call_kwargs(args.fps, image=args.image),
     )
     video = out.frames[0]  # [F, 3, H, W] in [0, 1]
     return video.permute(0, 2, 3, 1).float().cpu()

@@ -78,16 +78,17 @@ class GracefulStop:
         flag = torch.tensor(0 if self.signum is None else self.signum, device=accelerator.device)
         return any_rank_flagged(accelerator.reduce(flag, reduction="sum"))
 
-    def stopped(self, accelerator, step: int, total: int, checkpoint: Path, adapter: Path) -> TrainingStopped:
+    def stopped(self, accelerator, step: int, total: int, checkpoint: Path, adapters: list[Path]) -> TrainingStopped:
         """The error that ends a run stopped after ``step`` of ``total``: what was saved and the
         command that resumes it. The main process also records ``step`` as the adapter's steps in
         the run description (written for a finished run)."""
         if accelerator.is_main_process:
-            record_steps(adapter.parent / RUN_INFO, step)
+            record_steps(adapters[0].parent / RUN_INFO, step)
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
         code = 128 + (self.signum or signal.SIGTERM)
         return TrainingStopped(
-            f"{name} after step {step} of {total}; saved checkpoint {checkpoint} and adapter {adapter}. "
+            f"{name} after step {step} of {total}; saved checkpoint {checkpoint} and adapter "
+            f"{' and '.join(str(a) for a in adapters)}. "
             f"Resume with:\n  {resume_command()}", exit_code=code)
 
 

@@ -27,8 +27,8 @@ from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import Clip, aspect_mismatches, load_manifest
 from finetune.errors import DataError, TrainingDiverged
-from finetune.export import WEIGHT_NAME, RunInfo, save_adapter, write_text_atomic
-from finetune.families.base import Family, ModelSpec
+from finetune.export import RunInfo, adapter_file_name, save_adapters, write_text_atomic
+from finetune.families.base import Expert, Family, ModelSpec
 from finetune.runlock import RunLock
 from finetune.stopping import GracefulStop
 
@@ -38,7 +38,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 @dataclass
 class TrainResult:
     run_dir: Path
-    adapter: Path
+    adapter: Path  # the first expert's adapter file
     steps: int
     start_step: int
     last_loss: float
@@ -50,13 +50,22 @@ def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
     # Half precision on a CPU is slow and poorly supported; frozen weights stay fp32 there.
     dtype = DTYPES[recipe.model.dtype] if device.type == "cuda" else torch.float32
     return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
-                     tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization)
+                     tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization,
+                     task=recipe.model.task)
 
 
 def cache_key(recipe: Recipe, family: Family) -> CacheKey:
     spec = family.spec
     return CacheKey(family=recipe.model.family, model_id=family.encoders_id(), revision=spec.revision,
-                    frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps)
+                    frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps,
+                    task=spec.task)
+
+
+def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:
+    """The experts this run trains: those ``model.experts`` names, or all of the model's."""
+    experts = family.experts()
+    wanted = recipe.model.experts
+    return [e for e in experts if wanted is None or e.name in wanted]
 
 
 def default_cache_dir(recipe: Recipe) -> Path:
@@ -64,11 +73,17 @@ def default_cache_dir(recipe: Recipe) -> Path:
 
 
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
-    """Attach a PEFT LoRA adapter named "default"; returns its (fp32) trainable parameters."""
-    transformer.add_adapter(PeftLoraConfig(
-        r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora_targets, init_lora_weights=True,
-    ))
+    """Attach a PEFT LoRA adapter named "default" (from ``lora.init_from`` if set); returns its
+    (fp32) trainable parameters."""
+    if recipe.lora.init_from:
+        from finetune.lora_formats import add_lora_from_file
+
+        add_lora_from_file(transformer, recipe.lora, recipe.lora_targets, recipe.family_cls().comfyui_key_map())
+    else:
+        transformer.add_adapter(PeftLoraConfig(
+            r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora_targets, init_lora_weights=True,
+        ))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         # Trainable weights in fp32 even when the frozen base is bf16: updates this small vanish in bf16.
@@ -116,32 +131,71 @@ def batch_indices(n_items: int, seed: int, micro_step: int, batch_size: int, ran
     return out
 
 
-def sample_sigmas(recipe: Recipe, family: Family, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Logit-normal sigmas [B] in (0, 1), shifted by the family's timestep shift."""
-    u = torch.sigmoid(torch.randn(shape[0], generator=gen) * recipe.optim.logit_std + recipe.optim.logit_mean)
-    return family.shift_sigmas(u, shape)
+def _training_sigmas(recipe: Recipe, family: Family, u: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return family.training_sigmas(u, shape, recipe.optim.logit_mean, recipe.optim.logit_std)
+
+
+def uniform_range(recipe: Recipe, family: Family, expert: Expert, shape: tuple[int, ...]) -> tuple[float, float]:
+    """The interval of ``u`` whose training sigmas fall in ``expert``'s range. The family's map
+    u -> sigma is monotonic, so bisection finds each end; the full range for a single expert."""
+
+    def inverse(sigma: float) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if float(_training_sigmas(recipe, family, torch.tensor([mid]), shape)[0]) < sigma:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = 0.0 if expert.low <= 0.0 else inverse(expert.low)
+    high = 1.0 if expert.high >= 1.0 else inverse(expert.high)
+    return low, high
+
+
+def sample_sigmas(recipe: Recipe, family: Family, shape: tuple[int, ...], gen: torch.Generator,
+                  u_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Training sigmas [B] as the family samples them, restricted to ``u_range`` of its
+    uniform input (an expert's share of the distribution)."""
+    lo, hi = u_range
+    u = lo + (hi - lo) * torch.rand(shape[0], generator=gen)
+    return _training_sigmas(recipe, family, u, shape)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error in fp32 over the positions where ``mask`` (broadcastable) is 1."""
+    err = (pred.float() - target.float()) ** 2
+    if mask is None:
+        return err.mean()
+    weight = mask.float().expand_as(err)
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def denoising_loss(family: Family, transformer, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor,
                    fps: float) -> torch.Tensor:
-    """MSE between the predicted and the flow-matching target velocity, in fp32."""
+    """MSE between the prediction and the family's target (flow-matching velocity, or its own),
+    in fp32, over the positions the family counts (clean conditioning frames left out)."""
     latents = batch["latents"]
-    text = {k: v for k, v in batch.items() if k != "latents"}
-    noisy, target = family.noisy_input_and_target(latents, noise, sigmas)
-    pred = family.predict(transformer, noisy, sigmas * 1000.0, text, fps)
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    cond = {k: v for k, v in batch.items() if k != "latents"}
+    noised = family.noisy_input_and_target(latents, noise, sigmas, cond)
+    pred = family.predict(transformer, noised.noisy, noised.timesteps, cond, fps)
+    return masked_mse(pred, noised.target, noised.loss_mask)
 
 
-def fixed_timestep_loss(family: Family, transformer, batch: dict, fps: float, seed: int = 1234) -> float:
+def fixed_timestep_loss(family: Family, transformer, batch: dict, fps: float, seed: int = 1234,
+                        expert: Expert | None = None, recipe: Recipe | None = None) -> float:
     """Denoising loss at fixed noise, averaged over fixed sigmas: the 10%..90% quantiles of the
-    training distribution (logit-normal, then the family's shift). Comparable across models, so
-    it tells whether an adapter learned its clips. batch: as from ``collate``."""
+    family's training distribution (of ``expert``'s share of it, if given). Comparable across
+    models, so it tells whether an adapter learned its clips. batch: as from ``collate``."""
     gen = torch.Generator().manual_seed(seed)
     shape = tuple(batch["latents"].shape)
-    quantiles = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.1, 0.9, 5)))
+    mean, std = (recipe.optim.logit_mean, recipe.optim.logit_std) if recipe else (0.0, 1.0)
+    lo, hi = uniform_range(recipe, family, expert, shape) if (expert and recipe) else (0.0, 1.0)
+    quantiles = lo + (hi - lo) * torch.linspace(0.1, 0.9, 5)
     losses = []
     with torch.no_grad():
-        for s in family.shift_sigmas(quantiles, shape).tolist():
+        for s in family.training_sigmas(quantiles, shape, mean, std).tolist():
             noise = torch.randn(shape, generator=gen).to(batch["latents"])
             sigmas = torch.full((shape[0],), s, device=batch["latents"].device)
             losses.append(denoising_loss(family, transformer, batch, sigmas, noise, fps).item())
@@ -154,14 +208,43 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
 
 
-def accumulate_gradients(accelerator: Accelerator, family: Family, transformer, dataset: CachedDataset,
-                         recipe: Recipe, step: int) -> float:
+def route(widths: list[float], seed: int, step: int, micro: int) -> int:
+    """Index of the expert for micro-batch ``micro`` of step ``step``: drawn with probability
+    proportional to ``widths`` (each expert's share of the training distribution), from a seed
+    that does not depend on the process, so every rank runs the same expert and DDP stays in step."""
+    if len(widths) == 1:
+        return 0
+    gen = torch.Generator().manual_seed(step_seed(seed, step, micro, 0) ^ 0x5EED)
+    r = float(torch.rand(1, generator=gen)) * sum(widths)
+    for i, w in enumerate(widths):
+        r -= w
+        if r < 0:
+            return i
+    return len(widths) - 1
+
+
+def place_experts(accelerator: Accelerator, transformers: list, active: int) -> None:
+    """``memory.offload_idle_expert``: the step's expert on the accelerator, the others in CPU
+    memory (their adapters get no gradient this step, so the optimizer leaves them alone)."""
+    for i, t in enumerate(transformers):
+        model = accelerator.unwrap_model(t)
+        target = accelerator.device if i == active else torch.device("cpu")
+        if next(model.parameters()).device != target:
+            model.to(target)
+
+
+def accumulate_gradients(accelerator: Accelerator, family: Family, transformers: list, experts: list[Expert],
+                         dataset: CachedDataset, recipe: Recipe, step: int) -> float:
     """Forward and backward over the ``optim.grad_accum`` micro-batches of optimizer step ``step``;
-    returns the loss averaged over micro-batches and processes. Batches, noise, timesteps and
-    dropout come from seeds derived from the step, so a resumed run draws the same ones."""
+    returns the loss averaged over micro-batches and processes. The step trains one of
+    ``experts`` (``transformers`` in the same order), picked with probability equal to its share of
+    the noise distribution, with every sigma drawn from that share. Batches, noise, timesteps,
+    routing and dropout come from seeds derived from the step, so a resumed run draws the same ones."""
     o, device = recipe.optim, accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     total = torch.zeros((), device=device)
+    ranges: dict[tuple, list[tuple[float, float]]] = {}
+    k = None
     for micro in range(o.grad_accum):
         seed = step_seed(o.seed, step, micro, rank)
         torch.manual_seed(seed)  # LoRA dropout
@@ -169,7 +252,14 @@ def accumulate_gradients(accelerator: Accelerator, family: Family, transformer, 
         idx = batch_indices(len(dataset), o.seed, step * o.grad_accum + micro, o.batch_size, rank, world)
         batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
         shape = tuple(batch["latents"].shape)
-        sigmas = sample_sigmas(recipe, family, shape, gen).to(device)
+        if shape not in ranges:
+            ranges[shape] = [uniform_range(recipe, family, e, shape) for e in experts]
+        if k is None:  # one expert per optimizer step: its optimizer state and (offloaded) weights stay put
+            k = route([hi - lo for lo, hi in ranges[shape]], o.seed, step, 0)
+            if recipe.memory.offload_idle_expert:
+                place_experts(accelerator, transformers, k)
+        transformer = transformers[k]
+        sigmas = sample_sigmas(recipe, family, shape, gen, ranges[shape][k]).to(device)
         noise = torch.randn(shape, generator=gen).to(device, batch["latents"].dtype)
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
         sync = accelerator.no_sync(transformer) if micro < o.grad_accum - 1 else nullcontext()
@@ -273,17 +363,20 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
     else:
         family.release_encoders()
 
-    # 4. LoRA (its init seeded), gradient checkpointing, optimizer, LR schedule.
-    transformer = family.components.transformer
+    # 4. LoRA on each trained expert (its init seeded), gradient checkpointing, optimizer, LR schedule.
+    experts = trained_experts(recipe, family)
+    models = [getattr(family.components, e.attr) for e in experts]
     torch.manual_seed(recipe.optim.seed)
-    params = add_lora(transformer, recipe)
-    if recipe.memory.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
+    params = []
+    for model in models:
+        params += add_lora(model, recipe)
+        if recipe.memory.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
     optimizer = make_optimizer(params, recipe)
     scheduler = make_scheduler(optimizer, recipe)
-    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    ckpt.register_lora_hooks(accelerator, transformer)
+    *transformers, optimizer, scheduler = accelerator.prepare(*models, optimizer, scheduler)
+    ckpt.register_lora_hooks(accelerator, transformers)
 
     # 5. Resume: weights, optimizer, scheduler and RNG from the checkpoint; step counter continues.
     start_step = 0
@@ -302,7 +395,7 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
     stop.install()  # from here a SIGINT/SIGTERM ends the run after the current step, saved
     for step in bar:
         t0 = time.perf_counter()
-        loss_value = accumulate_gradients(accelerator, family, transformer, dataset, recipe, step)
+        loss_value = accumulate_gradients(accelerator, family, transformers, experts, dataset, recipe, step)
         if not math.isfinite(loss_value):
             last = ckpt.list_checkpoints(run_dir)
             raise TrainingDiverged(
@@ -325,47 +418,70 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
             ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
         v = recipe.validation
         if v.prompts and (done == o.steps or (v.every and done % v.every == 0)):
-            render_samples(accelerator, family, transformer, recipe, done)
+            render_samples(accelerator, family, transformers, recipe, done, dataset)
         if stop.requested(accelerator) and done < o.steps:
             stopped_at = ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
             break
 
-    # 7. Final adapter and the run description.
+    # 7. Final adapters (one file per trained expert) and the run description.
     accelerator.wait_for_everyone()
-    adapter = run_dir / WEIGHT_NAME
+    adapters = {e.attr: adapter_file_name(e.attr) for e in experts}
     if accelerator.is_main_process:
         info = RunInfo(family=recipe.model.family, base_model=spec.pretrained, revision=spec.revision,
                        tiny=spec.tiny, tiny_seed=spec.tiny_seed, trigger=recipe.data.trigger, steps=o.steps,
-                       weight_name=adapter.name, recipe=recipe.model_dump(mode="json"))
-        adapter = save_adapter(accelerator.unwrap_model(transformer), family_cls.pipeline_class, run_dir, info)
+                       weight_name=adapters[experts[0].attr], recipe=recipe.model_dump(mode="json"),
+                       task=spec.task, adapters=adapters)
+        save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info,
+                      comfyui_key_maps={e.attr: family_cls.comfyui_key_map(e.attr) for e in experts})
     accelerator.end_training()
-    family.components.transformer = accelerator.unwrap_model(transformer)
+    for e, t in zip(experts, transformers):
+        setattr(family.components, e.attr, accelerator.unwrap_model(t))
     if stopped_at is not None:
-        raise stop.stopped(accelerator, done, o.steps, stopped_at, adapter)
-    return TrainResult(run_dir=run_dir, adapter=adapter, steps=o.steps, start_step=start_step, last_loss=loss_value,
-                       family=family, dataset=dataset)
+        raise stop.stopped(accelerator, done, o.steps, stopped_at, [run_dir / a for a in adapters.values()])
+    return TrainResult(run_dir=run_dir, adapter=run_dir / adapters[experts[0].attr], steps=o.steps,
+                       start_step=start_step, last_loss=loss_value, family=family, dataset=dataset)
 
 
-def render_samples(accelerator: Accelerator, family: Family, transformer, recipe: Recipe, step: int) -> list[Path]:
-    """Render each validation prompt with the adapter as trained so far into
-    ``<run>/samples/step-<step>-<k>.mp4`` (main process; the others wait)."""
+def render_samples(accelerator: Accelerator, family: Family, transformers: list, recipe: Recipe, step: int,
+                   dataset: CachedDataset | None = None) -> list[Path]:
+    """Render each validation prompt with the adapters as trained so far into
+    ``<run>/samples/step-<step>-<k>.mp4`` (main process; the others wait). i2v runs condition on
+    ``validation.images``, or on the first frame of the training clips."""
     from finetune.inference import RenderArgs, render_to_file  # inference code only when sampling
 
     paths = []
     if accelerator.is_main_process:
         v, d = recipe.validation, recipe.data
         family.move_encoders(accelerator.device)
-        transformer.eval()
+        for t in transformers:
+            t.eval()
         pipe = family.pipeline()
+        images = validation_images(recipe, dataset) if family.task != "t2v" else []
         for k, prompt in enumerate(v.prompts):
             args = RenderArgs(prompt=prompt, frames=d.frames, height=d.height, width=d.width, fps=recipe.fps,
-                              steps=v.steps, guidance=v.guidance, seed=v.seed)
+                              steps=v.steps, guidance=v.guidance, seed=v.seed,
+                              image=images[k % len(images)] if images else None)
+            out = Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"
             with torch.no_grad(), accelerator.autocast():
-                paths.append(render_to_file(family, pipe, args, Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"))
-        transformer.train()
+                paths.append(render_to_file(family, pipe, args, out))
+        for t in transformers:
+            t.train()
         family.move_encoders("cpu")
     accelerator.wait_for_everyone()
     return paths
+
+
+def validation_images(recipe: Recipe, dataset: CachedDataset | None) -> list:
+    """Conditioning images for i2v samples: ``validation.images``, else the first frame of each
+    training clip (as PIL images)."""
+    from PIL import Image
+
+    from finetune.video import first_frame
+
+    if recipe.validation.images:
+        return [Image.open(p).convert("RGB") for p in recipe.validation.images]
+    clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    return [first_frame(c.path) for c in clips[:len(recipe.validation.prompts)]]
 
 
 def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:

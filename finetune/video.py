@@ -45,6 +45,17 @@ def read_clip(path: str | Path, frames: int, fps: float, height: int, width: int
     return video / 127.5 - 1.0
 
 
+def first_frame(path: str | Path):
+    """The first decoded frame of ``path`` as an RGB PIL image (an i2v conditioning image).
+    Raises DataError if nothing decodes."""
+    from PIL import Image
+
+    picked = _decode_resampled(Path(path), 1, 1.0)
+    if not picked:
+        raise DataError(f"{path}: no decodable frame for the conditioning image")
+    return Image.fromarray(picked[0])
+
+
 def _decode_resampled(path: Path, frames: int, fps: float) -> list[np.ndarray]:
     """RGB uint8 frames [H, W, 3] at times t0 + i/fps, i < frames (nearest decoded frame)."""
     try:

@@ -54,8 +54,25 @@ def clips(tmp_path):
     return write_clips(tmp_path / "clips", n=2, frames=12, height=64, width=64)
 
 
-def tiny_recipe(family: str, manifest: Path, out: Path, *overrides: str):
+def tiny_recipe_path(case: str) -> Path:
+    """recipes/tiny/<family>.yaml for "family" or a family's first task, else <family>-<task>.yaml."""
+    from finetune.families import get_family
+
+    name, _, task = case.partition(":")
+    if not task or task == get_family(name).tasks[0]:
+        return ROOT / "recipes" / "tiny" / f"{name}.yaml"
+    return ROOT / "recipes" / "tiny" / f"{name}-{task}.yaml"
+
+
+def tiny_recipe(case: str, manifest: Path, out: Path, *overrides: str):
+    """The tiny recipe of ``case`` ("family" or "family:task") for ``manifest``, writing to ``out``."""
     from finetune.config import load_recipe
 
-    return load_recipe(ROOT / "recipes" / "tiny" / f"{family}.yaml",
-                       [f"data.manifest={manifest}", f"output.dir={out}", *overrides])
+    return load_recipe(tiny_recipe_path(case), [f"data.manifest={manifest}", f"output.dir={out}", *overrides])
+
+
+def registry_cases() -> list[str]:
+    """"family:task" for every registered family and task it trains."""
+    from finetune.families import family_names, get_family
+
+    return [f"{n}:{t}" for n in family_names() for t in get_family(n).tasks]

@@ -47,13 +47,13 @@ def test_merged_equals_unfused_and_saved_merged_reloads(two_runs, tmp_path):
     args = _args(family, info)
     pipe = family.pipeline()
     base = render(family, pipe, args)
-    apply_loras(pipe, refs, merge=False)
+    apply_loras(family, refs, merge=False)
     unfused = render(family, pipe, args)
     assert (unfused - base).abs().max() > 1e-3, "the adapters did not change the output"
 
     family2, _ = load_base(refs, None, CPU, torch.float32)
     merged_pipe = family2.pipeline()
-    apply_loras(merged_pipe, refs, merge=True)
+    apply_loras(family2, refs, merge=True)
     merged = render(family2, merged_pipe, args)
     torch.testing.assert_close(merged, unfused, atol=1e-5, rtol=0)
 
@@ -68,7 +68,7 @@ def test_scale_zero_is_the_base_model(two_runs):
     args = _args(family, info)
     pipe = family.pipeline()
     base = render(family, pipe, args)
-    apply_loras(pipe, [LoraRef(two_runs[0], 0.0)], merge=False)
+    apply_loras(family, [LoraRef(two_runs[0], 0.0)], merge=False)
     torch.testing.assert_close(render(family, pipe, args), base, atol=1e-6, rtol=0)
 
 

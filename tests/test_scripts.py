@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_clips
+from conftest import ROOT, registry_cases, tiny_recipe_path, write_clips
 from finetune.cli import USER_ERROR_EXIT
 from finetune.video import probe_frames
 
@@ -39,7 +39,8 @@ def run(cmd: list[str], **env) -> subprocess.CompletedProcess:
 
 
 def tiny_args(family: str, manifest: Path, out: Path, *extra: str) -> list[str]:
-    return ["train_lora.py", "--recipe", f"recipes/tiny/{family}.yaml", f"data.manifest={manifest}",
+    """train_lora.py arguments for the tiny recipe of ``family`` ("family" or "family:task")."""
+    return ["train_lora.py", "--recipe", str(tiny_recipe_path(family).relative_to(ROOT)), f"data.manifest={manifest}",
             f"output.dir={out}", *extra]
 
 
@@ -49,13 +50,18 @@ def manifest(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,frames,size", [("wan", 9, 32), ("ltx", 9, 64)])
-def test_accelerate_launch_then_infer(family, frames, size, manifest, tmp_path):
+@pytest.mark.parametrize("family", registry_cases())
+def test_accelerate_launch_then_infer(family, manifest, tmp_path):
+    import yaml
+
+    data = yaml.safe_load(tiny_recipe_path(family).read_text())["data"]
+    frames, size = data["frames"], data["height"]
+    assert data["width"] == size
     out = tmp_path / "run"
     res = run([*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", *tiny_args(family, manifest, out, "optim.steps=12", "checkpoint.every=5")])
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("pytorch_lora_weights.safetensors", "video_lora.json", "recipe.yaml"):
+    for name in ("pytorch_lora_weights.safetensors", "comfyui_lora.safetensors", "video_lora.json", "recipe.yaml"):
         assert (out / name).is_file(), name
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard events"
@@ -65,16 +71,34 @@ def test_accelerate_launch_then_infer(family, frames, size, manifest, tmp_path):
     assert {"loss", "lr", "grad_norm", "seconds_per_step", "peak_memory_gb"} <= set(scalars)
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000005", "step-00000010"]
     info = json.loads((out / "video_lora.json").read_text())
-    assert info["family"] == family and info["tiny"] and info["trigger"] == "mystyle"
+    name, task = family.split(":")
+    assert info["family"] == name and info["task"] == task and info["tiny"] and info["trigger"] == "mystyle"
     assert info["recipe"]["optim"]["steps"] == 12
+    assert all((out / f).is_file() for f in info["adapters"].values())
 
     video = tmp_path / "lora.mp4"
-    res = run([sys.executable, "infer.py", "--lora", f"{out}:0.8", "--prompt", "mystyle, a square", "--steps", "2",
-               "--out", str(video)])
+    image = ["--image", str(first_frame_png(manifest, tmp_path))] if task != "t2v" else []
+    cmd = [sys.executable, "infer.py", "--lora", f"{out}:0.8", "--prompt", "mystyle, a square", "--steps", "2",
+           "--out", str(video)]
+    if task != "t2v":  # an i2v adapter without its image is a named error, not a traceback
+        res = run(cmd)
+        assert res.returncode == USER_ERROR_EXIT and "--image PATH is required" in res.stderr, res.stderr[-2000:]
+    else:  # and a t2v one given an image
+        res = run([*cmd, "--image", str(first_frame_png(manifest, tmp_path))])
+        assert res.returncode == USER_ERROR_EXIT and "takes no conditioning image" in res.stderr, res.stderr[-2000:]
+    res = run([*cmd, *image])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"video: {video}" in res.stdout
     n, h, w, fps = probe_frames(video)
     assert (n, h, w) == (frames, size, size) and fps == 8
+
+
+def first_frame_png(manifest: Path, folder: Path) -> Path:
+    from finetune.video import first_frame
+
+    path = folder / "first.png"
+    first_frame(manifest.parent / "clip000.mp4").save(path)
+    return path
 
 
 @pytest.mark.slow

@@ -6,11 +6,11 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from finetune.families.base import Components, Family, FrameRule, ModelSpec
+from finetune.families.base import Components, Expert, Family, FrameRule, ModelSpec, Noised
 
 _REGISTRY: dict[str, type[Family]] = {}
 # One module per family, named as the family; add a new family by adding its name here.
-_FAMILY_MODULES = ("wan", "ltx")
+_FAMILY_MODULES = ("wan", "ltx", "wan22", "wan22_5b")
 
 
 def register(cls: type[Family]) -> type[Family]:
@@ -41,4 +41,4 @@ def get_family(name: str) -> type[Family]:
     return _REGISTRY[name]
 
 
-__all__ = ["Components", "Family", "FrameRule", "ModelSpec", "get_family", "family_names", "register"]
+__all__ = ["Components", "Expert", "Family", "Noised", "FrameRule", "ModelSpec", "get_family", "family_names", "register"]

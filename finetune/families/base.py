@@ -9,6 +9,15 @@ Shapes used throughout:
   videos:  [B, 3, F, H, W] float in [-1, 1] (pixel space)
   latents: [B, C, f, h, w] normalised so the flow-matching prior N(0, 1) fits them
   text:    dict of tensors, each with a leading batch dim [B, ...]
+  cond:    what ``predict`` conditions on: the text tensors plus, for image-to-video, the tensors
+           ``encode_conditioning`` made at cache time (all with a leading batch dim)
+
+Tasks: ``t2v`` (text to video) and ``i2v`` (image to video, the clip's first frame as the
+condition); a family lists the ones it supports in :attr:`Family.tasks`.
+
+Experts: a model may have several transformers, each serving a range of noise levels (Wan 2.2
+A14B: ``transformer`` for high noise, ``transformer_2`` for low). :meth:`Family.experts` lists
+them; the trainer routes each micro-batch to one expert and only that expert's LoRA learns.
 """
 
 from __future__ import annotations
@@ -17,9 +26,12 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from finetune.lora_formats import KeyMap
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,8 @@ class ModelSpec:
     dtype: torch.dtype = torch.float32
     # "none" | "int8" | "nf4": bitsandbytes quantisation of the frozen transformer (CUDA only).
     quantization: str = "none"
+    # "t2v" | "i2v" | ...: one of the family's tasks; picks the default checkpoint and pipeline.
+    task: str = "t2v"
 
     @property
     def display_id(self) -> str:
@@ -66,14 +80,55 @@ class ModelSpec:
 
 @dataclass
 class Components:
-    """The loaded modules of one base model. Encoders may be ``None`` once released."""
+    """The loaded modules of one base model. Encoders may be ``None`` once released.
+    ``transformer_2`` is the second expert of two-expert models; ``image_encoder`` and
+    ``image_processor`` the image conditioning of i2v models that take image embeddings."""
 
-    transformer: torch.nn.Module
+    transformer: torch.nn.Module | None
     vae: torch.nn.Module | None
     text_encoder: torch.nn.Module | None
     tokenizer: Any
     scheduler: Any
     extra: dict[str, Any] = field(default_factory=dict)
+    transformer_2: torch.nn.Module | None = None
+    image_encoder: torch.nn.Module | None = None
+    image_processor: Any = None
+
+    # modules an encoder release drops, in the order encoders_id hashes them
+    ENCODERS = ("vae", "text_encoder", "image_encoder")
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every loaded torch module by attribute name (released ones left out)."""
+        names = ("transformer", "transformer_2", *self.ENCODERS)
+        return {n: getattr(self, n) for n in names if isinstance(getattr(self, n), torch.nn.Module)}
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One trainable transformer of a model and the noise levels it serves: sigmas in
+    ``[low, high)`` (the top range includes 1). ``name`` is what ``model.experts`` lists."""
+
+    name: str
+    attr: str  # Components attribute: "transformer" or "transformer_2"
+    low: float = 0.0
+    high: float = 1.0
+
+    def serves(self, sigma: float) -> bool:
+        return self.low <= sigma < self.high or (self.high >= 1.0 and sigma >= 1.0)
+
+
+@dataclass
+class Noised:
+    """What the loss needs for one micro-batch: the transformer input, the regression target,
+    the model timesteps, and which latent positions count (None = all).
+
+    noisy, target: [B, C, f, h, w]; timesteps: [B]; loss_mask: broadcastable to the latents,
+    1 where the loss counts and 0 on clean conditioning frames."""
+
+    noisy: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+    loss_mask: torch.Tensor | None = None
 
 
 # components.extra key of a tiny build's prompt length
@@ -90,8 +145,15 @@ class Family(ABC):
     spatial_factor: ClassVar[int]
     default_lora_targets: ClassVar[tuple[str, ...]]
     default_model_id: ClassVar[str]
-    # diffusers pipeline class: builds the inference pipeline and (de)serialises LoRA weights
+    # diffusers pipeline class of the t2v task (the only one for most families)
     pipeline_class: ClassVar[type]
+    # tasks this family trains; the first is the default
+    tasks: ClassVar[tuple[str, ...]] = ("t2v",)
+    # per-task checkpoint and pipeline where they differ from default_model_id / pipeline_class
+    task_model_ids: ClassVar[dict[str, str]] = {}
+    task_pipeline_classes: ClassVar[dict[str, type]] = {}
+    # expert names a recipe may list in model.experts (empty: one transformer, nothing to pick)
+    expert_names: ClassVar[tuple[str, ...]] = ()
     default_fps: ClassVar[int]
     # fewest sampling steps the family's scheduler accepts
     min_inference_steps: ClassVar[int] = 1
@@ -104,6 +166,25 @@ class Family(ABC):
         self.components = components
         self.spec = spec
 
+    @classmethod
+    def model_id_for(cls, task: str) -> str:
+        """The default checkpoint of ``task``."""
+        return cls.task_model_ids.get(task, cls.default_model_id)
+
+    @classmethod
+    def pipeline_class_for(cls, task: str) -> type:
+        """The diffusers pipeline class that renders ``task``."""
+        return cls.task_pipeline_classes.get(task, cls.pipeline_class)
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    def experts(self) -> list[Expert]:
+        """The model's trainable transformers with their noise ranges; one full-range expert
+        unless the family has several."""
+        return [Expert("transformer", "transformer")]
+
     # --- loading ---
     @classmethod
     def load(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> "Family":
@@ -112,19 +193,18 @@ class Family(ABC):
         if spec.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)
-                components = cls.build_tiny()
-            for m in (components.transformer, components.vae, components.text_encoder):
+                components = cls.build_tiny(spec.task)
+            for m in components.modules().values():
                 # Tiny models are built in fp32; cast only when asked for another dtype.
-                if m is not None and spec.dtype != torch.float32:
+                if spec.dtype != torch.float32:
                     m.to(spec.dtype)
         else:
             components = cls.load_pretrained(spec)
-        for m in (components.transformer, components.vae, components.text_encoder):
-            if m is not None:
-                m.requires_grad_(False)
-                m.eval()
-                if spec.quantization == "none" or m is not components.transformer:
-                    m.to(device)
+        for name, m in components.modules().items():
+            m.requires_grad_(False)
+            m.eval()
+            if spec.quantization == "none" or not name.startswith("transformer"):
+                m.to(device)
         return cls(components, spec)
 
     @classmethod
@@ -135,10 +215,10 @@ class Family(ABC):
 
     @classmethod
     @abstractmethod
-    def build_tiny(cls) -> Components:
-        """A tiny random model from configs in code, same classes as the real one. Called under a
-        fixed torch seed; must refill all-zero parameters (gates, modulation) with small noise so
-        LoRA gradients are not blocked."""
+    def build_tiny(cls, task: str = "t2v") -> Components:
+        """A tiny random model for ``task`` from configs in code, same classes as the real one.
+        Called under a fixed torch seed; must refill all-zero parameters (gates, modulation) with
+        small noise so LoRA gradients are not blocked."""
 
     @property
     def text_len(self) -> int:
@@ -162,22 +242,31 @@ class Family(ABC):
         if not self.spec.tiny:
             return self.spec.pretrained
         h = hashlib.sha256()
-        for module in (self.components.vae, self.components.text_encoder):
+        encoders = [getattr(self.components, n) for n in Components.ENCODERS]
+        for module in (m for m in encoders if m is not None):
             for name, t in sorted(module.state_dict().items()):
                 h.update(name.encode())
                 h.update(t.detach().float().cpu().numpy().tobytes())
         return f"{self.spec.display_id}:{h.hexdigest()[:16]}"
 
     def release_encoders(self) -> None:
-        """Drop the text encoder and VAE so their memory is free for training."""
-        self.components.text_encoder = None
-        self.components.vae = None
+        """Drop the text encoder, VAE and image encoder so their memory is free for training."""
+        for name in Components.ENCODERS:
+            setattr(self.components, name, None)
 
     def move_encoders(self, device: torch.device | str) -> None:
         """Park the encoders on ``device`` (the CPU between validation renders)."""
-        for m in (self.components.text_encoder, self.components.vae):
+        for name in Components.ENCODERS:
+            m = getattr(self.components, name)
             if m is not None:
                 m.to(device)
+
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cache-time conditioning of :attr:`task` for clips ``videos`` [B, 3, F, H, W] in [-1, 1]
+        whose latents (from :meth:`encode_videos`) are ``latents`` [B, C, f, h, w]: a dict of
+        tensors with batch dim B that :meth:`predict` receives in ``cond``. Image-to-video
+        families build it from the first frame; text-to-video needs nothing."""
+        return {}
 
     # --- training ---
     @abstractmethod
@@ -186,11 +275,13 @@ class Family(ABC):
         transformer: torch.nn.Module,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        text: dict[str, torch.Tensor],
+        cond: dict[str, torch.Tensor],
         fps: float,
     ) -> torch.Tensor:
         """Run ``transformer`` (maybe wrapped by DDP/PEFT) on noisy latents [B, C, f, h, w] at
-        ``timesteps`` [B] in [0, 1000]; returns the velocity prediction [B, C, f, h, w]."""
+        ``timesteps`` [B] (the model's own scale, see :meth:`noisy_input_and_target`) with
+        ``cond`` (text tensors and cached conditioning); returns the prediction [B, C, f, h, w]
+        that :meth:`noisy_input_and_target`'s target is compared with."""
 
     @abstractmethod
     def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
@@ -201,13 +292,36 @@ class Family(ABC):
         s = self.timestep_shift(latent_shape)
         return s * sigmas / (1 + (s - 1) * sigmas)
 
+    def training_sigmas(self, u: torch.Tensor, latent_shape: tuple[int, ...], logit_mean: float = 0.0,
+                        logit_std: float = 1.0) -> torch.Tensor:
+        """How this family samples training noise levels: ``u`` [B] uniform in (0, 1) -> sigmas
+        [B] in [0, 1], monotonically increasing in ``u`` (so the trainer can restrict them to an
+        expert's range and take fixed quantiles). Default: logit-normal(logit_mean, logit_std)
+        through its inverse CDF, then the family's timestep shift."""
+        z = torch.distributions.Normal(0.0, 1.0).icdf(u.double().clamp(1e-7, 1 - 1e-7))
+        return self.shift_sigmas(torch.sigmoid(logit_mean + logit_std * z).float(), latent_shape)
+
     def noisy_input_and_target(
-        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rectified flow: x_t = (1 - sigma) x_0 + sigma * noise, target velocity = noise - x_0.
-        sigmas: [B] in [0, 1]."""
+        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+    ) -> Noised:
+        """Rectified flow: x_t = (1 - sigma) x_0 + sigma * noise, target velocity = noise - x_0,
+        timesteps = 1000 sigma, every position in the loss. latents, noise: [B, C, f, h, w];
+        sigmas: [B] in [0, 1]. Families conditioning on clean frames override this."""
         s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
-        return (1 - s) * latents + s * noise, noise - latents
+        return Noised((1 - s) * latents + s * noise, noise - latents, sigmas * 1000.0)
+
+    def noised_with_clean_frames(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                                 clean: torch.Tensor) -> Noised:
+        """Rectified flow where the first ``k = clean.shape[2]`` latent frames are given clean
+        (``clean`` [B, C, k, h, w]: the conditioning frames) and left out of the loss: the way
+        models that condition on clean leading frames (first-frame i2v, continuation) train."""
+        out = self.noisy_input_and_target(latents, noise, sigmas)
+        k = clean.shape[2]
+        noisy = torch.cat([clean.to(out.noisy), out.noisy[:, :, k:]], dim=2)
+        mask = torch.ones(1, 1, latents.shape[2], 1, 1, device=latents.device, dtype=latents.dtype)
+        mask[:, :, :k] = 0
+        return Noised(noisy, out.target, out.timesteps, mask)
 
     # --- inference ---
     @abstractmethod
@@ -215,9 +329,22 @@ class Family(ABC):
         """A diffusers pipeline (``pipeline_class``) over the current components; the encoders
         must not have been released."""
 
-    def pipeline_call_kwargs(self, fps: float) -> dict[str, Any]:
-        """Extra keyword arguments this family's pipeline call needs (e.g. LTX ``frame_rate``)."""
-        return {}
+    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
+        """Extra keyword arguments this family's pipeline call needs (e.g. LTX ``frame_rate``;
+        the conditioning ``image``, a PIL image, for i2v)."""
+        return {"image": image} if image is not None else {}
+
+    # --- adapters ---
+    def load_adapter(self, path: str, expert: Expert, adapter_name: str) -> None:
+        """Load a diffusers-format LoRA file (``transformer.``-prefixed keys with their
+        metadata) into ``expert``'s transformer, at transformer level so it works for pipelines
+        without ``load_lora_weights`` too."""
+        from pathlib import Path
+
+        p = Path(path)
+        transformer = getattr(self.components, expert.attr)
+        transformer.load_lora_adapter(str(p.parent), weight_name=p.name, prefix="transformer",
+                                      adapter_name=adapter_name)
 
     # --- helpers shared by families ---
     def require(self, what: str, *parts: str) -> None:
@@ -246,3 +373,16 @@ class Family(ABC):
         m = (max_shift - base_shift) / (max_seq - base_seq)
         mu = seq_len * m + (base_shift - m * base_seq)
         return math.exp(mu)
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> "KeyMap":
+        """Renames between the diffusers module names of ``transformer_name`` (``transformer``, or
+        ``transformer_2`` for a second expert) and the names of the original checkpoint, which
+        ComfyUI's model and kohya/musubi LoRAs use (``blocks.{i}.attn1.to_q`` <->
+        ``blocks.{i}.self_attn.q``). Read them from the original model code and from diffusers'
+        single-file and LoRA converters, which map them the other way. Must cover every module
+        peft can adapt in the model, one to one (tests/test_lora_formats.py checks the tiny build).
+        Raises NotImplementedError until a family provides it."""
+        raise NotImplementedError(f"{cls.name}: no ComfyUI key map; implement {cls.__name__}.comfyui_key_map "
+                                  f"(see finetune/lora_formats.py and the wan family)")

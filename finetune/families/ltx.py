@@ -25,6 +25,7 @@ from finetune.families._tiny import (
     tiny_t5_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, ModelSpec
+from finetune.lora_formats import KeyMap
 
 # Mirrors scheduler/scheduler_config.json of Lightricks/LTX-Video: flow-matching Euler whose
 # shift grows with the latent token count (1024 -> 0.95, 4096 -> 2.05, exponential).
@@ -38,6 +39,23 @@ _SCHEDULER_CONFIG = dict(
     max_image_seq_len=4096,
     shift_terminal=0.1,
 )
+
+# diffusers module name -> name in the original LTX-Video checkpoint (ltx_video/models/transformers,
+# also ComfyUI's LTXV model): the blocks keep their names; the inverse of diffusers'
+# convert_ltx_transformer_checkpoint_to_diffusers renames the rest (patchify_proj, adaln_single).
+_KEY_MAP = KeyMap((
+    *((f"transformer_blocks.{{i}}.{a}.{p}", f"transformer_blocks.{{i}}.{a}.{p}")
+      for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    ("transformer_blocks.{i}.ff.net.0.proj", "transformer_blocks.{i}.ff.net.0.proj"),
+    ("transformer_blocks.{i}.ff.net.2", "transformer_blocks.{i}.ff.net.2"),
+    ("proj_in", "patchify_proj"),
+    ("time_embed.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_1"),
+    ("time_embed.emb.timestep_embedder.linear_2", "adaln_single.emb.timestep_embedder.linear_2"),
+    ("time_embed.linear", "adaln_single.linear"),
+    ("caption_projection.linear_1", "caption_projection.linear_1"),
+    ("caption_projection.linear_2", "caption_projection.linear_2"),
+    ("proj_out", "proj_out"),
+))
 
 
 @register
@@ -87,7 +105,7 @@ class LTXFamily(Family):
         return Components(transformer, vae, text_encoder, tokenizer, scheduler)
 
     @classmethod
-    def build_tiny(cls) -> Components:
+    def build_tiny(cls, task: str = "t2v") -> Components:
         """Same classes as the real model: 2-layer transformer (4 heads x 8), a VAE with 8
         channels per block that keeps the real compression (patch 4, three 2x spatio-temporal
         downsamples: 32x space, 8x time) and 8 latent channels (its latent statistics measured on
@@ -170,10 +188,10 @@ class LTXFamily(Family):
         transformer: torch.nn.Module,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        text: dict[str, torch.Tensor],
+        cond: dict[str, torch.Tensor],
         fps: float,
     ) -> torch.Tensor:
-        """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], text as from
+        """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond as from
         :meth:`encode_prompts`, fps of the clip -> velocity [B, C, f, h, w] in the transformer's dtype.
 
         Packs to tokens, calls the transformer the way LTXPipeline.__call__ does (mask, grid size,
@@ -188,9 +206,9 @@ class LTXFamily(Family):
         tokens = diffusers.LTXPipeline._pack_latents(noisy_latents.to(dtype), p, pt)
         out = transformer(
             hidden_states=tokens,
-            encoder_hidden_states=text["prompt_embeds"].to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             timestep=timesteps,
-            encoder_attention_mask=text["prompt_attention_mask"],
+            encoder_attention_mask=cond["prompt_attention_mask"],
             num_frames=grid_f,
             height=grid_h,
             width=grid_w,
@@ -221,7 +239,7 @@ class LTXFamily(Family):
             transformer=c.transformer,
         )
 
-    def pipeline_call_kwargs(self, fps: float) -> dict[str, Any]:
+    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
         """The clip frame rate (rope scale), the training prompt length, and for timestep-aware
         VAEs (0.9.1+) the recommended decode noise."""
         kwargs: dict[str, Any] = {"frame_rate": fps, "max_sequence_length": self.text_len}
@@ -243,3 +261,9 @@ class LTXFamily(Family):
                 f"family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use an LTX-Video "
                 f"0.9.x checkpoint such as {self.default_model_id}"
             )
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original LTX-Video names (``patchify_proj``, ``adaln_single.*``; blocks as in diffusers)."""
+        return _KEY_MAP
