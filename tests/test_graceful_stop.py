@@ -26,10 +26,10 @@ import finetune.trainer as t
 sig, at, again = int(os.environ["STOP_SIGNAL"]), int(os.environ["STOP_AT"]), os.environ.get("AGAIN") == "1"
 rank = int(os.environ.get("STOP_RANK", os.environ.get("RANK", "0")))
 real_step, real_save = t.accumulate_gradients, accelerate.Accelerator.save_state
-def step(accelerator, family, transformer, dataset, recipe, s):
-    if s == at and accelerator.process_index == rank:
+def step(accelerator, *args):  # the step index comes last
+    if args[-1] == at and accelerator.process_index == rank:
         os.kill(os.getpid(), sig)
-    return real_step(accelerator, family, transformer, dataset, recipe, s)
+    return real_step(accelerator, *args)
 def save(self, output_dir=None, **kw):
     out = real_save(self, output_dir, **kw)
     if again and output_dir.endswith(f".tmp-step-{at + 1:08d}"):
