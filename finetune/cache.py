@@ -3,7 +3,8 @@
 Each clip's VAE latents and each caption's text-encoder outputs are computed once and stored as
 safetensors, named by a fingerprint of everything that determines them:
 
-  latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps
+  latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps,
+            the conditioning frames of a continuation task
             (the file also holds the task's conditioning, e.g. the first frame's latents for i2v)
   text:     caption text, model id + revision, family
 
@@ -66,6 +67,8 @@ class CacheKey:
     width: int
     fps: float
     task: str = "t2v"
+    # conditioning frames of a video-conditioned task (continue); None for the others
+    cond_frames: int | None = None
 
 
 @lru_cache(maxsize=4096)
@@ -87,10 +90,16 @@ def _digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def latent_fingerprint(clip: Clip, key: CacheKey) -> str:
-    return _digest({"kind": "latents", "clip": content_hash(clip.path), "family": key.family, "model": key.model_id,
-                    "revision": key.revision, "frames": key.frames, "height": key.height, "width": key.width,
-                    "fps": key.fps, "task": key.task})
+def latent_fingerprint(clip: Clip, key: CacheKey, with_caption: bool = False) -> str:
+    """``with_caption``: the conditioning stored beside the latents depends on the caption too."""
+    parts = {"kind": "latents", "clip": content_hash(clip.path), "family": key.family, "model": key.model_id,
+             "revision": key.revision, "frames": key.frames, "height": key.height, "width": key.width,
+             "fps": key.fps, "task": key.task}
+    if key.cond_frames is not None:  # only where set, so other tasks keep their fingerprints
+        parts["cond_frames"] = key.cond_frames
+    if with_caption:
+        parts["caption"] = clip.caption
+    return _digest(parts)
 
 
 def text_fingerprint(caption: str, key: CacheKey) -> str:
@@ -131,8 +140,9 @@ def build_cache(
     cache_dir = Path(cache_dir)
     stats = CacheStats()
     keys = key if isinstance(key, list) else [key] * len(clips)
+    with_caption = family.conditioning_uses_captions()
     entries = [
-        CacheEntry(latents=cache_dir / "latents" / f"{latent_fingerprint(c, k)}.safetensors",
+        CacheEntry(latents=cache_dir / "latents" / f"{latent_fingerprint(c, k, with_caption)}.safetensors",
                    text=cache_dir / "text" / f"{text_fingerprint(c.caption, k)}.safetensors")
         for c, k in zip(clips, keys)
     ]
@@ -156,7 +166,8 @@ def build_cache(
             with torch.no_grad():
                 pixels = video.unsqueeze(0).to(device, vae_dtype)
                 latents = family.encode_videos(pixels, generator=gen)
-                cond = family.encode_conditioning(pixels, latents)
+                captions = {"captions": [clip.caption]} if with_caption else {}
+                cond = family.encode_conditioning(pixels, latents, **captions)
         except (DataError, ValueError) as e:  # ValueError: the family's size/frame checks
             stats.skipped.append((clip, str(e).removeprefix(f"{clip.path}: ")))
             failed.add(entry.latents)
@@ -182,7 +193,8 @@ def build_cache(
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Item i: {"latents": [C, f, h, w], **conditioning tensors, **text tensors} read from the cache files."""
+    """Item i: {"latents": [C, f, h, w], **text tensors, **conditioning tensors} read from the cache
+    files; conditioning made with the caption replaces the caption's own text tensors."""
 
     def __init__(self, entries: list[CacheEntry]):
         self.entries = entries
@@ -192,7 +204,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e = self.entries[i]
-        return {**load_file(str(e.latents)), **load_file(str(e.text))}
+        return {**load_file(str(e.text)), **load_file(str(e.latents))}
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

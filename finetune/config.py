@@ -37,8 +37,12 @@ class ModelConfig(_Section):
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="bitsandbytes quantisation of the frozen transformer (CUDA only)."
     )
-    task: str = Field("t2v", description="What the LoRA learns: t2v (text to video) or i2v (first frame to video), "
-                                         "as the family supports.")
+    task: str = Field("t2v", description="What the LoRA learns: t2v (text to video), i2v (first frame to video) "
+                                         "or continue (video continuation), as the family supports.")
+    cond_frames: int | None = Field(
+        None, ge=1, le=1025, description="continue task: leading frames of each clip given clean as the video to "
+                                         "continue (fit the frame rule, fewer than data.frames); null = family default."
+    )
     experts: list[str] | None = Field(
         None, description="Two-expert models (Wan 2.2 A14B): which to train, [high], [low] or [high, low]; "
                           "null = all."
@@ -188,6 +192,7 @@ def family_problems(data: dict) -> list[str]:
     rule, f = fam.frame_rule, dat.get("frames")
     if isinstance(f, int) and f >= 1 and not rule.is_valid(f):
         out.append(f"data.frames={f} must be {rule.describe()} for {fam.name} (try {rule.nearest(f)})")
+    out += _cond_frames_problems(fam, task, model.get("cond_frames"), f)
     for axis in ("height", "width"):
         v = dat.get(axis)
         if isinstance(v, int) and v > 0 and v % fam.spatial_factor:
@@ -212,6 +217,27 @@ def family_problems(data: dict) -> list[str]:
         out.append(
             f"model.quantization={model['quantization']!r} needs real weights on a GPU (set it to none for tiny models)"
         )
+    return out
+
+
+def _cond_frames_problems(fam, task: Any, given: Any, frames: Any) -> list[str]:
+    """model.cond_frames only for video-conditioned tasks; it (or the family default) must fit
+    the frame rule and leave frames to generate."""
+    if not isinstance(task, str) or task not in fam.tasks:
+        return []
+    if fam.task_input(task) != "video":
+        return [f"model.cond_frames={given}: only the continue task takes conditioning frames (remove the key)"] \
+            if given is not None else []
+    if given is not None and not isinstance(given, int):
+        return []
+    n = fam.default_cond_frames if given is None else given
+    where = "model.cond_frames" if given is not None else f"{fam.name}'s default of {n} conditioning frames"
+    out = []
+    if n >= 1 and not fam.frame_rule.is_valid(n):
+        out.append(f"{where}={n} must be {fam.frame_rule.describe()} for {fam.name} (try {fam.frame_rule.nearest(n)})")
+    if isinstance(frames, int) and n >= frames:
+        out.append(f"{where} ({n}) must be fewer than data.frames={frames}: nothing would be left to generate "
+                   f"(set model.cond_frames lower or raise data.frames)")
     return out
 
 

@@ -27,7 +27,7 @@ from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import Clip, aspect_mismatches, load_manifest
 from finetune.errors import DataError, TrainingDiverged
-from finetune.export import RunInfo, adapter_file_name, save_adapters, write_text_atomic
+from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
 from finetune.runlock import RunLock
 from finetune.stopping import GracefulStop
@@ -51,14 +51,15 @@ def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
     dtype = DTYPES[recipe.model.dtype] if device.type == "cuda" else torch.float32
     return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
                      tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization,
-                     task=recipe.model.task)
+                     task=recipe.model.task, cond_frames=recipe.model.cond_frames)
 
 
 def cache_key(recipe: Recipe, family: Family) -> CacheKey:
     spec = family.spec
     return CacheKey(family=recipe.model.family, model_id=family.encoders_id(), revision=spec.revision,
                     frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps,
-                    task=spec.task)
+                    task=spec.task,
+                    cond_frames=family.cond_frames if family.task_input(spec.task) == "video" else None)
 
 
 def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:
@@ -433,6 +434,7 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
                        task=spec.task, adapters=adapters)
         save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info,
                       comfyui_key_maps={e.attr: family_cls.comfyui_key_map(e.attr) for e in experts})
+        save_original_format(family, run_dir, info, recipe.lora.alpha / recipe.lora.rank)
     accelerator.end_training()
     for e, t in zip(experts, transformers):
         setattr(family.components, e.attr, accelerator.unwrap_model(t))
@@ -446,7 +448,8 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
                    dataset: CachedDataset | None = None) -> list[Path]:
     """Render each validation prompt with the adapters as trained so far into
     ``<run>/samples/step-<step>-<k>.mp4`` (main process; the others wait). i2v runs condition on
-    ``validation.images``, or on the first frame of the training clips."""
+    ``validation.images``, or on the first frame of the training clips; continuation runs on the
+    first frames of the training clips."""
     from finetune.inference import RenderArgs, render_to_file  # inference code only when sampling
 
     paths = []
@@ -456,11 +459,12 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
         for t in transformers:
             t.eval()
         pipe = family.pipeline()
-        images = validation_images(recipe, dataset) if family.task != "t2v" else []
+        kind = family.task_input(family.task)
+        inputs = validation_inputs(recipe, family) if kind else []
         for k, prompt in enumerate(v.prompts):
             args = RenderArgs(prompt=prompt, frames=d.frames, height=d.height, width=d.width, fps=recipe.fps,
                               steps=v.steps, guidance=v.guidance, seed=v.seed,
-                              image=images[k % len(images)] if images else None)
+                              **({kind: inputs[k % len(inputs)]} if inputs else {}))
             out = Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"
             with torch.no_grad(), accelerator.autocast():
                 paths.append(render_to_file(family, pipe, args, out))
@@ -469,6 +473,19 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
         family.move_encoders("cpu")
     accelerator.wait_for_everyone()
     return paths
+
+
+def validation_inputs(recipe: Recipe, family: Family) -> list:
+    """What each validation render of the family's task conditions on: images for i2v (see
+    :func:`validation_images`); for video-conditioned tasks (continue) the first
+    ``family.cond_frames`` frames of each training clip, as lists of PIL images."""
+    if family.task_input(family.task) == "image":
+        return validation_images(recipe, None)
+    from finetune.video import pil_frames, read_clip
+
+    d, clips = recipe.data, load_manifest(recipe.data.manifest, recipe.data.trigger)
+    return [pil_frames(read_clip(c.path, family.cond_frames, recipe.fps, d.height, d.width))
+            for c in clips[:len(recipe.validation.prompts)]]
 
 
 def validation_images(recipe: Recipe, dataset: CachedDataset | None) -> list:

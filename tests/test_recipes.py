@@ -119,3 +119,39 @@ def test_buckets_need_batch_size_one():
     d["optim"] = {"batch_size": 2}
     with pytest.raises(RecipeError, match=r"data.buckets=true .* optim.batch_size=2 must be 1"):
         recipe_from_dict(d)
+
+
+def test_every_family_and_task_has_tiny_and_card_recipes():
+    """A family added to the registry ships a tiny recipe per task (tests, demo) and 16 GB and
+    24 GB recipes per task."""
+    from finetune.families import family_names, get_family
+
+    names = {str(p.relative_to(ROOT / "recipes")) for p in RECIPES}
+    missing = []
+    for family in family_names():
+        cls = get_family(family)
+        for task in cls.tasks:
+            tiny = f"tiny/{family}.yaml" if task == cls.tasks[0] else f"tiny/{family}-{task}.yaml"
+            if tiny not in names:
+                missing.append(tiny)
+            for card in ("16gb", "24gb"):
+                if not any(n.startswith(f"{family}/{task}-") and n.endswith(f"_{card}.yaml") for n in names):
+                    missing.append(f"{family}/{task}-*_{card}.yaml")
+    assert missing == []
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"task": "v2v"}, "model.task='v2v': wan trains t2v, i2v"),
+    ({"experts": ["high"]}, "model.experts=['high']: wan has one transformer"),
+])
+def test_task_and_experts_are_checked_against_the_family(bad, message):
+    d = _base()
+    d["model"].update(bad)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        recipe_from_dict(d)
+
+
+def test_expert_names_are_the_familys():
+    d = {"model": {"family": "wan22", "experts": ["high", "mid"]}, "data": {"frames": 9, "height": 32, "width": 32}}
+    with pytest.raises(RecipeError, match=re.escape("model.experts=['high', 'mid']: list each of high, low")):
+        recipe_from_dict(d)

@@ -12,8 +12,10 @@ Shapes used throughout:
   cond:    what ``predict`` conditions on: the text tensors plus, for image-to-video, the tensors
            ``encode_conditioning`` made at cache time (all with a leading batch dim)
 
-Tasks: ``t2v`` (text to video) and ``i2v`` (image to video, the clip's first frame as the
-condition); a family lists the ones it supports in :attr:`Family.tasks`.
+Tasks: ``t2v`` (text to video), ``i2v`` (image to video, the clip's first frame as the
+condition) and ``continue`` (video continuation: the clip's first :attr:`Family.cond_frames` frames
+as the condition); a family lists the ones it supports in :attr:`Family.tasks`, and
+:meth:`Family.task_input` says what rendering each one needs besides the prompt.
 
 Experts: a model may have several transformers, each serving a range of noise levels (Wan 2.2
 A14B: ``transformer`` for high noise, ``transformer_2`` for low). :meth:`Family.experts` lists
@@ -72,6 +74,8 @@ class ModelSpec:
     quantization: str = "none"
     # "t2v" | "i2v" | ...: one of the family's tasks; picks the default checkpoint and pipeline.
     task: str = "t2v"
+    # tasks conditioned on a video (continue): pixel frames of it given clean; None = the family's
+    cond_frames: int | None = None
 
     @property
     def display_id(self) -> str:
@@ -82,7 +86,9 @@ class ModelSpec:
 class Components:
     """The loaded modules of one base model. Encoders may be ``None`` once released.
     ``transformer_2`` is the second expert of two-expert models; ``image_encoder`` and
-    ``image_processor`` the image conditioning of i2v models that take image embeddings."""
+    ``image_processor`` the image conditioning of i2v models that take image embeddings;
+    ``text_encoder_2`` and ``tokenizer_2`` the second text encoder of models that have two
+    (HunyuanVideo-1.5's byT5 glyph encoder)."""
 
     transformer: torch.nn.Module | None
     vae: torch.nn.Module | None
@@ -93,9 +99,11 @@ class Components:
     transformer_2: torch.nn.Module | None = None
     image_encoder: torch.nn.Module | None = None
     image_processor: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
 
     # modules an encoder release drops, in the order encoders_id hashes them
-    ENCODERS = ("vae", "text_encoder", "image_encoder")
+    ENCODERS = ("vae", "text_encoder", "image_encoder", "text_encoder_2")
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every loaded torch module by attribute name (released ones left out)."""
@@ -133,6 +141,10 @@ class Noised:
 
 # components.extra key of a tiny build's prompt length
 TEXT_LEN_KEY = "max_sequence_length"
+# components.extra key of a tiny build's default conditioning-video length (continue task)
+COND_FRAMES_KEY = "cond_frames"
+# What rendering a task needs besides the prompt (see Family.task_input).
+TASK_INPUTS: dict[str, str | None] = {"t2v": None, "i2v": "image", "continue": "video"}
 
 
 class Family(ABC):
@@ -161,6 +173,10 @@ class Family(ABC):
     # store under TEXT_LEN_KEY in components.extra (see text_len)
     max_sequence_length: ClassVar[int]
     tiny_max_sequence_length: ClassVar[int] = 64
+    # tasks whose input is a video (continue): how many pixel frames (a valid frame count) of it
+    # condition the clip unless model.cond_frames says otherwise; tiny builds may store a shorter
+    # default under COND_FRAMES_KEY
+    default_cond_frames: ClassVar[int] = 1
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -179,6 +195,18 @@ class Family(ABC):
     @property
     def task(self) -> str:
         return self.spec.task
+
+    @classmethod
+    def task_input(cls, task: str) -> str | None:
+        """What rendering ``task`` needs besides the prompt: ``"image"`` (the first frame, i2v),
+        ``"video"`` (frames to continue) or None (t2v)."""
+        return TASK_INPUTS.get(task)
+
+    @property
+    def cond_frames(self) -> int:
+        """Pixel frames of the conditioning video of a ``"video"``-input task: ``spec.cond_frames``,
+        else the tiny build's default, else :attr:`default_cond_frames`."""
+        return int(self.spec.cond_frames or self.components.extra.get(COND_FRAMES_KEY, self.default_cond_frames))
 
     def experts(self) -> list[Expert]:
         """The model's trainable transformers with their noise ranges; one full-range expert
@@ -250,7 +278,7 @@ class Family(ABC):
         return f"{self.spec.display_id}:{h.hexdigest()[:16]}"
 
     def release_encoders(self) -> None:
-        """Drop the text encoder, VAE and image encoder so their memory is free for training."""
+        """Drop the text encoders, VAE and image encoder so their memory is free for training."""
         for name in Components.ENCODERS:
             setattr(self.components, name, None)
 
@@ -261,11 +289,20 @@ class Family(ABC):
             if m is not None:
                 m.to(device)
 
-    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    def conditioning_uses_captions(self) -> bool:
+        """Whether :meth:`encode_conditioning` needs each clip's caption: models whose image
+        conditioning goes through a text encoder reading image and prompt together (a
+        vision-language model). The cache then passes ``captions`` and keys the entry on them."""
+        return False
+
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor,
+                            captions: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Cache-time conditioning of :attr:`task` for clips ``videos`` [B, 3, F, H, W] in [-1, 1]
         whose latents (from :meth:`encode_videos`) are ``latents`` [B, C, f, h, w]: a dict of
         tensors with batch dim B that :meth:`predict` receives in ``cond``. Image-to-video
-        families build it from the first frame; text-to-video needs nothing."""
+        families build it from the first frame; text-to-video needs nothing. ``captions`` (one
+        per clip) come only when :meth:`conditioning_uses_captions`; tensors returned under a
+        key of :meth:`encode_prompts` replace the caption's image-less ones."""
         return {}
 
     # --- training ---
@@ -329,12 +366,24 @@ class Family(ABC):
         """A diffusers pipeline (``pipeline_class``) over the current components; the encoders
         must not have been released."""
 
-    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
+    def pipeline_call_kwargs(self, fps: float, image: Any = None, video: Any = None) -> dict[str, Any]:
         """Extra keyword arguments this family's pipeline call needs (e.g. LTX ``frame_rate``;
-        the conditioning ``image``, a PIL image, for i2v)."""
-        return {"image": image} if image is not None else {}
+        the conditioning ``image``, a PIL image, for i2v; the ``video`` to continue, a list of
+        PIL frames, for tasks whose :meth:`task_input` is "video"). Generic code passes ``video``
+        only when it has one, so families without video tasks need not accept it."""
+        out = {"image": image} if image is not None else {}
+        if video is not None:
+            out["video"] = video
+        return out
 
     # --- adapters ---
+    def original_lora(self, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor] | None:
+        """``state``, a diffusers-format adapter (``transformer.``-prefixed peft keys) whose LoRA
+        scale is ``scale`` (alpha / rank), in the naming of the model's original code, which the
+        run folder then also holds (export.save_original_format); None where there is none
+        beyond the diffusers format (the default)."""
+        return None
+
     def load_adapter(self, path: str, expert: Expert, adapter_name: str) -> None:
         """Load a diffusers-format LoRA file (``transformer.``-prefixed keys with their
         metadata) into ``expert``'s transformer, at transformer level so it works for pipelines
