@@ -267,6 +267,20 @@ def test_infer_on_a_run_with_a_damaged_adapter_is_a_named_error(capsys, checkpoi
     assert f"error: {run / 'video_lora.json'}: damaged run description (JSONDecodeError" in capsys.readouterr().err
 
 
+def test_damaged_lora_files_for_import_and_init_from_are_named(capsys, tmp_path):
+    from finetune.lora_formats import read_info, read_lora
+
+    cut = tmp_path / "civitai_lora.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 4)}, str(cut))
+    cut.write_bytes(cut.read_bytes()[:-8])
+    for read in (read_info, lambda p: read_lora(p, get_family("wan").comfyui_key_map())):
+        with pytest.raises(AdapterError, match="civitai_lora.safetensors: not a readable safetensors file"):
+            read(cut)
+    rc = run_main(infer.main, ["--lora", str(cut), "--family", "wan", "--prompt", "x"])
+    assert rc == USER_ERROR_EXIT
+    assert capsys.readouterr().err.startswith(f"error: {cut}: not a readable safetensors file (")
+
+
 # ---------------------------------------------------------------------------- run lock
 
 
