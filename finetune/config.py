@@ -61,6 +61,9 @@ class DataConfig(_Section):
     buckets: bool = Field(
         False, description="Train each clip at its own size from the manifest (aspect buckets); needs batch_size 1."
     )
+    strict: bool = Field(
+        False, description="Stop on any unusable clip or caption; false = skip it, list it in skipped_clips.jsonl."
+    )
 
 
 class LoraConfig(_Section):
@@ -312,9 +315,17 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+            if not isinstance(node, dict):
+                raise RecipeError("command line", [f"{item!r}: {'.'.join(parts[:i + 1])} was set to a value by an "
+                                                   f"earlier override, so it has no keys to set"])
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise RecipeError("command line", [f"{key.strip()}={raw}: the value is not valid YAML ({problem}); "
+                                               f"quote it, e.g. {key.strip()}='\"{raw}\"'"]) from None
     return out
 
 
@@ -348,5 +359,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(str(path), [f"not valid YAML: {e}"]) from None
-    data = _merge(data, parse_overrides(overrides or []))
+    extra = parse_overrides(overrides or [])
+    data = _merge(data, extra) if isinstance(data, dict) else data  # not a mapping: recipe_from_dict says so
     return recipe_from_dict(data, source=str(path))

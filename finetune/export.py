@@ -65,8 +65,12 @@ class RunInfo:
         if not path.is_file():
             raise UserError(f"{run_dir}: not a trained run folder (no {RUN_INFO}); pass the output.dir of a finished "
                             f"train_lora.py run")
-        data = json.loads(path.read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        try:
+            data = json.loads(path.read_text())
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: damaged run description ({type(e).__name__}: {e}); retrain, or resume the run "
+                            f"with train_lora.py ... --resume latest to write it again") from None
 
 
 def adapter_file_name(attr: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from finetune.adapters import read_adapter_file
 from finetune.errors import UserError
 from finetune.export import RunInfo
 from finetune.families import get_family
@@ -73,7 +74,8 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
               family: str | None = None, base_model: str | None = None) -> tuple[Family, RunInfo]:
     """The base model all ``loras`` were trained on (or that of run folder ``base``); ``family``
     and ``base_model`` stand in for what LoRA files from other tools do not record.
-    Raises UserError if none is given or the adapters disagree on the base model."""
+    Raises UserError if none is given or the adapters disagree on the base model, AdapterError
+    if an adapter file is missing, damaged or not a LoRA."""
     infos = [(ref.run_dir, lora_info(ref, family, base_model)) for ref in loras]
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
@@ -86,6 +88,9 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
         if other != key:
             raise UserError(f"{run_dir} was trained on {other[:4]} but {first_dir} on {key[:4]}: "
                             f"adapters can only be combined on the same base model and task")
+    for run_dir, info in infos[len(infos) - len(loras):]:  # the --lora ones, checked before any weights load
+        for name in ([] if run_dir.is_file() else info.adapter_files().values()):
+            read_adapter_file(run_dir / name)
     family = get_family(first.family).load(base_spec(first, device, dtype), device=device)
     return family, first
 

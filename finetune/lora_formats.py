@@ -43,6 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from finetune.adapters import require_readable
 from finetune.errors import UserError
 
 LAYOUTS = ("diffusers", "comfyui", "kohya")
@@ -603,6 +604,7 @@ def read_lora(path: str | Path, key_map: KeyMap, prefix: str = "transformer") ->
     if path.suffix != ".safetensors":
         raise LoraFormatError(f"{path}: LoRA files are read as .safetensors only (pickled .pt/.ckpt files can run "
                               f"code when loaded); convert it to safetensors first")
+    require_readable(path)  # damaged or truncated: AdapterError naming the file, not a SafetensorError
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -611,6 +613,7 @@ def read_lora(path: str | Path, key_map: KeyMap, prefix: str = "transformer") ->
 
 def read_info(path: str | Path) -> dict:
     """The run description a LoRA file records (its ``video_lora`` metadata), or {}."""
+    require_readable(path)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta[INFO_KEY]) if INFO_KEY in meta else {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,12 +22,15 @@ from peft import LoraConfig as PeftLoraConfig
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
+from finetune import skips
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import Clip, aspect_mismatches, load_manifest
 from finetune.errors import DataError, TrainingDiverged
 from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
+from finetune.runlock import RunLock
+from finetune.stopping import GracefulStop
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -296,6 +299,9 @@ def bucket_keys(recipe: Recipe, family: Family, clips: list[Clip]) -> list[Cache
 def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> CachedDataset:
     """Manifest -> cached latents and text embeddings. The main process encodes; others reuse."""
     clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    total, misfits = len(clips), []
+    if recipe.data.buckets and not recipe.data.strict:  # a clip buckets cannot take is skipped, not fatal
+        clips, misfits = skips.bucket_misfits(clips, family.spatial_factor, family.name)
     keys = bucket_keys(recipe, family, clips) if recipe.data.buckets else cache_key(recipe, family)
     cropped = [] if recipe.data.buckets else aspect_mismatches(clips, recipe.data.width, recipe.data.height)
     if cropped:
@@ -310,21 +316,38 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> Ca
                                      show_progress=accelerator.is_local_main_process)
     if accelerator.is_main_process:
         print(f"cache: {stats.latents_computed} clips encoded, {stats.latents_reused} reused; "
-              f"{stats.text_computed} prompts encoded, {stats.text_reused} reused")
+              f"{stats.text_computed} prompts encoded, {stats.text_reused} reused"
+              + (f"; {stats.damaged} damaged entries recomputed" if stats.damaged else ""))
+    warning = skips.report_skipped(misfits + stats.skipped, total, Path(recipe.output.dir), recipe.data.manifest,
+                                   recipe.data.strict, write=accelerator.is_main_process)
+    if warning:
+        accelerator.print(warning)
     return CachedDataset(entries * recipe.data.repeats)
 
 
 def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     """Train a LoRA as ``recipe`` says. ``resume``: None, "latest" or a checkpoint folder.
 
-    Raises: DataError (manifest, clips), CheckpointError (resume), TrainingDiverged (NaN/inf loss).
+    Raises: DataError (manifest, clips), CheckpointError (resume), TrainingDiverged (NaN/inf loss),
+    RunLocked (another run uses output.dir), DiskSpaceError, TrainingStopped (SIGINT/SIGTERM, after
+    saving a checkpoint and the adapter).
     """
+    with ExitStack() as cleanup:  # the run lock and the signal handlers go however training ends
+        return _train(recipe, resume, cleanup)
+
+
+def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResult:
     # 1. Run folder, accelerator, resolved recipe.
     run_dir = Path(recipe.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_ckpt = ckpt.resolve_resume(run_dir, resume) if resume else None
     accelerator = make_accelerator(recipe, run_dir)
     device, world = accelerator.device, accelerator.num_processes
+    if accelerator.is_main_process:
+        cleanup.enter_context(RunLock(run_dir))  # one run per output.dir
+    stop = cleanup.enter_context(GracefulStop())
+    for line in ckpt.check_resume_recipe(start_ckpt, recipe.model_dump(mode="json")) if start_ckpt else []:
+        accelerator.print(line)
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({device})")
@@ -360,8 +383,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # 5. Resume: weights, optimizer, scheduler and RNG from the checkpoint; step counter continues.
     start_step = 0
     if start_ckpt is not None:
-        accelerator.load_state(str(start_ckpt))
-        start_step = ckpt.read_step(start_ckpt)
+        start_step = ckpt.load_checkpoint(accelerator, start_ckpt)
         accelerator.print(f"resumed from {start_ckpt} at step {start_step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config={"lr": recipe.optim.lr, "rank": recipe.lora.rank})
@@ -371,6 +393,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     loss_value = float("nan")
+    stopped_at = None
+    stop.install()  # from here a SIGINT/SIGTERM ends the run after the current step, saved
     for step in bar:
         t0 = time.perf_counter()
         loss_value = accumulate_gradients(accelerator, family, transformers, experts, dataset, recipe, step)
@@ -397,6 +421,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         v = recipe.validation
         if v.prompts and (done == o.steps or (v.every and done % v.every == 0)):
             render_samples(accelerator, family, transformers, recipe, done, dataset)
+        if stop.requested(accelerator) and done < o.steps:
+            stopped_at = ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
+            break
 
     # 7. Final adapters (one file per trained expert) and the run description.
     accelerator.wait_for_everyone()
@@ -412,6 +439,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     accelerator.end_training()
     for e, t in zip(experts, transformers):
         setattr(family.components, e.attr, accelerator.unwrap_model(t))
+    if stopped_at is not None:
+        raise stop.stopped(accelerator, done, o.steps, stopped_at, [run_dir / a for a in adapters.values()])
     return TrainResult(run_dir=run_dir, adapter=run_dir / adapters[experts[0].attr], steps=o.steps,
                        start_step=start_step, last_loss=loss_value, family=family, dataset=dataset)
 

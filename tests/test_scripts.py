@@ -135,7 +135,7 @@ def test_two_processes_train_with_gloo(manifest, tmp_path):
                *tiny_args("wan", manifest, out, "optim.steps=4", "checkpoint.every=2")], ACCELERATE_USE_CPU="true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in res.stdout
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["comfyui_lora.safetensors", "pytorch_lora_weights.safetensors"]
     assert (out / "checkpoints" / "step-00000002" / "random_states_1.pkl").is_file()
 
 

@@ -135,6 +135,7 @@ def test_validation_samples_are_rendered_during_training(clips, tmp_path):
 
 def test_aspect_buckets_train_each_clip_at_its_own_size(tmp_path):
     import json
+    from pathlib import Path
 
     from finetune.errors import DataError
 
@@ -151,8 +152,14 @@ def test_aspect_buckets_train_each_clip_at_its_own_size(tmp_path):
 
     rows[1]["width"] = 40
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A clip buckets cannot take is skipped and listed; data.strict=true makes it the old error.
+    assert len(trainer.train(recipe).dataset) == 1
+    skipped = [json.loads(line) for line in (tmp_path / "run" / "skipped_clips.jsonl").read_text().splitlines()]
+    assert [(Path(r["path"]).parent.name, r["reason"][:34]) for r in skipped] == [("p", "size 40x64 is not a multiple of 16")]
+    strict = tiny_recipe("wan", manifest, tmp_path / "run", "data.buckets=true", "optim.steps=2", "checkpoint.every=0",
+                         "data.strict=true")
     with pytest.raises(DataError, match=r"1 of 2 clips .* not a multiple of 16 for wan: clip000.mp4 \(40x64\)"):
-        trainer.train(recipe)
+        trainer.train(strict)
 
 
 def test_adamw8bit_from_bitsandbytes_trains(clips, tmp_path):
