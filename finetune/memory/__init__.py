@@ -1,13 +1,9 @@
 """Fitting big models in little memory: fp8 frozen weights quantised while loading
 (:mod:`finetune.memory.fp8`), quantised or CPU-resident text encoders for caching
 (:mod:`finetune.memory.encoders`), and the planner that predicts peak memory per phase from the
-real architecture (:mod:`finetune.memory.planner`). Families contribute facts only; the machinery lives here."""
+real architecture (:mod:`finetune.memory.planner`). Families contribute facts only; the
+machinery lives here."""
 
-import logging
+from finetune._quiet import quiet_torchao
 
-# With torchao installed, transformers imports it whenever it loads a model; its import warns
-# about each CUDA kernel library it cannot open (all of them on a machine without CUDA). The
-# weight-only storage used here needs none of them, so say so once by holding those back, unless
-# the user configured torchao's logger.
-if logging.getLogger("torchao").level == logging.NOTSET:
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+quiet_torchao()

@@ -333,19 +333,20 @@ def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
         return plan
     base: dict[str, Any] = {}
     if recipe.memory.text_encoder == "gpu" and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
-        # the encoders alone are too big: the first lever is where the text encoder runs
-        for mode in ("fp8", "cpu"):
-            if caching_phase(_with(recipe, {"memory.text_encoder": mode}), 1)[0].peak <= vram_gb * GIB:
-                base["memory.text_encoder"] = mode
-                break
+        # the encoders alone are too big: the first lever is where the text encoder runs (on the
+        # CPU, the closest setting, when even fp8 does not fit)
+        fits = [m for m in ("fp8", "cpu")
+                if caching_phase(_with(recipe, {"memory.text_encoder": m}), 1)[0].peak <= vram_gb * GIB]
+        base["memory.text_encoder"] = fits[0] if fits else "cpu"
     cache = caching_phase(_with(recipe, base), 1)[0]
     if cache.peak > vram_gb * GIB:  # no training setting changes the encoders
         biggest = max(cache.items, key=lambda it: it[1])
+        closest = ", ".join(f"{k}={_fmt(v)}" for k, v in _changed(recipe, base).items()) or "the recipe as it is"
         raise DoesNotFit(f"{recipe.model.family} {plan.checkpoint}: the caching phase alone needs "
                          f"{cache.peak / GIB:.2f} GiB (its largest part: {biggest[0]}, {biggest[1] / GIB:.2f} GiB), "
-                         f"more than {vram_gb:g} GiB, with any training setting; the closest is the recipe as it "
-                         f"is, predicted peak {plan.peak / GIB:.2f} GiB ({plan.peak_phase}). Encode on a larger "
-                         f"card (the cache is reused)")
+                         f"more than {vram_gb:g} GiB, with any training setting; the closest is {closest}, "
+                         f"predicted peak {cache.peak / GIB:.2f} GiB (caching). Encode on a larger card (the cache "
+                         f"is reused)")
     for key, value in _stages(recipe):
         base[key] = value
         trial = _changed(recipe, base)
