@@ -105,7 +105,7 @@ def render_pair(run_dir: Path, out: Path) -> tuple[Path, Path]:
     pipe = family.pipeline()
     args = complete_args(RenderArgs(prompt=PROMPT, steps=8, guidance=1.0, seed=0), family, info)
     base_video = render(family, pipe, args)
-    apply_loras(pipe, [LoraRef(run_dir)], merge=False)
+    apply_loras(family, [LoraRef(run_dir)], merge=False)
     lora_video = render(family, pipe, args)
     diff = float(np.abs(base_video.numpy() - lora_video.numpy()).mean())
     print(f"mean |LoRA - base| per pixel: {diff:.4f} (0..1 scale)")
