@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: str = Field("wan", description="Model family, a name registered in finetune/families (wan, ltx).")
+    family: str = Field("wan", description="Model family, a name registered in finetune/families (wan, wan22, ltx, ...).")
     pretrained: str | None = Field(
         None, description="Hub id or local folder of the diffusers-format base model; null = the family default."
     )

@@ -15,14 +15,6 @@ from test_families import FRAMES, PROMPT, cond_image, first_transformer_call, lo
 CASES = ["cogvideox", "cogvideox:i2v", "cogvideox15", "cogvideox15:i2v"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def image_clip(name: str) -> torch.Tensor:
     """[1, 3, F, H, W] in [-1, 1]: the test conditioning image repeated, so its first frame is it."""
     image = cond_image(get_family(name.partition(":")[0]))

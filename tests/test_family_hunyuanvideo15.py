@@ -17,14 +17,6 @@ from test_families import FRAMES, PROMPT, cond_image, first_transformer_call, lo
 NAME = "hunyuanvideo15"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def test_predict_matches_the_pipeline_call():
     fam = load(NAME)

@@ -16,14 +16,6 @@ from test_families import FRAMES, PROMPT, cond_image, load, random_videos, run
 NAME = "kandinsky5"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def first_transformer_call(fam) -> tuple[dict, torch.Tensor]:
     """Keyword arguments (copied: the pipeline updates its latents in place after the call) and
     output of the pipeline's first transformer call, without CFG."""

@@ -18,14 +18,6 @@ from test_families import FRAMES, PROMPT, cond_inputs, load, random_videos, run
 CLS = get_family("longcat")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def first_call(fam) -> tuple[tuple, dict, torch.Tensor]:
     """Positional args, keyword args and output of the pipeline's first transformer call (no CFG).
     Copies the tensors: the pipeline updates its latents in place after the call."""

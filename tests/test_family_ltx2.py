@@ -19,14 +19,6 @@ from test_families import FRAMES, PROMPT, cond_image, first_transformer_call, lo
 Pipeline = diffusers.LTX2Pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def unpack(kwargs: dict) -> torch.Tensor:
     """The pipeline's packed hidden states [1, f*h*w, C] -> latents [1, C, f, h, w]."""
     return Pipeline._unpack_latents(kwargs["hidden_states"], kwargs["num_frames"], kwargs["height"], kwargs["width"])

@@ -17,14 +17,6 @@ from test_families import FRAMES, PROMPT, cond_image, first_transformer_call, lo
 Pipeline = diffusers.LTXConditionPipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def unpack(kwargs: dict, fam) -> torch.Tensor:
     """The pipeline's packed hidden states [1, f*h*w, C] -> latents [1, C, f, h, w]."""
     size = 2 * type(fam).spatial_factor

@@ -34,14 +34,6 @@ RELEASE_EXTRAS = dict(enable_flashattn3=False, enable_flashattn2=True, enable_xf
 B, F, H, W, L = 2, 3, 4, 6, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0, **overrides) -> LongCatVideoTransformer3DModel:
     """Random tiny model; norm weights drawn around 1 so a wrong norm weight would show."""
     torch.manual_seed(seed)

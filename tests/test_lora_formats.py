@@ -39,14 +39,6 @@ from finetune.lora_formats import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_transformer(name: str):
     cls = get_family(name)
     return cls, cls.load(ModelSpec(pretrained=cls.default_model_id, tiny=True)).components.transformer
