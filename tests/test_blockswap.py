@@ -271,3 +271,30 @@ def test_more_blocks_to_swap_than_the_model_has_is_a_named_error(clips, tmp_path
     with pytest.raises(BlockSwapError, match=r"memory.blocks_to_swap=3: the transformer .* has 2 blocks "
                                              r"\(blocks: 2\); set memory.blocks_to_swap to at most 2"):
         trainer.train(recipe)
+
+
+def test_with_checkpointing_the_offloaded_activations_are_the_block_inputs():
+    fam = load("wan")
+    tr, batch = fam.components.transformer, batch_of(fam)
+    inputs = []
+
+    def record(module, args):  # what each block's forward gets (checkpointing saves exactly that)
+        if torch._C._current_graph_task_id() == -1:  # not backward's recomputation
+            inputs.append(tuple(args[0].shape))
+
+    for b in transformer_blocks(tr):
+        b.register_forward_pre_hook(record)
+    counts = {}
+    for checkpointing in (False, True):
+        if checkpointing:
+            tr.enable_gradient_checkpointing()
+        log = []
+        installed = runtime.apply(MemoryConfig(activation_offload=True), {"transformer": tr}, "cpu", log=log)
+        inputs.clear()
+        loss_and_grads(fam, tr, batch)
+        installed.remove()
+        offloaded = [shape for e, shape in log if e == "offload"]
+        assert sorted(offloaded) == sorted(shape for e, shape in log if e == "restore")  # each came back once
+        counts[checkpointing] = len(offloaded)
+        assert all(offloaded.count(s) >= inputs.count(s) for s in inputs)  # every block input waited on the host
+    assert counts[True] * 5 < counts[False]  # checkpointing: the inputs, not everything a block saves

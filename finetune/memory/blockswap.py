@@ -87,8 +87,8 @@ class Transfer:
             self.log.append(("copy", key))
         if not self.cuda:
             return [h.clone() for h in hosts], None
-        # the side stream must not overwrite memory the compute stream freed but still reads
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        # No wait for the compute stream: these tensors come from the side stream's own pool, and
+        # ``wait`` marks them used by the compute stream, so their memory is not reused early.
         with torch.cuda.stream(self.stream):
             out = [h.to(self.device, non_blocking=True) for h in hosts]
             event = torch.cuda.Event()
