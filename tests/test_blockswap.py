@@ -298,3 +298,16 @@ def test_with_checkpointing_the_offloaded_activations_are_the_block_inputs():
         counts[checkpointing] = len(offloaded)
         assert all(offloaded.count(s) >= inputs.count(s) for s in inputs)  # every block input waited on the host
     assert counts[True] * 5 < counts[False]  # checkpointing: the inputs, not everything a block saves
+
+
+def test_fp8_run_with_block_swap_resumes_to_the_adapter_of_an_uninterrupted_run(clips, tmp_path):
+    """Checkpoints hold only LoRA weights, so the swapped blocks' placeholders never reach them."""
+    base = ("model.quantization=fp8", "checkpoint.every=1")
+    swap = ("memory.blocks_to_swap=2", "memory.activation_offload=true")
+    plain = trainer.train(tiny_recipe("wan", clips, tmp_path / "plain", *base, "optim.steps=3"))
+    trainer.train(tiny_recipe("wan", clips, tmp_path / "run", *base, *swap, "optim.steps=2"))
+    resumed = trainer.train(tiny_recipe("wan", clips, tmp_path / "run", *base, *swap, "optim.steps=3"),
+                            resume="latest")
+    assert resumed.start_step == 1  # the last step of a run is its adapter, not a checkpoint
+    a, b = load_file(str(plain.adapter)), load_file(str(resumed.adapter))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
