@@ -211,6 +211,8 @@ class BlockSwap:
     log: list | None = None
     loaded: dict[int, _Loaded] = field(default_factory=dict)  # position in ``blocks`` -> device copy
     handles: list = field(default_factory=list)
+    # backwards of block k begun and not yet finished (two when the loss ran the model twice)
+    pending: dict[int, int] = field(default_factory=dict)
     _graph_tasks: set = field(default_factory=set)
 
     def _record(self, event: str, k: int) -> None:
@@ -265,8 +267,7 @@ class BlockSwap:
         self._record("compute", k)
         if not torch.is_grad_enabled():
             return None
-        done = lambda: self.evict(k)  # noqa: E731  (gradient of the inputs computed: block k is finished)
-        return _with_trigger((tuple(args), kwargs), done)
+        return _with_trigger((tuple(args), kwargs), lambda: self._after_backward(k))
 
     def _block_post(self, k: int, module, args, kwargs, output):
         if _in_backward():
@@ -283,12 +284,20 @@ class BlockSwap:
         if task not in self._graph_tasks:
             self._graph_tasks.add(task)
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_backward(task))
+        self.pending[k] = self.pending.get(k, 0) + 1
         self.ready(k)
         self.fetch(k - 1)
         self._record("backward", k)
 
+    def _after_backward(self, k: int) -> None:
+        """The gradient of block ``k``'s inputs is computed: that backward of it is finished."""
+        self.pending[k] = self.pending.get(k, 0) - 1
+        if self.pending[k] <= 0:
+            self.evict(k)
+
     def _end_of_backward(self, task: int) -> None:
         self._graph_tasks.discard(task)
+        self.pending.clear()
         self.evict_all()
 
     def remove(self) -> None:
