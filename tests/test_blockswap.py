@@ -247,7 +247,9 @@ def test_render_with_block_swap_equals_render_without():
 # --- (c): a real training run writes the same adapter ---
 @pytest.mark.parametrize("name", ["wan", "wan22"])
 def test_training_with_block_swap_and_activation_offload_writes_the_same_adapter(name, clips, tmp_path):
-    steps = ("optim.steps=3", "checkpoint.every=0")
+    # a validation render after step 2 runs through the swapped blocks in the middle of training
+    steps = ("optim.steps=3", "checkpoint.every=0", "validation.prompts=[mystyle a square]", "validation.every=2",
+             "validation.steps=2")
     plain = trainer.train(tiny_recipe(name, clips, tmp_path / "plain", *steps))
     recipe = tiny_recipe(name, clips, tmp_path / "swap", *steps, "memory.blocks_to_swap=1",
                          "memory.activation_offload=true")
@@ -259,6 +261,8 @@ def test_training_with_block_swap_and_activation_offload_writes_the_same_adapter
         assert a.keys() == b.keys() and a
         assert all(torch.equal(a[k], b[k]) for k in a), f
     assert plain.last_loss == swapped.last_loss
+    assert sorted(p.name for p in (swapped.run_dir / "samples").iterdir()) == [
+        "step-00000002-0.mp4", "step-00000003-0.mp4"]
     for e in swapped.family.experts():  # it did swap: the last block's frozen weights are in host memory only
         last = transformer_blocks(getattr(swapped.family.components, e.attr))[-1]
         assert all(p.numel() == 0 for p in last.parameters() if not p.requires_grad)
