@@ -17,7 +17,8 @@ signals the end of its backward, stays until backward ends, a third.
   forward          block i: wait for its copy, start copying block i+1, compute, evict block i
   backward         block i: (the gradient of its outputs is ready) wait for its copy, start
                    copying block i-1, recompute it (gradient checkpointing) and run its
-                   backward, evict it once the gradient of its inputs is computed
+                   backward, evict it once the gradient of its inputs is computed (of every
+                   forward of it, when the loss ran the model more than once)
   end of backward  evict what is left
 Frozen weights only travel host -> device: the pinned host copy made at install is the master and
 never changes, so evicting a block just drops its device copy (a 0-element placeholder takes its
