@@ -1,5 +1,7 @@
 """One LoRA training step of the Wan 2.1 transformer with random weights: seconds per step and
-peak memory, gradient checkpointing on against the baseline with it off, in the same run.
+peak memory of gradient checkpointing, block swap (``memory.blocks_to_swap``, --swap blocks) and
+activation offload (``memory.activation_offload``) against the baseline with none of them, in
+the same run.
 
     python bench/train_step.py                      # full-size Wan 2.1 1.3B, 832x480x81, bf16 (GPU)
     python bench/train_step.py --size tiny          # the tiny test model on a CPU (sanity check)
@@ -29,26 +31,34 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
-def one_config(size: str, checkpointing: bool, frames: int, height: int, width: int, steps: int) -> dict:
+# name -> (gradient checkpointing, swap blocks, activation offload); the first is the baseline
+CONFIGS = {"off": (False, False, False), "ckpt": (True, False, False), "ckpt+swap": (True, True, False),
+           "ckpt+offload": (True, False, True), "ckpt+swap+offload": (True, True, True)}
+
+
+def one_config(size: str, config: str, swap: int, frames: int, height: int, width: int, steps: int) -> dict:
     import torch
 
-    from finetune.config import recipe_from_dict
+    from finetune.config import MemoryConfig, recipe_from_dict
+    from finetune.memory import runtime
     from finetune.families import get_family
     from finetune.families.base import Components, ModelSpec
     from finetune.trainer import add_lora, denoising_loss, peak_memory_gb
 
+    checkpointing, swapping, offload = CONFIGS[config]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     cls = get_family("wan")
     torch.manual_seed(0)
+    # built in host memory, as the trainer loads under block swap; runtime.apply moves it
     if size == "full":
         import diffusers
 
-        transformer = diffusers.WanTransformer3DModel(**WAN_1_3B).to(device, dtype)
+        transformer = diffusers.WanTransformer3DModel(**WAN_1_3B).to(dtype)
         text_len, text_dim = 512, WAN_1_3B["text_dim"]
     else:
-        transformer = cls.build_tiny().transformer.to(device, dtype)
+        transformer = cls.build_tiny().transformer.to(dtype)
         text_len, text_dim = 64, transformer.config.text_dim
     family = cls(Components(transformer, None, None, None, None), ModelSpec(pretrained="random", dtype=dtype))
     recipe = recipe_from_dict({"model": {"family": "wan"}, "data": {"frames": frames, "height": height, "width": width},
@@ -58,6 +68,9 @@ def one_config(size: str, checkpointing: bool, frames: int, height: int, width: 
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    memory = MemoryConfig(blocks_to_swap=swap if swapping else 0, activation_offload=offload)
+    runtime.apply(memory, {"transformer": transformer}, device)
+    transformer.to(device)
     opt = torch.optim.AdamW(params, lr=1e-4)
     latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device=device, dtype=dtype)
     batch = {"latents": latents, "prompt_embeds": torch.randn(1, text_len, text_dim, device=device, dtype=dtype)}
@@ -85,25 +98,29 @@ def main() -> int:
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--swap", type=int, default=None, help="blocks to swap (default: 20 of 30 full-size, 1 of 2 tiny)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
     args = p.parse_args()
     if args.size == "tiny" and (args.height, args.width, args.frames) == (480, 832, 81):
         args.frames, args.height, args.width = 9, 32, 32
+    swap = args.swap if args.swap is not None else (20 if args.size == "full" else 1)
     if args.one is not None:
-        print(json.dumps(one_config(args.size, args.one == "on", args.frames, args.height, args.width, args.steps)))
+        print(json.dumps(one_config(args.size, args.one, swap, args.frames, args.height, args.width, args.steps)))
         return 0
     rows = []
-    for ckpt in ("off", "on"):  # "off" is the baseline
+    for config in CONFIGS:
         cmd = [sys.executable, __file__, "--size", args.size, "--frames", str(args.frames), "--height",
-               str(args.height), "--width", str(args.width), "--steps", str(args.steps), "--one", ckpt]
+               str(args.height), "--width", str(args.width), "--steps", str(args.steps), "--swap", str(swap),
+               "--one", config]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
-            rows.append((ckpt, None, res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"))
+            rows.append((config, None, res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"))
         else:
-            rows.append((ckpt, json.loads(res.stdout.strip().splitlines()[-1]), ""))
+            rows.append((config, json.loads(res.stdout.strip().splitlines()[-1]), ""))
     device = next((r[1]["device"] for r in rows if r[1]), "?")
-    print(f"Wan 2.1 {args.size} transformer, LoRA r32, {args.frames}x{args.height}x{args.width}, device {device}")
-    print(f"{'gradient checkpointing':<24}{'s/step':>10}{'peak GB':>10}{'vs baseline':>14}")
+    print(f"Wan 2.1 {args.size} transformer, LoRA r32, {args.frames}x{args.height}x{args.width}, device {device}; "
+          f"swap = the last {swap} blocks")
+    print(f"{'memory settings':<24}{'s/step':>10}{'peak GB':>10}{'vs baseline':>14}")
     base = rows[0][1]
     for name, r, err in rows:
         if r is None:

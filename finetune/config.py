@@ -114,10 +114,13 @@ class MemoryConfig(_Section):
         False, description="Apply the memory planner's cheapest overrides that fit memory.vram_gb before training."
     )
     blocks_to_swap: int = Field(
-        0, ge=0, le=512, description="Transformer blocks kept in host memory and streamed in per step (block swap)."
+        0, ge=0, le=512, description="Block swap: the frozen weights of the transformer's last N blocks live in "
+                                     "host memory and are copied in one block ahead of use (at most the model's "
+                                     "block count; not with int8/nf4 weights)."
     )
     activation_offload: bool = Field(
-        False, description="Keep the activations saved for backward in host memory between forward and backward."
+        False, description="Keep what the transformer saves for backward (with gradient checkpointing: each "
+                           "block's input) in host memory between forward and backward."
     )
 
 

@@ -29,6 +29,7 @@ from finetune.data import Clip, aspect_mismatches, load_manifest
 from finetune.errors import DataError, TrainingDiverged
 from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
+from finetune.memory import runtime as memory_runtime
 from finetune.runlock import RunLock
 from finetune.stopping import GracefulStop
 
@@ -355,7 +356,8 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
     # 2. Base model through the family protocol.
     family_cls = recipe.family_cls()
     spec = model_spec(recipe, device)
-    family = family_cls.load(spec, device=device)
+    family = family_cls.load(spec, device=device, transformer_device=memory_runtime.transformer_device(recipe.memory,
+                                                                                                       device))
 
     # 3. Data: manifest -> cache; then the encoders leave accelerator memory (kept in RAM only
     #    when validation samples will need them).
@@ -365,7 +367,8 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
     else:
         family.release_encoders()
 
-    # 4. LoRA on each trained expert (its init seeded), gradient checkpointing, optimizer, LR schedule.
+    # 4. LoRA on each trained expert (its init seeded), gradient checkpointing, block swap and activation
+    #    offload, optimizer, LR schedule.
     experts = trained_experts(recipe, family)
     models = [getattr(family.components, e.attr) for e in experts]
     torch.manual_seed(recipe.optim.seed)
@@ -375,6 +378,8 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
         if recipe.memory.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
+    # block swap and activation offload on every expert (validation renders them all), then onto the device
+    memory_runtime.apply(recipe.memory, {e.attr: getattr(family.components, e.attr) for e in family.experts()}, device)
     optimizer = make_optimizer(params, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     *transformers, optimizer, scheduler = accelerator.prepare(*models, optimizer, scheduler)

@@ -150,8 +150,34 @@ def test_tiny_recipes_are_not_planned():
         train_lora.main(["--plan", "--recipe", "recipes/tiny/wan.yaml"])
 
 
-@pytest.mark.parametrize("setting", ["memory.blocks_to_swap=4", "memory.activation_offload=true"])
-def test_settings_the_trainer_does_not_run_yet_stop_before_loading(setting, tmp_path: Path):
-    args = ["--recipe", "recipes/tiny/wan.yaml", setting, f"output.dir={tmp_path}"]
-    with pytest.raises(planner.NotImplementedYet, match=setting.split("=")[0]):
-        train_lora.main(args)
+def test_block_swap_of_bitsandbytes_weights_stops_before_loading():
+    # block swap streams plain and fp8 (torchao) weights; int8/nf4 (bitsandbytes) it does not
+    for quant in ("int8", "nf4"):
+        recipe = load_recipe(WAN_14B, [f"model.quantization={quant}", "memory.blocks_to_swap=4"])
+        with pytest.raises(planner.NotImplementedYet, match=f"memory.blocks_to_swap=4 with model.quantization={quant}"):
+            planner.check_implemented(recipe)
+    for quant in ("fp8", "none"):
+        planner.check_implemented(load_recipe(WAN_14B, [f"model.quantization={quant}", "memory.blocks_to_swap=4",
+                                                        "memory.activation_offload=true"]))
+
+
+def test_swapped_blocks_are_the_last_ones_and_two_stay_on_the_card():
+    # HunyuanVideo runs its dual-stream blocks, then its single-stream ones: the last N are single first
+    hunyuan = load_recipe("recipes/hunyuanvideo/t2v-13b_24gb.yaml")
+    _, _, parts = planner.checkpoint_parts(hunyuan)
+    blocks = planner.blocks_of(parts["transformer"], torch.bfloat16, "none")
+    (dual, n_dual), (single, n_single) = blocks.counts.items()
+    assert blocks.swapped(3) == (3 * blocks.bytes_each[single], blocks.bytes_each[single])
+    assert blocks.swapped(n_single + 1) == (n_single * blocks.bytes_each[single] + blocks.bytes_each[dual],
+                                            max(blocks.bytes_each.values()))
+    fam, ckpt, parts = planner.checkpoint_parts(load_recipe(WAN_14B))
+    each = planner.blocks_of(parts["transformer"], torch.bfloat16, "none").bytes_each["blocks"]
+    trace = trace_transformer(fam, ckpt, "t2v", 17, 128, 128, 16)
+
+    def frozen(n: int) -> int:
+        phase = planner.training_phase(load_recipe(WAN_14B, ["model.quantization=none", f"memory.blocks_to_swap={n}"]),
+                                       trace)
+        return next(b for label, b in phase.items if "frozen weights" in label)
+
+    assert frozen(0) - frozen(5) == 3 * each  # 5 leave, 2 come back (computing, prefetched)
+    assert frozen(0) == frozen(1)  # the one swapped block is on the card while it computes

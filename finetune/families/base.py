@@ -256,10 +256,13 @@ class Family(ABC):
 
     # --- loading ---
     @classmethod
-    def load(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> "Family":
+    def load(cls, spec: ModelSpec, device: torch.device | str = "cpu",
+             transformer_device: torch.device | str | None = None) -> "Family":
         """Build the family with weights from ``spec``: the real ``from_pretrained`` path or the
         tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``; text
-        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says."""
+        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says. The transformers
+        go to ``transformer_device`` if given (the CPU under block swap, which moves them to the
+        accelerator only once their swapped blocks stream), else to ``device``."""
         if spec.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)
@@ -283,7 +286,8 @@ class Family(ABC):
                 prepare_text_encoder(name, m, spec.text_encoder)
                 m.to(text_encoder_device(spec.text_encoder, device))
             elif spec.quantization in ("none", "fp8") or not name.startswith("transformer"):
-                m.to(device)
+                on_host = transformer_device is not None and name.startswith("transformer")
+                m.to(transformer_device if on_host else device)
         return cls(components, spec)
 
     @classmethod

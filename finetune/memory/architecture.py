@@ -123,6 +123,19 @@ class Blocks:
     def largest(self) -> int:
         return max(self.bytes_each.values(), default=0)
 
+    def swapped(self, n: int) -> tuple[int, int]:
+        """(bytes, bytes of the largest block) of the last ``n`` blocks in execution order (the
+        lists in registration order), the ones ``memory.blocks_to_swap`` streams
+        (finetune/memory/blockswap.py)."""
+        total, largest = 0, 0
+        for name in reversed(list(self.counts)):
+            take = min(n, self.counts[name])
+            if take:
+                total += take * self.bytes_each[name]
+                largest = max(largest, self.bytes_each[name])
+            n -= take
+        return total, largest
+
 
 def block_lists(model: torch.nn.Module) -> dict[str, int]:
     """Top-level nn.ModuleLists of ``model`` with their lengths (the repeated blocks)."""

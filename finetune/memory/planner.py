@@ -19,15 +19,19 @@ Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
               per classifier-free-guidance branch
 Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace, allocator slack).
 
-Block swap (``memory.blocks_to_swap: N``): N blocks live in host memory; one block's weights
-plus one prefetch buffer stay resident. Activation offload (``memory.activation_offload``):
-what each block keeps for backward goes to host memory; two blocks' worth stay resident.
+Block swap (``memory.blocks_to_swap: N``, finetune/memory/blockswap.py): the last N blocks in
+execution order live in host memory; at most two of them are on the card at once (the one
+computing and the next one, being copied in). Activation offload (``memory.activation_offload``,
+finetune/memory/activations.py): what each block keeps for backward goes to host memory and comes
+back one block at a time; two blocks' worth are counted as resident (the one in use and headroom
+for the copy), the tensors saved outside the blocks are still counted on the card (an
+overestimate: the trainer offloads them too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -43,10 +47,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIM_BYTES = {"adamw": 8, "adamw8bit": 2}
 LORA_BYTES = 4  # fp32 masters, and fp32 gradients
 # Settings the planner may choose that the trainer does not run yet (train_lora refuses them):
-# key -> whether a value of it needs what is missing. Drop an entry when its feature lands.
-NOT_IMPLEMENTED = {
-    "memory.blocks_to_swap": lambda v: v != 0,
-    "memory.activation_offload": lambda v: v is True,
+# key -> whether the recipe (with that key set) needs what is missing. Drop an entry when its
+# feature lands. Block swap streams plain and torchao (fp8) weights, not bitsandbytes ones.
+NOT_IMPLEMENTED: dict[str, Callable[[Recipe], bool]] = {
+    "memory.blocks_to_swap": lambda r: r.memory.blocks_to_swap != 0 and r.model.quantization in ("int8", "nf4"),
 }
 
 
@@ -206,9 +210,9 @@ def training_phase(recipe: Recipe, trace: Trace) -> Phase:
     for n in on_card:
         wb = weight_bytes(build_meta(parts[n]), dtype, quant)
         swap = min(mem.blocks_to_swap, blocks.total)
-        if swap:  # N blocks leave; one block plus one prefetch buffer stay
-            wb -= swap * sum(blocks.counts[k] * blocks.bytes_each[k] for k in blocks.counts) // blocks.total
-            wb += 2 * blocks.largest
+        if swap:  # the last N blocks leave; two of them at a time come back (computing, prefetched)
+            out, largest = blocks.swapped(swap)
+            wb += min(2, swap) * largest - out
         label = f"{n} frozen weights ({quant if quant != 'none' else _label(dtype)}"
         train.items.append((label + (f", {swap} blocks swapped)" if swap else ")"), wb))
     lora_each = {n: lora_param_count(build_meta(parts[n]), recipe.lora_targets, recipe.lora.rank) for n in trained}
@@ -405,10 +409,10 @@ def format_plan(plan: Plan, source: str = "") -> str:
         lines.append("overrides to add (the cheapest that fit):")
         lines += [f"  {k}={_fmt(v)}" for k, v in plan.overrides.items()]
         pending = [f"{k}={_fmt(v)}" for k, v in plan.overrides.items()
-                   if k in NOT_IMPLEMENTED and NOT_IMPLEMENTED[k](v)]
+                   if k in NOT_IMPLEMENTED and NOT_IMPLEMENTED[k](plan.recipe)]
         if pending:
-            lines.append(f"  note: {', '.join(pending)}: planned with (fp8 as 1 B/weight + a float32 scale per "
-                         f"row) but not run by the trainer yet")
+            lines.append(f"  note: {', '.join(pending)}: planned with but not run by the trainer with "
+                         f"model.quantization={plan.recipe.model.quantization} yet")
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -420,10 +424,12 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
 
 def check_implemented(recipe: Recipe) -> None:
     """Raise NotImplementedYet for memory settings the trainer does not run yet."""
-    bad = [f"{k}={_fmt(_current(recipe, k))}" for k, needs in NOT_IMPLEMENTED.items() if needs(_current(recipe, k))]
+    bad = [f"{k}={_fmt(_current(recipe, k))}" for k, needs in NOT_IMPLEMENTED.items() if needs(recipe)]
     if bad:
-        raise NotImplementedYet(f"{', '.join(bad)}: planned by the memory planner but not implemented by the trainer "
-                                f"yet; remove {'it' if len(bad) == 1 else 'them'} (or plan with a larger --vram)")
+        raise NotImplementedYet(f"{', '.join(bad)} with model.quantization={recipe.model.quantization}: planned by "
+                                f"the memory planner but not implemented by the trainer yet; remove "
+                                f"{'it' if len(bad) == 1 else 'them'}, use model.quantization=fp8 (or plan with a "
+                                f"larger --vram)")
 
 
 def run_planner(recipe: Recipe, source: str, vram: Any = None, apply: bool = False) -> Recipe:
