@@ -2,7 +2,9 @@
 (connector embeddings for both streams, rope coordinates at the clip rate, per-token timesteps with
 the clean first frame for i2v), the video-only audio stream carries nothing (noise at timestep
 1000), noise levels follow ltx-trainer's shifted logit-normal sampler, and LTX-Video checkpoints
-are turned away by name."""
+are turned away by name. Audio-video runs (data.audio): the cached audio latents have the
+pipeline's shape, audio is noised and scored as ltx-trainer does, the adapter changes the sound,
+and a video-only run ignores a clip's sound."""
 
 from __future__ import annotations
 
@@ -257,11 +259,16 @@ def test_ltx2_audio_stream_is_noised_with_the_video_sigma_and_scored():
 
 
 def audio_run(tmp_path, manifest, *overrides):
-    from conftest import tiny_recipe
+    """Train the tiny LTX-2: recipes/tiny/ltx2-audio.yaml when an override says data.audio=true,
+    else recipes/tiny/ltx2.yaml."""
+    from conftest import ROOT
 
     from finetune import trainer
+    from finetune.config import load_recipe
 
-    recipe = tiny_recipe("ltx2", manifest, tmp_path / "run", "checkpoint.every=0", *overrides)
+    name = "ltx2-audio" if "data.audio=true" in overrides else "ltx2"
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / f"{name}.yaml", [f"data.manifest={manifest}",
+                         f"output.dir={tmp_path / 'run'}", "checkpoint.every=0", *overrides])
     return recipe, trainer.train(recipe)
 
 
