@@ -322,6 +322,39 @@ def test_an_audio_run_adapter_changes_the_generated_audio(tmp_path):
         assert abs(float(a.duration * a.time_base) - float(v.duration * v.time_base)) <= 1024 / a.rate
 
 
+def test_an_audio_run_learns_the_sound_of_its_clip(tmp_path):
+    """The learning check for the audio stream: after training on one clip with sound, the audio
+    loss at fixed noise and noise levels is well below the base model's (margin 57% when tuned)."""
+    from finetune.cache import collate
+    from finetune.trainer import masked_mse
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    manifest = manifest_of(folder, [tone_clip(folder / "c0.mp4", 0).name])
+    _, result = audio_run(tmp_path, manifest, "data.audio=true", "optim.steps=100", "optim.lr=3e-3",
+                          "lora.rank=16", "lora.alpha=16")
+    fam, transformer = result.family, result.family.components.transformer
+    transformer.eval()
+    batch = collate([result.dataset[0]])
+    cond = {k: v for k, v in batch.items() if k != "latents"}
+
+    @torch.no_grad()
+    def audio_loss() -> float:
+        gen, losses = torch.Generator().manual_seed(0), []
+        for sigma in (0.2, 0.4, 0.6, 0.8):
+            noise = torch.randn(batch["latents"].shape, generator=gen)
+            noised = fam.noisy_input_and_target(batch["latents"], noise, torch.tensor([sigma]), cond)
+            _, pred = fam.predict(transformer, noised.noisy, noised.timesteps, cond, 8.0, streams=noised.streams)
+            losses.append(masked_mse(pred["audio"], noised.streams["audio"].target, None).item())
+        return sum(losses) / len(losses)
+
+    with_lora = audio_loss()
+    transformer.disable_adapters()
+    base = audio_loss()
+    transformer.enable_adapters()
+    assert with_lora <= 0.7 * base, (with_lora, base)
+
+
 def test_a_video_only_run_ignores_audio(tmp_path):
     """Without data.audio a clip's sound changes nothing: the adapter trained on a clip with sound
     equals the one trained on the same video packets without it, and no audio latents are cached."""
