@@ -389,6 +389,8 @@ def test_an_audio_run_skips_clips_without_sound_by_name(tmp_path):
                                     tone_clip(folder / "quiet.mp4", 1, sound=False).name])
     _, result = audio_run(tmp_path, manifest, "data.audio=true", "optim.steps=1")
     assert len(result.dataset) == 1
+    # the cached entry holds the pipeline's audio latent length for 9 frames at 8 fps
+    assert result.dataset[0]["audio_latents"].shape == (result.family.audio_frames(2, 8.0), 4)
     skipped = (tmp_path / "run" / "skipped_clips.jsonl").read_text()
     assert "quiet.mp4" in skipped and "no audio track" in skipped and "loud.mp4" not in skipped
     with pytest.raises(DataError, match="quiet.mp4.*no audio track"):
