@@ -25,7 +25,7 @@ examples:
   python -m data_prep report dataset/
 """
 
-CLIP = ["family", "frames", "fps", "size", "buckets", "mode", "clips_per_shot", "stride", "crf", "preset"]
+CLIP = ["family", "frames", "fps", "size", "buckets", "mode", "clips_per_shot", "stride", "crf", "preset", "audio"]
 SPLIT = ["detector", "threshold", "min_shot_len", "transitions"]
 QUERY = ["query", "query_top", "query_min", "query_model", "query_frames"]
 FILTER = ["filter", "dup_distance", "static_threshold", "dark_threshold", "blur_threshold"]

@@ -19,7 +19,13 @@ from av.video.reformatter import VideoReformatter
 
 from data_prep.probe import ProbeResult
 from data_prep.split import ShotList
-from finetune.video import Mp4Writer
+from finetune.video import Mp4Writer, has_audio, read_audio
+
+# Sound kept in clips: 48 kHz stereo AAC. 48 kHz is what cameras and video editors record, so most
+# sources are not resampled at all and the clip loses nothing a model could use; each model
+# resamples to its own rate when caching (LTX-2's audio VAE: 16 kHz).
+CLIP_AUDIO_RATE = 48_000
+CLIP_AUDIO_CHANNELS = 2
 
 # Timestamps are stored rounded to 1 us; compare with a margin well above that, far below a frame.
 _EPS = 1e-4
@@ -207,8 +213,9 @@ def frame_to_yuv(frame: av.VideoFrame, rotation: int, out_w: int, out_h: int, re
 class ClipWriter(Mp4Writer):
     """The encoder of one planned clip, keeping a few sampled frames (RGB) for the filter step."""
 
-    def __init__(self, path: Path, plan: ClipPlan, crf: int, preset: str):
-        super().__init__(path, plan.fps, plan.width, plan.height, crf=crf, preset=preset)
+    def __init__(self, path: Path, plan: ClipPlan, crf: int, preset: str, audio: bool = False):
+        super().__init__(path, plan.fps, plan.width, plan.height, crf=crf, preset=preset,
+                         audio_rate=CLIP_AUDIO_RATE if audio else None, audio_channels=CLIP_AUDIO_CHANNELS)
         self.samples: list[np.ndarray] = []
         self.sample_at = set(sample_positions(plan.frames))
         self.to_rgb = VideoReformatter()
@@ -226,8 +233,9 @@ def sample_positions(frames: int, k: int = 5) -> list[int]:
     return sorted({round(i * (frames - 1) / (k - 1)) for i in range(k)})
 
 
-def write_clips(probe: ProbeResult, plans: list[ClipPlan], clip_dir: Path, crf: int = 18, preset: str = "veryfast", on_done=None) -> dict[str, list[np.ndarray]]:
-    """Decode the source once and write every planned clip of it.
+def write_clips(probe: ProbeResult, plans: list[ClipPlan], clip_dir: Path, crf: int = 18, preset: str = "veryfast", on_done=None, audio: bool = True) -> dict[str, list[np.ndarray]]:
+    """Decode the source once and write every planned clip of it; with ``audio``, clips of a
+    source with sound keep it (see :func:`add_source_audio`).
 
     Returns, per clip name, RGB samples [H, W, 3] at ``sample_positions`` (for filtering). Calls
     ``on_done(plan)`` after each clip is safely on disk. Raises av.FFmpegError if the source cannot
@@ -245,13 +253,14 @@ def write_clips(probe: ProbeResult, plans: list[ClipPlan], clip_dir: Path, crf: 
     writers: dict[str, ClipWriter] = {}
     samples: dict[str, list[np.ndarray]] = {}
     reformatter = VideoReformatter()
+    audio_from = probe.path if audio and has_audio(probe.path) else None
     try:
         with av.open(probe.path, metadata_errors="ignore") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
                 if i in need:
-                    _feed(frame, probe.rotation, need[i], i, writers, remaining, samples, clip_dir, crf, preset, on_done, reformatter)
+                    _feed(frame, probe.rotation, need[i], i, writers, remaining, samples, clip_dir, crf, preset, on_done, reformatter, audio_from)
                 if i >= last_needed:
                     break
         if remaining and any(v > 0 for v in remaining.values()):
@@ -263,7 +272,7 @@ def write_clips(probe: ProbeResult, plans: list[ClipPlan], clip_dir: Path, crf: 
     return samples
 
 
-def _feed(frame, rotation, plans, i, writers, remaining, samples, clip_dir, crf, preset, on_done, reformatter) -> None:
+def _feed(frame, rotation, plans, i, writers, remaining, samples, clip_dir, crf, preset, on_done, reformatter, audio_from=None) -> None:
     converted: dict[tuple[int, int], av.VideoFrame] = {}
     for p in plans:
         size = (p.width, p.height)
@@ -271,14 +280,25 @@ def _feed(frame, rotation, plans, i, writers, remaining, samples, clip_dir, crf,
             converted[size] = frame_to_yuv(frame, rotation, *size, reformatter)
         w = writers.get(p.name)
         if w is None:
-            w = writers[p.name] = ClipWriter(clip_dir / p.name, p, crf, preset)
+            w = writers[p.name] = ClipWriter(clip_dir / p.name, p, crf, preset, audio=audio_from is not None)
         # a source frame can repeat inside a clip when the clip fps is above the source's
         for _ in range(p.indices.count(i)):
             w.add_frame(converted[size])
             remaining[p.name] -= 1
         if remaining[p.name] == 0:
+            if audio_from is not None:
+                add_source_audio(w, audio_from, p)
             w.close()
             del writers[p.name]
             samples[p.name] = w.samples
             if on_done:
                 on_done(p)
+
+
+def add_source_audio(writer: Mp4Writer, source: str, plan: ClipPlan) -> None:
+    """Put the source's sound over the clip's time range into ``writer`` (opened with an audio
+    track): from ``plan.start_time`` (seconds after the source's first video frame) for exactly
+    ``frames / fps`` seconds, resampled to 48 kHz stereo; where the source's sound is shorter
+    than that, silence. Raises finetune.errors.DataError if the audio cannot be decoded."""
+    writer.add_audio(read_audio(source, CLIP_AUDIO_RATE, CLIP_AUDIO_CHANNELS, start=plan.start_time,
+                                duration=plan.frames / plan.fps))

@@ -3,7 +3,8 @@ dataset card.
 
 One clip per line with exactly the keys in ``MANIFEST_KEYS``. ``path`` is relative to the
 manifest's folder; ``start_time``/``end_time`` are seconds in the source (end = start + frames/fps);
-``start_frame``/``end_frame`` index the source's decoded frames, end exclusive.
+``start_frame``/``end_frame`` index the source's decoded frames, end exclusive; ``audio`` says
+whether the clip carries its source's sound (an AAC track over the same time range).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 
 MANIFEST_KEYS = (
     "path", "caption", "frames", "fps", "width", "height", "source", "shot",
-    "start_time", "end_time", "start_frame", "end_frame",
+    "start_time", "end_time", "start_frame", "end_frame", "audio",
 )  # fmt: skip
 
 
-def manifest_row(plan: dict, caption: str, clip_rel: str) -> dict:
+def manifest_row(plan: dict, caption: str, clip_rel: str, audio: bool = False) -> dict:
     row = {"path": clip_rel, "caption": caption}
-    row.update({k: plan[k] for k in MANIFEST_KEYS[2:]})
+    row.update({k: plan[k] for k in MANIFEST_KEYS[2:-1]})
+    row["audio"] = bool(audio)
     return row
 
 
@@ -72,7 +74,8 @@ def dataset_card(rows: list[dict], rejected: list[dict], settings: dict, skipped
         "Train on it with `data.manifest: <this folder>/manifest.jsonl` in a recipe, or load it with",
         "`datasets.load_dataset(\"json\", data_files=\"manifest.jsonl\")`. Each line: "
         + ", ".join(f"`{k}`" for k in MANIFEST_KEYS)
-        + ". Clips are constant-frame-rate H.264 MP4 (yuv420p) with exactly `frames` frames.",
+        + ". Clips are constant-frame-rate H.264 MP4 (yuv420p) with exactly `frames` frames; "
+        "those with `audio: true` carry their source's sound as 48 kHz stereo AAC.",
         "",
         "Edit a caption by writing `clips/<clip>.txt`; later caption runs keep it unless `--overwrite`.",
         "",

@@ -49,6 +49,7 @@ class PrepOptions:
     clips_per_shot: int = _spec(3, "clips per shot in uniform mode", ge=1, le=1000)
     stride: int | None = _spec(None, "sliding mode: step between clip starts, in output frames (default: frames, no overlap)", ge=1)
     crf: int = _spec(18, "H.264 quality of written clips (lower is better; 18 is visually lossless)", ge=0, le=51)
+    audio: bool = _spec(True, "keep each source's sound in its clips (same time range, 48 kHz stereo AAC); --no-audio drops it")
     preset: str = _spec("veryfast", "x264 speed preset of written clips", choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"))
     # --- shot detection ---
     detector: str = _spec("adaptive", "PySceneDetect detector: adaptive (robust to camera motion) or content", choices=("adaptive", "content"))

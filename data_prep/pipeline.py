@@ -257,6 +257,8 @@ def run_cut(
 
     from data_prep.cut import plan_clips, source_key, write_clips
     from data_prep.filter import clip_stats
+    from finetune.errors import DataError
+    from finetune.video import has_audio
 
     facts = family_facts(opts.family)
     fps, buckets = resolve_clip_settings(opts, facts)
@@ -286,11 +288,12 @@ def run_cut(
         src_fp = ds.state["probe"][pr.path]["fp"]  # not the split's: other detector, same shots, same clips
         pending = []
         for p in plans:
-            fp = fingerprint(src_fp, p.indices, p.width, p.height, p.fps, pr.rotation, opts.crf, opts.preset)
+            fp = fingerprint(src_fp, p.indices, p.width, p.height, p.fps, pr.rotation, opts.crf, opts.preset, opts.audio)
             old = old_clips.get(p.name)
             entry = {"fp": fp, "plan": {k: v for k, v in p.to_dict().items() if k != "indices"}, "stats": None}
             if old and old["fp"] == fp and old.get("stats") and (ds.clip_dir / p.name).is_file():
                 entry["stats"] = old["stats"]
+                entry["audio"] = old.get("audio", False)
             else:
                 pending.append(p)
             new_clips[p.name] = entry
@@ -302,18 +305,20 @@ def run_cut(
     def cut_one(item):
         pr, pending = item
         try:
-            return write_clips(pr, pending, ds.clip_dir, opts.crf, opts.preset, on_done=lambda p: bar.update(1))
-        except av.FFmpegError as err:
+            return write_clips(pr, pending, ds.clip_dir, opts.crf, opts.preset, on_done=lambda p: bar.update(1),
+                               audio=opts.audio)
+        except (av.FFmpegError, DataError) as err:  # DataError: the source's sound cannot be decoded
             return err
 
     for (pr, pending), samples in zip(todo, parallel_map(cut_one, todo, opts.workers)):
-        if isinstance(samples, av.FFmpegError):
+        if isinstance(samples, (av.FFmpegError, DataError)):
             skipped[pr.path] = f"decoding failed while cutting ({samples}); the file is probably truncated"
             for p in pending:
                 new_clips.pop(p.name, None)
             continue
         for name, frames in samples.items():
             new_clips[name]["stats"] = clip_stats(frames)
+            new_clips[name]["audio"] = has_audio(ds.clip_dir / name)
             summary.clips_written += 1
     bar.close()
     ds.state["clips"] = new_clips
@@ -321,6 +326,7 @@ def run_cut(
     ds.state["cut_settings"] = {
         "family": facts.name, "frame rule": facts.frame_rule.describe(), "frames": opts.frames, "fps": fps,
         "buckets": ", ".join(f"{w}x{h}" for w, h in buckets), "mode": opts.mode, "detector": opts.detector,
+        "audio": "kept (48 kHz stereo AAC)" if opts.audio else "dropped (--no-audio)",
         **({"query": f"{opts.query} ({opts.query_model})"} if opts.query.strip() else {}),
     }  # fmt: skip
 
@@ -417,7 +423,7 @@ def run_manifest(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
     scores = {(r["source"], r["shot"]): r["score"] for r in ds.state.get("query", {}).get("shots", [])}
     for name, clip in sorted(ds.state["clips"].items(), key=lambda kv: _order(kv[1]["plan"])):
         cap = caps.get(name, {}).get("caption", apply_trigger("", opts.trigger))
-        row = manifest_row(clip["plan"], cap, f"clips/{name}")
+        row = manifest_row(clip["plan"], cap, f"clips/{name}", clip.get("audio", False))
         if scores:
             row["query_score"] = scores.get((clip["plan"]["source"], clip["plan"]["shot"]))
         if name in rej:

@@ -4,8 +4,9 @@ Each clip's VAE latents and each caption's text-encoder outputs are computed onc
 safetensors, named by a fingerprint of everything that determines them:
 
   latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps,
-            the conditioning frames of a continuation task
-            (the file also holds the task's conditioning, e.g. the first frame's latents for i2v)
+            the conditioning frames of a continuation task, whether the run trains sound
+            (the file also holds the task's conditioning, e.g. the first frame's latents for i2v, and
+            in audio runs the family's audio latents of the clip's sound over the same time range)
   text:     caption text, model id + revision, family
 
 so changing one caption re-encodes that caption only, and changing the resolution recomputes
@@ -36,7 +37,7 @@ from finetune import diskspace
 from finetune.data import Clip
 from finetune.errors import DataError
 from finetune.families.base import Family
-from finetune.video import read_clip
+from finetune.video import read_audio, read_clip
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class CacheKey:
     task: str = "t2v"
     # conditioning frames of a video-conditioned task (continue); None for the others
     cond_frames: int | None = None
+    # data.audio: the entry also holds the clip's audio latents
+    audio: bool = False
 
 
 @lru_cache(maxsize=4096)
@@ -97,6 +100,8 @@ def latent_fingerprint(clip: Clip, key: CacheKey, with_caption: bool = False) ->
              "fps": key.fps, "task": key.task}
     if key.cond_frames is not None:  # only where set, so other tasks keep their fingerprints
         parts["cond_frames"] = key.cond_frames
+    if key.audio:  # likewise: video-only entries keep theirs
+        parts["audio"] = True
     if with_caption:
         parts["caption"] = clip.caption
     return _digest(parts)
@@ -168,6 +173,8 @@ def build_cache(
                 latents = family.encode_videos(pixels, generator=gen)
                 captions = {"captions": [clip.caption]} if with_caption else {}
                 cond = family.encode_conditioning(pixels, latents, **captions)
+                if k.audio:
+                    cond.update(_encode_sound(family, clip, k, latents))
         except (DataError, ValueError) as e:  # ValueError: the family's size/frame checks
             stats.skipped.append((clip, str(e).removeprefix(f"{clip.path}: ")))
             failed.add(entry.latents)
@@ -190,6 +197,20 @@ def build_cache(
             continue
         _save_atomic({k: v[0] for k, v in out.items()}, path)
     return [e for e in entries if e.latents not in failed and e.text not in failed], stats
+
+
+def _encode_sound(family: Family, clip: Clip, key: CacheKey, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The family's audio latents of the clip's sound over the frames the latents cover. Raises
+    DataError for a clip without sound: the official LTX-2 trainer trains audio-video only on
+    clips that have audio latents, so such clips are skipped (listed in skipped_clips.jsonl)."""
+    rate, channels = family.audio_format()
+    wave = read_audio(clip.path, rate, channels, duration=key.frames / key.fps)
+    if wave is None:
+        raise DataError(f"{clip.path}: no audio track, and data.audio=true trains sound with picture, so the clip is "
+                        f"left out (cut clips with sound: python -m data_prep prepare without --no-audio; or set "
+                        f"data.audio=false for a video-only LoRA)")
+    waveforms = torch.from_numpy(wave)[None].to(latents.device)
+    return family.encode_audio(waveforms, latents, key.fps)
 
 
 class CachedDataset(torch.utils.data.Dataset):

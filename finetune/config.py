@@ -64,6 +64,10 @@ class DataConfig(_Section):
     strict: bool = Field(
         False, description="Stop on any unusable clip or caption; false = skip it, list it in skipped_clips.jsonl."
     )
+    audio: bool = Field(
+        False, description="Audio-video LoRA: cache each clip's sound with the model's audio VAE and train sound and "
+                           "picture together (families that generate sound); clips without sound are skipped."
+    )
 
 
 class LoraConfig(_Section):
@@ -177,7 +181,7 @@ class Recipe(_Section):
 
     @property
     def lora_targets(self) -> list[str]:
-        return list(self.lora.targets or self.family_cls().default_lora_targets)
+        return list(self.lora.targets or self.family_cls().default_targets(audio=self.data.audio))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -219,6 +223,7 @@ def family_problems(data: dict) -> list[str]:
         if isinstance(v, int) and v > 0 and v % fam.spatial_factor:
             near = max(fam.spatial_factor, round(v / fam.spatial_factor) * fam.spatial_factor)
             out.append(f"data.{axis}={v} must be a multiple of {fam.spatial_factor} for {fam.name} (try {near})")
+    out += _audio_problems(fam, dat.get("audio"))
     steps = val.get("steps")
     if isinstance(steps, int) and steps < fam.min_inference_steps:
         out.append(f"validation.steps={steps}: {fam.name} needs at least {fam.min_inference_steps}")
@@ -242,6 +247,17 @@ def family_problems(data: dict) -> list[str]:
         out.append(f"model.quantization='fp8': {fam.name}'s transformer cannot be loaded in fp8 yet "
                    f"(use int8 or nf4 on a GPU, or none)")
     return out
+
+
+def _audio_problems(fam, audio: Any) -> list[str]:
+    """data.audio: true only for a family whose model generates sound."""
+    if audio is not True or fam.supports_audio:
+        return []
+    from finetune.families import family_names, get_family
+
+    sound = [n for n in family_names() if get_family(n).supports_audio]
+    return [f"data.audio=true: {fam.name} generates no sound, so there is no audio stream to train (remove the key"
+            + (f", or use a family that does: {', '.join(sound)})" if sound else ")")]
 
 
 def _cond_frames_problems(fam, task: Any, given: Any, frames: Any) -> list[str]:

@@ -231,6 +231,12 @@ def load_video(path: str | Path, fps: float, width: int, height: int) -> list:
 
 def render(family: Family, pipe, args: RenderArgs) -> torch.Tensor:
     """Run the pipeline with complete ``args``. Returns frames [F, H, W, 3] float in [0, 1]."""
+    return render_with_audio(family, pipe, args)[0]
+
+
+def render_with_audio(family: Family, pipe, args: RenderArgs) -> tuple[torch.Tensor, tuple | None]:
+    """As :func:`render`, plus the sound the model made with the frames (family.rendered_audio):
+    (samples [channels, n] float in [-1, 1], sample rate), or None for silent models."""
     first = next(iter(family.components.modules().values()))
     device = next(first.parameters()).device
     out = pipe(
@@ -242,8 +248,11 @@ def render(family: Family, pipe, args: RenderArgs) -> torch.Tensor:
                                       **({"video": args.video} if args.video is not None else {})),
     )
     video = out.frames[0]  # [F, 3, H, W] in [0, 1]
-    return video.permute(0, 2, 3, 1).float().cpu()
+    return video.permute(0, 2, 3, 1).float().cpu(), family.rendered_audio(out)
 
 
 def render_to_file(family: Family, pipe, args: RenderArgs, out: Path) -> Path:
-    return write_video(render(family, pipe, args), out, args.fps)
+    """Render and write the mp4, with the model's sound as an AAC track when it makes any (LTX-2
+    always does: a video-only adapter leaves the sound to the base model)."""
+    frames, audio = render_with_audio(family, pipe, args)
+    return write_video(frames, out, args.fps, audio=audio)

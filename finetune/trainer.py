@@ -61,7 +61,8 @@ def cache_key(recipe: Recipe, family: Family) -> CacheKey:
     return CacheKey(family=recipe.model.family, model_id=family.encoders_id(), revision=spec.revision,
                     frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps,
                     task=spec.task,
-                    cond_frames=family.cond_frames if family.task_input(spec.task) == "video" else None)
+                    cond_frames=family.cond_frames if family.task_input(spec.task) == "video" else None,
+                    audio=recipe.data.audio)
 
 
 def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:
@@ -178,12 +179,19 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
 def denoising_loss(family: Family, transformer, batch: dict, sigmas: torch.Tensor, noise: torch.Tensor,
                    fps: float) -> torch.Tensor:
     """MSE between the prediction and the family's target (flow-matching velocity, or its own),
-    in fp32, over the positions the family counts (clean conditioning frames left out)."""
+    in fp32, over the positions the family counts (clean conditioning frames left out); plus each
+    further stream's (audio) weighted MSE."""
     latents = batch["latents"]
     cond = {k: v for k, v in batch.items() if k != "latents"}
     noised = family.noisy_input_and_target(latents, noise, sigmas, cond)
-    pred = family.predict(transformer, noised.noisy, noised.timesteps, cond, fps)
-    return masked_mse(pred, noised.target, noised.loss_mask)
+    if not noised.streams:
+        pred = family.predict(transformer, noised.noisy, noised.timesteps, cond, fps)
+        return masked_mse(pred, noised.target, noised.loss_mask)
+    pred, stream_preds = family.predict(transformer, noised.noisy, noised.timesteps, cond, fps, streams=noised.streams)
+    loss = masked_mse(pred, noised.target, noised.loss_mask)
+    for name, s in noised.streams.items():
+        loss = loss + s.weight * masked_mse(stream_preds[name], s.target, None)
+    return loss
 
 
 def fixed_timestep_loss(family: Family, transformer, batch: dict, fps: float, seed: int = 1234,

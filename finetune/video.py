@@ -19,6 +19,8 @@ from finetune.errors import DataError
 if TYPE_CHECKING:
     import torch
 
+_LAYOUTS = {1: "mono", 2: "stereo"}
+
 # torch is imported inside the functions that need it: data_prep writes clips with Mp4Writer and
 # its probe/split commands run without loading torch.
 
@@ -128,9 +130,13 @@ def resize_cover(video: "torch.Tensor", height: int, width: int) -> "torch.Tenso
 class Mp4Writer:
     """An open H.264 encoder for one video: constant frame rate, pts 0, 1, 2, ... in 1/fps units,
     yuv420p (so ``width`` and ``height`` must be even). Writes to a temporary name and renames
-    on ``close``, so a killed run never leaves half a file; ``abort`` removes the temporary file."""
+    on ``close``, so a killed run never leaves half a file; ``abort`` removes the temporary file.
 
-    def __init__(self, path: str | Path, fps: float, width: int, height: int, crf: int = 18, preset: str = "veryfast"):
+    ``audio_rate``: also open an AAC track at that sample rate (``audio_channels`` channels) for
+    :meth:`add_audio`; the track must exist before the first frame, as the mp4 header lists it."""
+
+    def __init__(self, path: str | Path, fps: float, width: int, height: int, crf: int = 18, preset: str = "veryfast",
+                 audio_rate: int | None = None, audio_channels: int = 2):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(self.path.stem + ".part.mp4")
@@ -140,6 +146,29 @@ class Mp4Writer:
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
         self.stream.codec_context.time_base = 1 / rate
         self.frames_written = 0
+        self.audio_stream = None
+        if audio_rate:
+            self.audio_stream = self.container.add_stream("aac", rate=int(audio_rate), layout=_LAYOUTS[audio_channels])
+            self.audio_stream.codec_context.time_base = Fraction(1, int(audio_rate))
+
+    def add_audio(self, samples: np.ndarray) -> None:
+        """samples: [channels, n] float in [-1, 1] at the writer's ``audio_rate``, from time 0 (the
+        first video frame). Encoded as AAC in 1024-sample frames. Raises ValueError if the writer
+        has no audio track or the channel count differs."""
+        a = self.audio_stream
+        if a is None:
+            raise ValueError(f"{self.path}: this Mp4Writer has no audio track (pass audio_rate)")
+        samples = np.ascontiguousarray(np.clip(samples, -1.0, 1.0), dtype=np.float32)
+        if samples.ndim != 2 or samples.shape[0] != a.codec_context.layout.nb_channels:
+            raise ValueError(f"{self.path}: audio must be [{a.codec_context.layout.nb_channels}, n], "
+                             f"got {tuple(samples.shape)}")
+        step = 1024  # one AAC frame
+        for i in range(0, samples.shape[1], step):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, i:i + step]), format="fltp",
+                                               layout=a.codec_context.layout.name)
+            frame.sample_rate, frame.pts, frame.time_base = a.codec_context.sample_rate, i, a.codec_context.time_base
+            for packet in a.encode(frame):
+                self.container.mux(packet)
 
     def add(self, rgb: np.ndarray) -> None:
         """rgb: [height, width, 3] uint8."""
@@ -153,8 +182,9 @@ class Mp4Writer:
             self.container.mux(packet)
 
     def close(self) -> Path:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
+        for stream in (self.stream, self.audio_stream):
+            for packet in stream.encode() if stream is not None else ():
+                self.container.mux(packet)
         self.container.close()
         os.replace(self.tmp, self.path)
         return self.path
@@ -166,9 +196,11 @@ class Mp4Writer:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_video(frames: np.ndarray | "torch.Tensor", path: str | Path, fps: float) -> Path:
+def write_video(frames: np.ndarray | "torch.Tensor", path: str | Path, fps: float,
+                audio: tuple[np.ndarray, int] | None = None) -> Path:
     """Write ``frames`` [F, H, W, 3] (uint8, or float in [0, 1]) as constant-frame-rate H.264
-    mp4 (yuv420p; odd sizes are padded by one pixel). Written to a temp file, then renamed."""
+    mp4 (yuv420p; odd sizes are padded by one pixel), with ``audio`` = (samples [channels, n]
+    float in [-1, 1], sample rate) as an AAC track if given. Written to a temp file, then renamed."""
     if hasattr(frames, "detach"):  # a torch tensor
         frames = frames.detach().cpu().numpy()
     frames = np.asarray(frames)
@@ -178,10 +210,13 @@ def write_video(frames: np.ndarray | "torch.Tensor", path: str | Path, fps: floa
     ph, pw = h + h % 2, w + w % 2  # yuv420p needs even sizes
     if (ph, pw) != (h, w):
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    writer = Mp4Writer(path, fps, pw, ph)
+    writer = Mp4Writer(path, fps, pw, ph, audio_rate=audio[1] if audio else None,
+                       audio_channels=audio[0].shape[0] if audio else 2)
     try:
         for i in range(n):
             writer.add(frames[i])
+        if audio:
+            writer.add_audio(audio[0])
     except BaseException:
         writer.abort()
         raise
@@ -194,3 +229,70 @@ def probe_frames(path: str | Path) -> tuple[int, int, int, float]:
         s = c.streams.video[0]
         n = sum(1 for _ in c.decode(s))
         return n, s.codec_context.height, s.codec_context.width, float(s.average_rate or 0)
+
+
+def has_audio(path: str | Path) -> bool:
+    """Whether ``path`` holds an audio stream. Raises DataError if it cannot be opened."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as c:
+            return bool(c.streams.audio)
+    except (av.error.FFmpegError, OSError) as e:
+        raise DataError(f"{path}: cannot open ({e})") from None
+
+
+def read_audio(path: str | Path, rate: int, channels: int = 2, start: float = 0.0,
+               duration: float | None = None, relative_to_video: bool = True) -> np.ndarray | None:
+    """The first audio stream of ``path`` from ``start`` seconds for ``duration`` seconds (None:
+    to its end), resampled by PyAV (ffmpeg's swresample) to ``rate`` Hz and ``channels`` (1 mono,
+    2 stereo; a mono source is copied to both channels, a surround one downmixed). Times count
+    from the video stream's start when ``relative_to_video`` (as clip and shot times do), so sound
+    and picture stay in step even when the streams start at different times; stretches without
+    sound (before the audio starts, after it ends) are silence, so a given ``duration`` always
+    gives ``round(duration * rate)`` samples.
+
+    Returns: [channels, n] float32 in [-1, 1], or None if ``path`` has no audio stream.
+    Raises: DataError if the file cannot be opened or its audio cannot be decoded.
+    """
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError) as e:
+        raise DataError(f"{path}: cannot open ({e})") from None
+    with container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        origin = 0.0
+        if relative_to_video and container.streams.video:
+            v = container.streams.video[0]
+            origin = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
+        t0 = origin + start
+        if t0 > 1.0 and stream.time_base:  # long sources: jump near the start, decode from a key frame before it
+            container.seek(int((t0 - 1.0) / stream.time_base), stream=stream, backward=True)
+        resampler = av.AudioResampler(format="fltp", layout=_LAYOUTS[channels], rate=int(rate))
+        chunks: list[np.ndarray] = []
+        first: float | None = None  # time of the first decoded sample
+        end = None if duration is None else t0 + duration
+        try:
+            for frame in container.decode(stream):
+                if first is None:
+                    first = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(channels, -1))
+                got = sum(c.shape[1] for c in chunks)
+                if end is not None and first + got / rate >= end + 0.1:
+                    break
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(channels, -1))
+        except av.error.FFmpegError as e:
+            raise DataError(f"{path}: decoding its audio failed ({e})") from None
+    decoded = np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)
+    first = t0 if first is None else first
+    offset = round((t0 - first) * rate)  # samples to drop (>0) or silence to put before (<0)
+    decoded = decoded[:, offset:] if offset >= 0 else np.concatenate(
+        [np.zeros((channels, -offset), np.float32), decoded], axis=1)
+    if duration is None:
+        return decoded.astype(np.float32)
+    n = round(duration * rate)
+    out = np.zeros((channels, n), np.float32)
+    out[:, :min(n, decoded.shape[1])] = decoded[:, :n]
+    return out

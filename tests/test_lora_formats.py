@@ -441,7 +441,7 @@ def test_run_folder_gets_a_comfyui_file_that_renders_the_same_video(name, traine
 
     rendered = {}
     real_write = inference.write_video
-    monkeypatch.setattr(inference, "write_video", lambda frames, path, fps: (
+    monkeypatch.setattr(inference, "write_video", lambda frames, path, fps, **_: (
         rendered.__setitem__(Path(path).stem, frames.clone()), real_write(frames, path, fps))[1])
     run = trained(name)
     comfy = run / COMFYUI_WEIGHT_NAME

@@ -17,6 +17,11 @@ condition) and ``continue`` (video continuation: the clip's first :attr:`Family.
 as the condition); a family lists the ones it supports in :attr:`Family.tasks`, and
 :meth:`Family.task_input` says what rendering each one needs besides the prompt.
 
+Audio: a family whose model generates sound with the picture (LTX-2) sets
+:attr:`Family.supports_audio`; a recipe's ``data.audio: true`` then caches each clip's sound
+through :meth:`Family.encode_audio` and the family trains it as a further :class:`Stream` of
+:class:`Noised`; :meth:`Family.rendered_audio` hands the pipeline's sound to the mp4 writer.
+
 Experts: a model may have several transformers, each serving a range of noise levels (Wan 2.2
 A14B: ``transformer`` for high noise, ``transformer_2`` for low). :meth:`Family.experts` lists
 them; the trainer routes each micro-batch to one expert and only that expert's LoRA learns.
@@ -131,9 +136,24 @@ class Expert:
 
 
 @dataclass
+class Stream:
+    """A further latent stream trained together with the video (LTX-2's audio): its noisy input and
+    model timesteps, which :meth:`Family.predict` receives in ``streams``, and the target its
+    prediction is compared with; the trainer adds ``weight`` x its MSE to the video loss.
+
+    noisy, target: [B, ...] (the family's layout); timesteps: [B]."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weight: float = 1.0
+
+
+@dataclass
 class Noised:
     """What the loss needs for one micro-batch: the transformer input, the regression target,
-    the model timesteps, and which latent positions count (None = all).
+    the model timesteps, and which latent positions count (None = all); ``streams``: further
+    streams trained with the video, by name (empty for video-only training).
 
     noisy, target: [B, C, f, h, w]; timesteps: [B]; loss_mask: broadcastable to the latents,
     1 where the loss counts and 0 on clean conditioning frames."""
@@ -142,6 +162,7 @@ class Noised:
     target: torch.Tensor
     timesteps: torch.Tensor
     loss_mask: torch.Tensor | None = None
+    streams: dict[str, Stream] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,8 @@ class Family(ABC):
     # whether model.quantization=fp8 can load this family's transformer (its block linears are
     # nn.Linear and its loader goes through _loading.load_transformer)
     fp8_ok: ClassVar[bool] = True
+    # whether the model generates sound and can train it (recipe data.audio: true; encode_audio)
+    supports_audio: ClassVar[bool] = False
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -227,6 +250,12 @@ class Family(ABC):
         """Pixel frames of the conditioning video of a ``"video"``-input task: ``spec.cond_frames``,
         else the tiny build's default, else :attr:`default_cond_frames`."""
         return int(self.spec.cond_frames or self.components.extra.get(COND_FRAMES_KEY, self.default_cond_frames))
+
+    @classmethod
+    def default_targets(cls, audio: bool = False) -> tuple[str, ...]:
+        """Modules a LoRA adapts unless ``lora.targets`` says otherwise: :attr:`default_lora_targets`,
+        plus, for audio-video runs (``audio``), the family's sound and cross-modal modules."""
+        return cls.default_lora_targets
 
     def experts(self) -> list[Expert]:
         """The model's trainable transformers with their noise ranges; one full-range expert
@@ -365,6 +394,18 @@ class Family(ABC):
         key of :meth:`encode_prompts` replace the caption's image-less ones."""
         return {}
 
+    def audio_format(self) -> tuple[int, int]:
+        """(sample rate in Hz, channels) in which :meth:`encode_audio` takes a clip's sound.
+        Raises NotImplementedError for families without :attr:`supports_audio`."""
+        raise NotImplementedError(f"{self.name}: no audio stream (supports_audio is False)")
+
+    def encode_audio(self, waveforms: torch.Tensor, latents: torch.Tensor, fps: float) -> dict[str, torch.Tensor]:
+        """Cache-time sound of clips whose video latents are ``latents`` [B, C, f, h, w] at ``fps``:
+        ``waveforms`` [B, channels, n] float in [-1, 1] at :meth:`audio_format`, as long as the clips
+        -> a dict of tensors with batch dim B stored beside the latents (``predict`` receives them in
+        ``cond``). Raises NotImplementedError for families without :attr:`supports_audio`."""
+        raise NotImplementedError(f"{self.name}: no audio stream (supports_audio is False)")
+
     # --- training ---
     @abstractmethod
     def predict(
@@ -378,7 +419,11 @@ class Family(ABC):
         """Run ``transformer`` (maybe wrapped by DDP/PEFT) on noisy latents [B, C, f, h, w] at
         ``timesteps`` [B] (the model's own scale, see :meth:`noisy_input_and_target`) with
         ``cond`` (text tensors and cached conditioning); returns the prediction [B, C, f, h, w]
-        that :meth:`noisy_input_and_target`'s target is compared with."""
+        that :meth:`noisy_input_and_target`'s target is compared with.
+
+        Families whose :meth:`noisy_input_and_target` returns :attr:`Noised.streams` also take
+        ``streams=`` (those streams; passed only when there are some) and then return
+        ``(prediction, {name: stream prediction shaped like its target})``."""
 
     @abstractmethod
     def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
@@ -435,6 +480,11 @@ class Family(ABC):
         if video is not None:
             out["video"] = video
         return out
+
+    def rendered_audio(self, output: Any) -> tuple[Any, int] | None:
+        """The sound of a pipeline call's ``output`` (its first video) as (samples [channels, n]
+        float in [-1, 1] as a numpy array, sample rate), for the mp4; None for silent models."""
+        return None
 
     # --- adapters ---
     def original_lora(self, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor] | None:

@@ -1,5 +1,6 @@
 """LTX-2 (19B audio-video model; diffusers ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline``) behind
-the family protocol: video LoRA, text-to-video and image-to-video.
+the family protocol: video LoRA and audio-video LoRA (recipe ``data.audio: true``), text-to-video
+and image-to-video.
 
 What this file follows, and where it comes from:
   text         Gemma-3 (``Gemma3ForConditionalGeneration``): the hidden states of every layer,
@@ -21,10 +22,22 @@ What this file follows, and where it comes from:
   i2v          same weights; the first latent frame is the clean image latent, its tokens get
                timestep 0 and no loss (ltx-trainer's first-frame conditioning mask;
                ``LTX2ImageToVideoPipeline``'s ``conditioning_mask``).
-  audio        the diffusers transformer always runs its audio stream; ltx-trainer's video-only
-               mode disables that modality. The closest diffusers can express is an audio stream
-               that carries nothing: fresh Gaussian noise at sigma 1 (timestep 1000), the state the
-               pipeline's audio is in at its first step. Audio-video LoRA is not implemented.
+  audio        video-only runs: the diffusers transformer always runs its audio stream; ltx-trainer's
+               video-only mode disables that modality. The closest diffusers can express is an audio
+               stream that carries nothing: fresh Gaussian noise at sigma 1 (timestep 1000), the state
+               the pipeline's audio is in at its first step.
+               audio-video runs (``data.audio``), as ltx-trainer's ``with_audio`` / audio
+               ``is_generated``: the clip's sound, resampled to the audio VAE's rate (16 kHz stereo),
+               becomes a log-mel spectrogram with ltx-core's ``AudioProcessor`` settings (n_fft 1024,
+               hop and mel bins from the audio VAE config, Slaney mel scale and norm, magnitude,
+               log of max(x, 1e-5)), the audio VAE encodes it (posterior mean), and the latents are
+               packed [L, C*M] and normalised with the audio VAE's latents_mean/std as the pipeline
+               does (``_pack_audio_latents``, ``_normalize_audio_latents``), trimmed to the
+               pipeline's ``audio_num_frames`` for the clip. Training noises audio with the video's
+               sigma, its timesteps are that sigma on every token, its target is the velocity, and
+               its plain MSE is added to the video loss with weight 1 (ltx-trainer's
+               ``compute_loss``). The adapter then also covers the audio stream and the two
+               cross-modal attentions (:meth:`LTX2Family.default_targets`).
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ from finetune.families import register
 from finetune.families._encoders import GEMMA3_12B_TEXT, GEMMA3_SIGLIP_896
 from finetune.families._loading import check_quantization, load_transformer
 from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_gemma_tokenizer
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised, Stream
 from finetune.lora_formats import KeyMap
 
 Pipeline = diffusers.LTX2Pipeline
@@ -69,6 +82,19 @@ _BLOCK_TARGETS = (
     *(f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
     "ff.net.0.proj", "ff.net.2",
 )
+# Audio-video runs add the audio stream's attentions and MLP and both cross-modal attentions:
+# ltx-trainer's audio-video recommendation (to_q/to_k/to_v/to_out.0 of every attention, which
+# includes audio_attn1/2, audio_to_video_attn and video_to_audio_attn) plus its FFN tip, matching
+# the video stream's targets here.
+_AUDIO_BLOCK_TARGETS = (
+    *(f"{a}.{p}" for a in ("audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+      for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    "audio_ff.net.0.proj", "audio_ff.net.2",
+)
+# ltx-core AudioProcessor / audio VAE encoder: FFT size of the mel spectrogram (its default; the
+# diffusers audio VAE config does not record it), floor before the log.
+_MEL_N_FFT = 1024
+_MEL_FLOOR = 1e-5
 
 
 def _key_map() -> KeyMap:
@@ -120,6 +146,12 @@ class LTX2Family(Family):
     min_inference_steps = 2
     # Gemma tokens per prompt: LTX2Pipeline's max_sequence_length default.
     max_sequence_length: ClassVar[int] = 1024
+    supports_audio = True
+
+    @classmethod
+    def default_targets(cls, audio: bool = False) -> tuple[str, ...]:
+        """The video stream's modules; audio-video runs add the audio stream's and the cross-modal ones."""
+        return _BLOCK_TARGETS + _AUDIO_BLOCK_TARGETS if audio else _BLOCK_TARGETS
 
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)
@@ -267,16 +299,26 @@ class LTX2Family(Family):
             audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=text_len,
         )
         vae = cls.tiny_vae()
+        # Three levels: two 2x downsamples, the 4x time and mel compression the pipeline assumes.
         audio_vae = diffusers.AutoencoderKLLTX2Audio(
-            base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None,
+            base_channels=4, output_channels=2, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=None,
             in_channels=2, resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height",
             dropout=0.0, mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True,
             mel_bins=8,
         )
+        with torch.no_grad():  # like tiny_vae: latent statistics of the random VAE, measured on tones
+            seconds = torch.arange(32000) / 16000
+            freqs = 100 + 2000 * torch.rand(4, 2, 3, 1)  # 4 sounds, 2 channels, 3 partials each
+            waves = 0.3 * torch.sin(2 * torch.pi * freqs * seconds).sum(dim=2)  # [4, 2, n]
+            raw = cls._raw_audio_latents(audio_vae, waves)
+            audio_vae.latents_mean.copy_(raw.mean(dim=(0, 1)))
+            audio_vae.latents_std.copy_(raw.std(dim=(0, 1)).clamp_min(1e-6))
+        # The real vocoder's 240x upsampling (mel hop 160 at 16 kHz -> 24 kHz), so the sound is as
+        # long as the video, at a narrow width.
         vocoder = LTX2Vocoder(
-            in_channels=2 * 8, hidden_channels=16, out_channels=2, upsample_kernel_sizes=[4, 4],
-            upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
-            leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+            in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[12, 10, 4, 4, 4],
+            upsample_factors=[6, 5, 2, 2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+            leaky_relu_negative_slope=0.1, output_sampling_rate=24000,
         )
         transformer = diffusers.LTX2VideoTransformer3DModel(
             in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
@@ -351,14 +393,89 @@ class LTX2Family(Family):
         first = Pipeline._normalize_latents(first, vae.latents_mean, vae.latents_std)
         return {"first_latent": first.to(latents.dtype)}
 
+    # --- sound (audio-video runs) ---
+    def _audio_vae(self, what: str) -> diffusers.AutoencoderKLLTX2Audio:
+        vae = self.components.extra.get("audio_vae")
+        if vae is None:
+            raise RuntimeError(f"{self.name}: {what} needs the audio VAE, but release_encoders() dropped it; do this "
+                               f"before releasing the encoders")
+        return vae
+
+    def audio_format(self) -> tuple[int, int]:
+        """(16000, 2) for LTX-2: the audio VAE's sample rate and input channels (stereo)."""
+        config = self._audio_vae("audio_format").config
+        return int(config.sample_rate), int(config.in_channels)
+
+    @staticmethod
+    def log_mel(waveforms: torch.Tensor, config: Any) -> torch.Tensor:
+        """waveforms [B, channels, n] at the rate of the audio VAE whose ``config`` is given -> log-mel
+        spectrograms [B, channels, 1 + n // hop, mel_bins]: ltx-core's AudioProcessor (torchaudio
+        MelSpectrogram with n_fft 1024, centred reflect-padded Hann frames, magnitude, Slaney mel
+        scale and norm over 0..rate/2, then log of max(x, 1e-5)), written with torch.stft and the
+        transformers mel filter bank because torchaudio is not a dependency."""
+        from transformers.audio_utils import mel_filter_bank
+
+        rate, hop, bins = int(config.sample_rate), int(config.mel_hop_length), int(config.mel_bins)
+        b, c, n = waveforms.shape
+        x = waveforms.reshape(b * c, n).float()
+        window = torch.hann_window(_MEL_N_FFT, device=x.device)
+        spec = torch.stft(x, _MEL_N_FFT, hop_length=hop, win_length=_MEL_N_FFT, window=window, center=True,
+                          pad_mode="reflect", return_complex=True).abs()  # [B*C, n_fft/2+1, T]
+        fb = torch.from_numpy(mel_filter_bank(num_frequency_bins=_MEL_N_FFT // 2 + 1, num_mel_filters=bins,
+                                              min_frequency=0.0, max_frequency=rate / 2, sampling_rate=rate,
+                                              norm="slaney", mel_scale="slaney")).float().to(x.device)
+        mel = torch.log(torch.clamp(fb.T @ spec, min=_MEL_FLOOR))  # [B*C, bins, T]
+        return mel.reshape(b, c, bins, -1).transpose(2, 3).contiguous()
+
+    @torch.no_grad()
+    def encode_audio(self, waveforms: torch.Tensor, latents: torch.Tensor, fps: float) -> dict[str, torch.Tensor]:
+        """waveforms [B, 2, n] at 16 kHz in [-1, 1], the sound of clips whose video latents are
+        ``latents`` [B, C, f, h, w] at ``fps`` -> {"audio_latents": [B, La, Ca]}: packed,
+        normalised audio latents as the pipeline's denoising loop holds them, La =
+        :meth:`audio_frames` (the encoder's extra causal frame at the end is dropped; a shorter
+        result repeats its last frame). Raises RuntimeError if the audio VAE was released."""
+        vae = self._audio_vae("encode_audio")
+        packed = Pipeline._normalize_audio_latents(self._raw_audio_latents(vae, waveforms), vae.latents_mean,
+                                                   vae.latents_std)
+        n = self.audio_frames(latents.shape[2], fps)
+        if packed.shape[1] < n:
+            packed = torch.cat([packed, packed[:, -1:].expand(-1, n - packed.shape[1], -1)], dim=1)
+        return {"audio_latents": packed[:, :n].to(latents.dtype)}
+
+    @classmethod
+    def _raw_audio_latents(cls, vae: diffusers.AutoencoderKLLTX2Audio, waveforms: torch.Tensor) -> torch.Tensor:
+        """waveforms [B, channels, n] -> packed audio latents [B, T', c*M'] before normalisation."""
+        mel = cls.log_mel(waveforms, vae.config).to(vae.device, vae.dtype)
+        return Pipeline._pack_audio_latents(vae.encode(mel).latent_dist.mode())  # [B, c, T', M'] -> [B, T', c*M']
+
+    def rendered_audio(self, output: Any) -> tuple[Any, int] | None:
+        """The vocoder's waveform of the first video: ([channels, n] float32, its output rate)."""
+        audio = getattr(output, "audio", None)
+        vocoder = self.components.extra.get("vocoder")
+        if audio is None or vocoder is None:
+            return None
+        return audio[0].float().cpu().numpy(), int(vocoder.config.output_sampling_rate)
+
     # --- training ---
     def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
                                cond: dict[str, torch.Tensor] | None = None) -> Noised:
         """Rectified flow, target the velocity noise - x_0 (ltx-trainer); for i2v the first latent
-        frame is the clean image latent and left out of the loss."""
+        frame is the clean image latent and left out of the loss. With cached ``audio_latents``
+        [B, La, Ca] (audio-video runs) also the "audio" :class:`Stream`: noised with the same
+        sigmas, timesteps 1000 sigma, velocity target, weight 1 (ltx-trainer). Its noise comes from
+        a generator seeded by the video noise, so it is as reproducible as that noise (resumed
+        runs, fixed-noise losses) without the trainer drawing it."""
         if cond and "first_latent" in cond:
-            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
-        return super().noisy_input_and_target(latents, noise, sigmas, cond)
+            out = self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
+        else:
+            out = super().noisy_input_and_target(latents, noise, sigmas, cond)
+        if cond and "audio_latents" in cond:
+            audio = cond["audio_latents"]
+            seed = int(noise.detach().double().abs().sum().item() * 1e6) % (2**63 - 1)
+            audio_noise = torch.randn(audio.shape, generator=torch.Generator().manual_seed(seed)).to(audio)
+            s = sigmas.view(-1, 1, 1).to(audio.dtype)
+            out.streams["audio"] = Stream((1 - s) * audio + s * audio_noise, sigmas * 1000.0, audio_noise - audio)
+        return out
 
     def audio_frames(self, latent_frames: int, fps: float) -> int:
         """Audio latent frames of a clip with ``latent_frames`` video latent frames at ``fps``: the
@@ -384,45 +501,54 @@ class LTX2Family(Family):
         timesteps: torch.Tensor,
         cond: dict[str, torch.Tensor],
         fps: float,
-    ) -> torch.Tensor:
+        streams: dict[str, Stream] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond as from
         :meth:`encode_prompts` (+ ``first_latent`` for i2v), fps of the clip -> velocity
         [B, C, f, h, w] of the video stream, in the transformer's dtype.
 
         Calls the transformer as the pipelines' denoising loop does (packed tokens, rope coordinates
-        at ``fps``, the connector embeddings for both streams, cross-timestep modulation). The audio
-        stream is pure noise at timestep 1000 (see the module docstring); ``cond["audio_noise"]``
-        [B, La, Ca], if given, fixes that noise (tests compare with the pipeline's own)."""
+        at ``fps``, the connector embeddings for both streams, cross-timestep modulation). Video-only:
+        the audio stream is pure noise at timestep 1000 (see the module docstring);
+        ``cond["audio_noise"]`` [B, La, Ca], if given, fixes that noise (tests compare with the
+        pipeline's own). Audio-video (``streams["audio"]``, from :meth:`noisy_input_and_target`):
+        the audio stream is that noisy audio at its timesteps, and the result is
+        ``(video velocity, {"audio": audio velocity [B, La, Ca]})``."""
         b, _, frames, height, width = noisy_latents.shape
         p, pt = self._patch, self._patch_t
         grid = (frames // pt, height // p, width // p)
         dtype = self.spec.dtype
         device = noisy_latents.device
-        n_audio = self.audio_frames(frames, fps)
-        audio = cond.get("audio_noise")
-        if audio is None:
-            audio = torch.randn(b, n_audio, self._audio_channels, device=device)
+        t = timesteps.to(device).float()
+        sound = (streams or {}).get("audio")
+        if sound is not None:
+            audio, audio_t = sound.noisy.to(device), sound.timesteps.to(device).float()
+        else:
+            audio = cond.get("audio_noise")
+            if audio is None:
+                audio = torch.randn(b, self.audio_frames(frames, fps), self._audio_channels, device=device)
+            audio_t = torch.full_like(t, _SILENT_AUDIO_T)
+        n_audio = audio.shape[1]
         rope_owner = self.components.transformer
         video_coords = rope_owner.rope.prepare_video_coords(b, *grid, device, fps=fps)
         audio_coords = rope_owner.audio_rope.prepare_audio_coords(b, n_audio, device)
-        t = timesteps.to(device).float()
-        silent = torch.full_like(t, _SILENT_AUDIO_T)
-        out = transformer(
+        out, audio_out = transformer(
             hidden_states=Pipeline._pack_latents(noisy_latents.to(dtype), p, pt),
             audio_hidden_states=audio.to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             audio_encoder_hidden_states=cond["audio_prompt_embeds"].to(dtype),
             timestep=self.video_timesteps(noisy_latents.shape, t, clean_first="first_latent" in cond),
-            audio_timestep=silent,
+            audio_timestep=audio_t,
             sigma=t,
-            audio_sigma=silent,
+            audio_sigma=audio_t,
             encoder_attention_mask=cond["prompt_attention_mask"],
             audio_encoder_attention_mask=cond["prompt_attention_mask"],
             num_frames=grid[0], height=grid[1], width=grid[2], fps=fps, audio_num_frames=n_audio,
             video_coords=video_coords, audio_coords=audio_coords, isolate_modalities=False,
             use_cross_timestep=True, return_dict=False,
-        )[0]
-        return Pipeline._unpack_latents(out, *grid, p, pt)
+        )
+        video = Pipeline._unpack_latents(out, *grid, p, pt)
+        return (video, {"audio": audio_out}) if sound is not None else video
 
     def _mu(self, latent_shape: tuple[int, ...]) -> float:
         _, _, frames, height, width = latent_shape
