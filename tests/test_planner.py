@@ -14,7 +14,7 @@ from finetune import trainer
 from finetune.config import load_recipe
 from finetune.errors import RecipeError
 from finetune.families import family_names, get_family
-from finetune.families.base import FullSize
+from finetune.families.base import Components, FullSize, ModelSpec
 from finetune.memory import planner
 from finetune.memory.architecture import build_meta, lora_param_count, weight_bytes
 from finetune.memory.trace import trace_transformer
@@ -33,11 +33,18 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("family", family_names())
+SOUND = [n for n in family_names() if get_family(n).supports_audio]
+AV_24GB = "recipes/ltx2/t2v-19b-av_24gb.yaml"
+
+
+@pytest.mark.parametrize("family", family_names() + [f"{n}+audio" for n in SOUND])
 def test_predicted_bytes_equal_allocated_on_the_tiny_model(family, tmp_path):
     """Frozen weights, LoRA, gradients and AdamW state as counted on the meta-device copy of the
-    tiny transformer equal what the trainer's own add_lora / optimizer allocate after one step."""
-    recipe = tiny_recipe(family, tmp_path / "manifest.jsonl", tmp_path / "run", "lora.rank=4")
+    tiny transformer equal what the trainer's own add_lora / optimizer allocate after one step
+    (``+audio``: an audio-video recipe, whose LoRA also adapts the sound modules)."""
+    family, audio, _ = family.partition("+audio")
+    recipe = tiny_recipe(family, tmp_path / "manifest.jsonl", tmp_path / "run", "lora.rank=4",
+                         f"data.audio={'true' if audio == '+audio' else 'false'}")
     fam = recipe.family_cls().load(trainer.model_spec(recipe, torch.device("cpu")))
     transformer = fam.components.transformer
     meta = build_meta(FullSize(type(transformer), dict(transformer.config)))
@@ -181,3 +188,54 @@ def test_swapped_blocks_are_the_last_ones_and_two_stay_on_the_card():
 
     assert frozen(0) - frozen(5) == 3 * each  # 5 leave, 2 come back (computing, prefetched)
     assert frozen(0) == frozen(1)  # the one swapped block is on the card while it computes
+
+
+@pytest.mark.parametrize("family", SOUND)
+def test_audio_targets_add_lora_parameters_on_the_tiny_model(family):
+    """The audio case above counts more than the video-only one: the sound modules are LoRA targets."""
+    fam = get_family(family)
+    transformer = fam.build_tiny().transformer
+    meta = build_meta(FullSize(type(transformer), dict(transformer.config)))
+    video, both = (lora_param_count(meta, fam.default_targets(audio=a), 4) for a in (False, True))
+    assert both > video > 0
+
+
+def test_an_audio_video_recipe_plans_its_sound():
+    """data.audio: more LoRA (the sound and cross-modal targets), more activations (the audio tokens
+    traced requiring grad), the audio VAE while caching; the audio stream as long as the clip."""
+    video = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=false"]))
+    both = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=true"]))
+
+    def item(plan, phase: str, start: str) -> int:
+        return next(b for label, b in next(p for p in plan.phases if p.name == phase).items if label.startswith(start))
+
+    assert item(both, "training", "LoRA parameters") > item(video, "training", "LoRA parameters")
+    assert item(both, "training", "optimizer state") > item(video, "training", "optimizer state")
+    assert item(both, "training", "activations") > item(video, "training", "activations")
+    assert item(both, "caching", "audio_vae") > 0
+    assert not any(label.startswith("audio_vae") for p in video.phases for label, _ in p.items)
+    # 49 frames at 24 fps = 2.04 s of sound at 16 kHz / hop 160 / 4 = 25 latents per second
+    assert both.stream_tokens == {"audio": round(49 / 24 * 25)} and video.stream_tokens == {}
+    assert "2,688 video tokens + 51 audio tokens" in planner.format_plan(both)
+
+
+def test_a_recipes_lora_targets_are_what_the_audio_plan_counts():
+    targets = "lora.targets=[attn1.to_q,audio_attn1.to_q]"
+    plan = planner.plan_recipe(load_recipe(AV_24GB, [targets]))
+    _, _, parts = planner.checkpoint_parts(plan.recipe)
+    lora = next(b for label, b in plan.phases[1].items if label.startswith("LoRA parameters"))
+    # 48 blocks x r 32 x (in + out): 4096 -> 4096 (video), 2048 -> 2048 (audio)
+    assert lora == 48 * 32 * (2 * 4096 + 2 * 2048) * planner.LORA_BYTES
+
+
+@pytest.mark.parametrize("frames,fps", [(49, 24.0), (121, 30.0), (9, 8.0)])
+def test_the_planned_audio_stream_is_as_long_as_the_cached_one(frames, fps):
+    """planning_streams (a classmethod, from the full-size config) gives the length that
+    encode_audio caches and predict runs: audio_frames of the family built on that config."""
+    fam = get_family("ltx2")
+    full = fam.full_size_configs("t2v")[fam.default_model_id]["transformer"]
+    built = fam(Components(build_meta(full), None, None, None, None), ModelSpec(pretrained=fam.default_model_id))
+    latent_frames = (frames - 1) // fam.frame_rule.temporal_factor + 1
+    shape = fam.planning_streams("t2v", frames, 512, 768, fps)["audio"]
+    assert shape == (1, built.audio_frames(latent_frames, fps), full.config["audio_in_channels"])
+    assert shape[1] == round(frames / fps * 25)
