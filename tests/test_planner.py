@@ -239,3 +239,35 @@ def test_the_planned_audio_stream_is_as_long_as_the_cached_one(frames, fps):
     shape = fam.planning_streams("t2v", frames, 512, 768, fps)["audio"]
     assert shape == (1, built.audio_frames(latent_frames, fps), full.config["audio_in_channels"])
     assert shape[1] == round(frames / fps * 25)
+
+
+def test_too_many_blocks_to_swap_is_named_before_any_weight_loads(monkeypatch, capsys):
+    """Wan 14B has 40 blocks: 41 fails in --plan, in the pre-training planner (memory.vram_gb) and in a
+    plain run, each before the trainer starts; 40 is accepted."""
+    def no_training(*_, **__):
+        raise AssertionError("the trainer started")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    message = r"memory.blocks_to_swap=41: the wan .* transformer has 40 blocks \(blocks: 40\); .* at most 40"
+    for argv in (["--plan"], ["--plan", "--vram", "24"], ["memory.vram_gb=24", "memory.auto=true"], []):
+        with pytest.raises(planner.TooManySwappedBlocks, match=message):
+            train_lora.main(["--recipe", WAN_14B, *argv, "model.quantization=fp8", "memory.blocks_to_swap=41"])
+    assert issubclass(planner.TooManySwappedBlocks, planner.BlockSwapError)  # what the runtime check raises
+    planner.check_blocks_to_swap(load_recipe(WAN_14B, ["memory.blocks_to_swap=40"]))
+    assert train_lora.main(["--plan", "--recipe", WAN_14B, "memory.blocks_to_swap=40"]) == 0
+
+
+def test_block_count_counts_every_block_list():
+    """HunyuanVideo's largest valid value is its dual- plus single-stream blocks."""
+    recipe = "recipes/hunyuanvideo/t2v-13b_24gb.yaml"
+    _, _, parts = planner.checkpoint_parts(load_recipe(recipe))
+    counts = planner.blocks_of(parts["transformer"], torch.bfloat16, "none").counts
+    total = sum(counts.values())
+    planner.check_blocks_to_swap(load_recipe(recipe, [f"memory.blocks_to_swap={total}"]))
+    with pytest.raises(planner.TooManySwappedBlocks, match=f"has {total} blocks .*at most {total}"):
+        planner.check_blocks_to_swap(load_recipe(recipe, [f"memory.blocks_to_swap={total + 1}"]))
+
+
+def test_tiny_and_unknown_checkpoints_are_left_to_the_check_after_loading(tmp_path):
+    planner.check_blocks_to_swap(tiny_recipe("wan", tmp_path / "m.jsonl", tmp_path / "run", "memory.blocks_to_swap=9"))
+    planner.check_blocks_to_swap(load_recipe(WAN_14B, ["model.pretrained=my/own-wan", "memory.blocks_to_swap=99"]))
