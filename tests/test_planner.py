@@ -271,3 +271,12 @@ def test_block_count_counts_every_block_list():
 def test_tiny_and_unknown_checkpoints_are_left_to_the_check_after_loading(tmp_path):
     planner.check_blocks_to_swap(tiny_recipe("wan", tmp_path / "m.jsonl", tmp_path / "run", "memory.blocks_to_swap=9"))
     planner.check_blocks_to_swap(load_recipe(WAN_14B, ["model.pretrained=my/own-wan", "memory.blocks_to_swap=99"]))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_a_text_encoder_already_in_8_bit_can_still_go_to_the_cpu(mode):
+    """The LTX-2 audio-video recipe's fp8 Gemma alone is over 13 GiB: for 16 GiB the cheapest
+    setting that fits is the text encoder on the CPU, not 'cannot fit'."""
+    recipe = load_recipe(AV_24GB, [f"memory.text_encoder={mode}"])
+    plan = planner.choose_overrides(recipe, 16)
+    assert plan.overrides == {"memory.text_encoder": "cpu"} and plan.fits(16)

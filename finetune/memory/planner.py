@@ -372,10 +372,13 @@ def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
     if plan.fits(vram_gb):
         return plan
     base: dict[str, Any] = {}
-    if recipe.memory.text_encoder == "gpu" and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
+    # cheaper text encoder settings than the recipe's, in order (a recipe already in fp8 or int8
+    # can still go to the CPU)
+    cheaper = {"gpu": ("fp8", "cpu"), "int8": ("cpu",), "fp8": ("cpu",)}.get(recipe.memory.text_encoder, ())
+    if cheaper and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
         # the encoders alone are too big: the first lever is where the text encoder runs (on the
         # CPU, the closest setting, when even fp8 does not fit)
-        fits = [m for m in ("fp8", "cpu")
+        fits = [m for m in cheaper
                 if caching_phase(_with(recipe, {"memory.text_encoder": m}), 1)[0].peak <= vram_gb * GIB]
         base["memory.text_encoder"] = fits[0] if fits else "cpu"
     cache = caching_phase(_with(recipe, base), 1)[0]
