@@ -7,9 +7,10 @@ fake inputs of the recipe's shape (batch 1, latents and conditioning from
 :meth:`Family.planning_inputs`), in bf16, with the latents requiring grad (the gradient a LoRA
 needs flows through every block). Audio-video runs (``audio``) add the family's further streams
 (:meth:`Family.planning_streams`, LTX-2's sound at the clip's duration) as ``streams=``, their
-noisy inputs requiring grad too (the adapter covers those streams). ``saved_tensors_hooks`` see every tensor autograd keeps for
-backward; their bytes are summed once per storage, parameters excluded, and attributed to the
-block whose forward was running (forward hooks), or to "outside" (embeddings, head).
+noisy inputs requiring grad too (the adapter covers those streams). ``saved_tensors_hooks`` see
+every tensor autograd keeps for backward; their bytes are summed once per storage, parameters
+excluded, and attributed to the block whose forward was running (forward hooks), or to
+"outside" (embeddings, head).
 
 Attention is counted as a flash kernel keeps it (q, k, v, out and a float32 logsumexp per head
 and query), never as the math kernel's [heads, L, L] matrix: the trace replaces
@@ -171,8 +172,9 @@ def trace_transformer(fam: type[Family], checkpoint: str, task: str, frames: int
             latents = torch.zeros(latent_shape, dtype=dtype, requires_grad=True)
             cond = {k: torch.zeros(shape, dtype=dt) for k, (shape, dt) in cond_shapes.items()}
             t = torch.full((1,), 500.0)
+            shapes = fam.planning_streams(task, frames, height, width, fps) if audio else {}
             streams = {name: Stream(torch.zeros(shape, dtype=dtype, requires_grad=True), t, torch.zeros(shape))
-                       for name, shape in fam.planning_streams(task, frames, height, width, fps).items()} if audio else {}
+                       for name, shape in shapes.items()}
             # streams= only when there are some: the protocol's predict takes it only then
             family.predict(model, latents, t, cond, fps, **({"streams": streams} if streams else {}))
     finally:
