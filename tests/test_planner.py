@@ -280,3 +280,9 @@ def test_a_text_encoder_already_in_8_bit_can_still_go_to_the_cpu(mode):
     recipe = load_recipe(AV_24GB, [f"memory.text_encoder={mode}"])
     plan = planner.choose_overrides(recipe, 16)
     assert plan.overrides == {"memory.text_encoder": "cpu"} and plan.fits(16)
+
+
+def test_the_audio_video_recipe_fits_its_card_with_its_sound():
+    plan = planner.plan_recipe(load_recipe(AV_24GB))
+    assert plan.recipe.data.audio and plan.stream_tokens["audio"] > 0
+    assert plan.fits(24)
