@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             return 0
 
-    from finetune.memory.planner import check_implemented
+    from finetune.memory.planner import check_blocks_to_swap, check_implemented
     from finetune.trainer import train  # heavy imports only after the recipe is known to be valid
 
     check_implemented(recipe)
+    check_blocks_to_swap(recipe)  # from the full-size config on the meta device, before any weight loads
 
     result = train(recipe, resume=args.resume)
     if result.adapter.is_file():

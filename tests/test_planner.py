@@ -14,7 +14,7 @@ from finetune import trainer
 from finetune.config import load_recipe
 from finetune.errors import RecipeError
 from finetune.families import family_names, get_family
-from finetune.families.base import FullSize
+from finetune.families.base import Components, FullSize, ModelSpec
 from finetune.memory import planner
 from finetune.memory.architecture import build_meta, lora_param_count, weight_bytes
 from finetune.memory.trace import trace_transformer
@@ -33,11 +33,18 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("family", family_names())
+SOUND = [n for n in family_names() if get_family(n).supports_audio]
+AV_24GB = "recipes/ltx2/t2v-19b-av_24gb.yaml"
+
+
+@pytest.mark.parametrize("family", family_names() + [f"{n}+audio" for n in SOUND])
 def test_predicted_bytes_equal_allocated_on_the_tiny_model(family, tmp_path):
     """Frozen weights, LoRA, gradients and AdamW state as counted on the meta-device copy of the
-    tiny transformer equal what the trainer's own add_lora / optimizer allocate after one step."""
-    recipe = tiny_recipe(family, tmp_path / "manifest.jsonl", tmp_path / "run", "lora.rank=4")
+    tiny transformer equal what the trainer's own add_lora / optimizer allocate after one step
+    (``+audio``: an audio-video recipe, whose LoRA also adapts the sound modules)."""
+    family, audio, _ = family.partition("+audio")
+    recipe = tiny_recipe(family, tmp_path / "manifest.jsonl", tmp_path / "run", "lora.rank=4",
+                         f"data.audio={'true' if audio == '+audio' else 'false'}")
     fam = recipe.family_cls().load(trainer.model_spec(recipe, torch.device("cpu")))
     transformer = fam.components.transformer
     meta = build_meta(FullSize(type(transformer), dict(transformer.config)))
@@ -181,3 +188,101 @@ def test_swapped_blocks_are_the_last_ones_and_two_stay_on_the_card():
 
     assert frozen(0) - frozen(5) == 3 * each  # 5 leave, 2 come back (computing, prefetched)
     assert frozen(0) == frozen(1)  # the one swapped block is on the card while it computes
+
+
+@pytest.mark.parametrize("family", SOUND)
+def test_audio_targets_add_lora_parameters_on_the_tiny_model(family):
+    """The audio case above counts more than the video-only one: the sound modules are LoRA targets."""
+    fam = get_family(family)
+    transformer = fam.build_tiny().transformer
+    meta = build_meta(FullSize(type(transformer), dict(transformer.config)))
+    video, both = (lora_param_count(meta, fam.default_targets(audio=a), 4) for a in (False, True))
+    assert both > video > 0
+
+
+def test_an_audio_video_recipe_plans_its_sound():
+    """data.audio: more LoRA (the sound and cross-modal targets), more activations (the audio tokens
+    traced requiring grad), the audio VAE while caching; the audio stream as long as the clip."""
+    video = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=false"]))
+    both = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=true"]))
+
+    def item(plan, phase: str, start: str) -> int:
+        return next(b for label, b in next(p for p in plan.phases if p.name == phase).items if label.startswith(start))
+
+    assert item(both, "training", "LoRA parameters") > item(video, "training", "LoRA parameters")
+    assert item(both, "training", "optimizer state") > item(video, "training", "optimizer state")
+    assert item(both, "training", "activations") > item(video, "training", "activations")
+    assert item(both, "caching", "audio_vae") > 0
+    assert not any(label.startswith("audio_vae") for p in video.phases for label, _ in p.items)
+    # 49 frames at 24 fps = 2.04 s of sound at 16 kHz / hop 160 / 4 = 25 latents per second
+    assert both.stream_tokens == {"audio": round(49 / 24 * 25)} and video.stream_tokens == {}
+    assert "2,688 video tokens + 51 audio tokens" in planner.format_plan(both)
+
+
+def test_a_recipes_lora_targets_are_what_the_audio_plan_counts():
+    targets = "lora.targets=[attn1.to_q,audio_attn1.to_q]"
+    plan = planner.plan_recipe(load_recipe(AV_24GB, [targets]))
+    _, _, parts = planner.checkpoint_parts(plan.recipe)
+    lora = next(b for label, b in plan.phases[1].items if label.startswith("LoRA parameters"))
+    # 48 blocks x r 32 x (in + out): 4096 -> 4096 (video), 2048 -> 2048 (audio)
+    assert lora == 48 * 32 * (2 * 4096 + 2 * 2048) * planner.LORA_BYTES
+
+
+@pytest.mark.parametrize("frames,fps", [(49, 24.0), (121, 30.0), (9, 8.0)])
+def test_the_planned_audio_stream_is_as_long_as_the_cached_one(frames, fps):
+    """planning_streams (a classmethod, from the full-size config) gives the length that
+    encode_audio caches and predict runs: audio_frames of the family built on that config."""
+    fam = get_family("ltx2")
+    full = fam.full_size_configs("t2v")[fam.default_model_id]["transformer"]
+    built = fam(Components(build_meta(full), None, None, None, None), ModelSpec(pretrained=fam.default_model_id))
+    latent_frames = (frames - 1) // fam.frame_rule.temporal_factor + 1
+    shape = fam.planning_streams("t2v", frames, 512, 768, fps)["audio"]
+    assert shape == (1, built.audio_frames(latent_frames, fps), full.config["audio_in_channels"])
+    assert shape[1] == round(frames / fps * 25)
+
+
+def test_too_many_blocks_to_swap_is_named_before_any_weight_loads(monkeypatch, capsys):
+    """Wan 14B has 40 blocks: 41 fails in --plan, in the pre-training planner (memory.vram_gb) and in a
+    plain run, each before the trainer starts; 40 is accepted."""
+    def no_training(*_, **__):
+        raise AssertionError("the trainer started")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    message = r"memory.blocks_to_swap=41: the wan .* transformer has 40 blocks \(blocks: 40\); .* at most 40"
+    for argv in (["--plan"], ["--plan", "--vram", "24"], ["memory.vram_gb=24", "memory.auto=true"], []):
+        with pytest.raises(planner.TooManySwappedBlocks, match=message):
+            train_lora.main(["--recipe", WAN_14B, *argv, "model.quantization=fp8", "memory.blocks_to_swap=41"])
+    assert issubclass(planner.TooManySwappedBlocks, planner.BlockSwapError)  # what the runtime check raises
+    planner.check_blocks_to_swap(load_recipe(WAN_14B, ["memory.blocks_to_swap=40"]))
+    assert train_lora.main(["--plan", "--recipe", WAN_14B, "memory.blocks_to_swap=40"]) == 0
+
+
+def test_block_count_counts_every_block_list():
+    """HunyuanVideo's largest valid value is its dual- plus single-stream blocks."""
+    recipe = "recipes/hunyuanvideo/t2v-13b_24gb.yaml"
+    _, _, parts = planner.checkpoint_parts(load_recipe(recipe))
+    counts = planner.blocks_of(parts["transformer"], torch.bfloat16, "none").counts
+    total = sum(counts.values())
+    planner.check_blocks_to_swap(load_recipe(recipe, [f"memory.blocks_to_swap={total}"]))
+    with pytest.raises(planner.TooManySwappedBlocks, match=f"has {total} blocks .*at most {total}"):
+        planner.check_blocks_to_swap(load_recipe(recipe, [f"memory.blocks_to_swap={total + 1}"]))
+
+
+def test_tiny_and_unknown_checkpoints_are_left_to_the_check_after_loading(tmp_path):
+    planner.check_blocks_to_swap(tiny_recipe("wan", tmp_path / "m.jsonl", tmp_path / "run", "memory.blocks_to_swap=9"))
+    planner.check_blocks_to_swap(load_recipe(WAN_14B, ["model.pretrained=my/own-wan", "memory.blocks_to_swap=99"]))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_a_text_encoder_already_in_8_bit_can_still_go_to_the_cpu(mode):
+    """The LTX-2 audio-video recipe's fp8 Gemma alone is over 13 GiB: for 16 GiB the cheapest
+    setting that fits is the text encoder on the CPU, not 'cannot fit'."""
+    recipe = load_recipe(AV_24GB, [f"memory.text_encoder={mode}"])
+    plan = planner.choose_overrides(recipe, 16)
+    assert plan.overrides == {"memory.text_encoder": "cpu"} and plan.fits(16)
+
+
+def test_the_audio_video_recipe_fits_its_card_with_its_sound():
+    plan = planner.plan_recipe(load_recipe(AV_24GB))
+    assert plan.recipe.data.audio and plan.stream_tokens["audio"] > 0
+    assert plan.fits(24)

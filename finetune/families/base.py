@@ -267,8 +267,9 @@ class Family(ABC):
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
         """The released checkpoints of ``task`` as data: checkpoint id -> Components attribute
         name ("transformer", "transformer_2", "vae", "text_encoder", "text_encoder_2",
-        "image_encoder") -> :class:`FullSize`. The planner builds them on the meta device to count
-        parameters and trace one block, offline. Raises NotImplementedError until a family
+        "image_encoder"; "audio_vae" for families with :attr:`supports_audio`, counted only for
+        ``data.audio: true``) -> :class:`FullSize`. The planner builds them on the meta device to
+        count parameters and trace one block, offline. Raises NotImplementedError until a family
         provides them."""
         raise NotImplementedError(f"{cls.name}: no full-size configs for the memory planner; implement "
                                   f"{cls.__name__}.full_size_configs (see finetune/families/wan.py)")
@@ -282,6 +283,15 @@ class Family(ABC):
         transformer. Raises NotImplementedError until a family provides them."""
         raise NotImplementedError(f"{cls.name}: no planning inputs for the memory planner; implement "
                                   f"{cls.__name__}.planning_inputs (see finetune/families/_wan.py)")
+
+    @classmethod
+    def planning_streams(cls, task: str, frames: int, height: int, width: int,
+                         fps: float) -> dict[str, tuple[int, ...]]:
+        """Shapes of the further streams (:attr:`Noised.streams`, by name) that an audio-video step
+        (``data.audio: true``) trains for one clip of ``frames`` x ``height`` x ``width`` pixels at
+        ``fps``: the noisy input's shape [1, L, C] (L tokens). The planner traces them requiring grad, as
+        the adapted streams are. Default: none (families without :attr:`supports_audio`)."""
+        return {}
 
     # --- loading ---
     @classmethod

@@ -129,6 +129,16 @@ def _key_map() -> KeyMap:
 LTX2_KEY_MAP = _key_map()
 
 
+def _audio_latent_rate(sampling_rate: float, hop_length: float) -> float:
+    """Audio latent frames per second: sampling rate / mel hop / the audio VAE's 4x time compression."""
+    return float(sampling_rate) / float(hop_length) / 4.0
+
+
+def _audio_latent_frames(pixel_frames: int, fps: float, rate: float) -> int:
+    """The pipeline's audio_num_frames: round(clip duration x audio latents per second)."""
+    return round(pixel_frames / fps * rate)
+
+
 @register
 class LTX2Family(Family):
     name = "ltx2"
@@ -158,8 +168,7 @@ class LTX2Family(Family):
         config = components.transformer.config
         self._patch, self._patch_t = int(config.patch_size), int(config.patch_size_t)
         self._audio_channels = int(config.audio_in_channels)
-        # Audio latent frames per second: sampling rate / mel hop / the audio VAE's 4x time compression.
-        self._audio_rate = float(config.audio_sampling_rate) / float(config.audio_hop_length) / 4.0
+        self._audio_rate = _audio_latent_rate(config.audio_sampling_rate, config.audio_hop_length)
         self._check_checkpoint()
 
     # --- loading ---
@@ -216,20 +225,28 @@ class LTX2Family(Family):
         patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, encoder_causal=True, decoder_causal=False,
         encoder_spatial_padding_mode="zeros", decoder_spatial_padding_mode="reflect",
         spatial_compression_ratio=32, temporal_compression_ratio=8)
+    # The audio VAE: AutoencoderKLLTX2Audio's defaults, which are LTX-2's (8 latent channels x 64
+    # mel bins / 4 = the transformer's 128 audio channels; the pipeline's fallbacks say the same).
+    _AUDIO_VAE: ClassVar[dict[str, Any]] = dict(
+        base_channels=128, output_channels=2, ch_mult=[1, 2, 4], num_res_blocks=2, in_channels=2,
+        latent_channels=8, norm_type="pixel", causality_axis="height", mid_block_add_attention=False,
+        sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=64, double_z=True)
 
     @classmethod
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
         """Lightricks/LTX-2 (both tasks, same weights): the 19B transformer, the video VAE, the
         whole Gemma-3 12B (load_pretrained loads Gemma3ForConditionalGeneration, vision tower
-        included; _encoders.GEMMA3_12B_TEXT) and the text connectors as text_encoder_2 (where
-        Components keeps them). The audio VAE and vocoder (components.extra) are left out: the
-        planner counts only the Components encoder names, and they run only when rendering."""
+        included; _encoders.GEMMA3_12B_TEXT), the text connectors as text_encoder_2 (where
+        Components keeps them) and the audio VAE (components.extra; the planner counts it for
+        ``data.audio: true``, whose caching encodes sound). The vocoder is left out: it runs only
+        when rendering."""
         return {cls.default_model_id: {
             "transformer": FullSize(diffusers.LTX2VideoTransformer3DModel, dict(cls._TRANSFORMER)),
             "vae": FullSize(diffusers.AutoencoderKLLTX2Video, dict(cls._VAE)),
             "text_encoder": FullSize(transformers.Gemma3ForConditionalGeneration, dict(
                 text_config=GEMMA3_12B_TEXT, vision_config=GEMMA3_SIGLIP_896, mm_tokens_per_image=256)),
-            "text_encoder_2": FullSize(LTX2TextConnectors, dict(cls._CONNECTORS))}}
+            "text_encoder_2": FullSize(LTX2TextConnectors, dict(cls._CONNECTORS)),
+            "audio_vae": FullSize(diffusers.AutoencoderKLLTX2Audio, dict(cls._AUDIO_VAE))}}
 
     @classmethod
     def planning_inputs(cls, task: str, frames: int, height: int, width: int,
@@ -245,6 +262,15 @@ class LTX2Family(Family):
         if task == "i2v":
             cond["first_latent"] = ((1, 128, 1, h, w), bf16)
         return (1, 128, f, h, w), cond
+
+    @classmethod
+    def planning_streams(cls, task: str, frames: int, height: int, width: int,
+                         fps: float) -> dict[str, tuple[int, ...]]:
+        """Audio-video runs: the audio stream [1, La, 128] with La = :meth:`audio_frames` of the
+        clip at ``fps`` (about 25 latents per second), what :meth:`encode_audio` caches."""
+        t = cls._TRANSFORMER
+        rate = _audio_latent_rate(t["audio_sampling_rate"], t["audio_hop_length"])
+        return {"audio": (1, _audio_latent_frames(frames, fps, rate), t["audio_in_channels"])}
 
     @classmethod
     def tiny_vae(cls) -> diffusers.AutoencoderKLLTX2Video:
@@ -481,7 +507,7 @@ class LTX2Family(Family):
         """Audio latent frames of a clip with ``latent_frames`` video latent frames at ``fps``: the
         pipeline's round(duration x audio latents per second), duration from the pixel frames."""
         pixel_frames = (latent_frames - 1) * self.frame_rule.temporal_factor + 1
-        return round(pixel_frames / fps * self._audio_rate)
+        return _audio_latent_frames(pixel_frames, fps, self._audio_rate)
 
     def video_timesteps(self, shape: tuple[int, ...], timesteps: torch.Tensor, clean_first: bool) -> torch.Tensor:
         """timesteps [B] -> what the pipelines pass: [B] for t2v; for i2v [B, f*h*w] with 0 on the

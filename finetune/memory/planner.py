@@ -19,6 +19,12 @@ Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
               per classifier-free-guidance branch
 Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace, allocator slack).
 
+Audio-video runs (``data.audio: true``, families with ``supports_audio``): the LoRA counts the
+recipe's targets (``default_targets(audio=True)`` unless ``lora.targets``), the trace runs the
+family's further streams (:meth:`Family.planning_streams`: LTX-2's sound at the clip's duration)
+requiring grad, and caching and validation count the family's ``audio_vae`` weights (its encode
+working memory, a log-mel spectrogram of a few seconds, is left out: megabytes).
+
 Block swap (``memory.blocks_to_swap: N``, finetune/memory/blockswap.py): the last N blocks in
 execution order live in host memory; at most two of them are on the card at once (the one
 computing and the next one, being copied in). Activation offload (``memory.activation_offload``,
@@ -39,6 +45,7 @@ from finetune.config import Recipe, _merge, parse_overrides, recipe_from_dict
 from finetune.errors import UserError
 from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.memory.architecture import blocks_of, build_meta, lora_param_count, weight_bytes
+from finetune.memory.blockswap import BlockSwapError
 from finetune.memory.trace import Trace, trace_transformer
 
 GIB = 2 ** 30
@@ -71,6 +78,11 @@ class NotImplementedYet(UserError):
     """A memory setting the planner plans with but the trainer does not run yet."""
 
 
+class TooManySwappedBlocks(BlockSwapError):
+    """``memory.blocks_to_swap`` exceeds the transformer's block count, found from the full-size
+    config before any weight loads; names the count and the largest valid value."""
+
+
 @dataclass
 class Phase:
     """One phase's resident bytes by item (label -> bytes) and its peak."""
@@ -93,6 +105,7 @@ class Plan:
     vram_gb: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stream_tokens: dict[str, int] = field(default_factory=dict)  # audio-video runs: tokens per further stream
 
     @property
     def peak(self) -> int:
@@ -135,6 +148,26 @@ def checkpoint_parts(recipe: Recipe) -> tuple[type[Family], str, dict[str, FullS
     return fam, ckpt, known[ckpt]
 
 
+def check_blocks_to_swap(recipe: Recipe) -> None:
+    """Raise TooManySwappedBlocks if ``memory.blocks_to_swap`` exceeds the block count of the
+    transformer that ``recipe`` loads, counted on the meta device from the family's full-size
+    config (no weights). Tiny models and checkpoints without a full-size config are left to the
+    check after loading (finetune/memory/blockswap.py)."""
+    n = recipe.memory.blocks_to_swap
+    if not n or recipe.model.tiny:
+        return
+    fam = recipe.family_cls()
+    full = fam.full_size_configs(recipe.model.task).get(recipe.pretrained)
+    if full is None:
+        return
+    blocks = blocks_of(full["transformer"], DTYPES[recipe.model.dtype], recipe.model.quantization)
+    if n > blocks.total:
+        lists = ", ".join(f"{k}: {v}" for k, v in blocks.counts.items())
+        raise TooManySwappedBlocks(f"memory.blocks_to_swap={n}: the {fam.name} {recipe.pretrained} transformer has "
+                                   f"{blocks.total} blocks ({lists}); set memory.blocks_to_swap to at most "
+                                   f"{blocks.total}")
+
+
 def activation_bytes(trace: Trace, counts: dict[str, int], checkpointing: bool, offload: bool) -> tuple[int, int]:
     """(activations, workspace) of one training step for one clip, from ``trace``.
 
@@ -174,8 +207,9 @@ def _label(dtype: torch.dtype) -> str:
 def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
     """Predict every phase of ``recipe`` (module docstring). Loads no weights; raises PlannerError."""
     fam, ckpt, parts = checkpoint_parts(recipe)
+    check_blocks_to_swap(recipe)
     d = recipe.data
-    trace = trace_transformer(fam, ckpt, recipe.model.task, d.frames, d.height, d.width, recipe.fps)
+    trace = trace_transformer(fam, ckpt, recipe.model.task, d.frames, d.height, d.width, recipe.fps, audio=d.audio)
     cache, enc_bytes, vae_work = caching_phase(recipe, d.frames)
     train = training_phase(recipe, trace)
     phases = [cache, train]
@@ -193,7 +227,8 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
         phases.append(val)
     latent, _ = fam.planning_inputs(recipe.model.task, d.frames, d.height, d.width, fam.max_sequence_length)
     tokens = latent[2] * latent[3] * latent[4] // _patch_area(parts["transformer"])
-    return Plan(recipe, ckpt, tokens, phases, vram_gb)
+    streams = fam.planning_streams(recipe.model.task, d.frames, d.height, d.width, recipe.fps) if d.audio else {}
+    return Plan(recipe, ckpt, tokens, phases, vram_gb, stream_tokens={n: s[1] for n, s in streams.items()})
 
 
 def training_phase(recipe: Recipe, trace: Trace) -> Phase:
@@ -237,7 +272,8 @@ def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], i
     fam, _, parts = checkpoint_parts(recipe)
     dtype, d = DTYPES[recipe.model.dtype], recipe.data
     cache = Phase("caching")
-    encoders = [n for n in ("text_encoder", "text_encoder_2", "image_encoder", "vae") if n in parts]
+    names = ("text_encoder", "text_encoder_2", "image_encoder", "vae") + (("audio_vae",) if d.audio else ())
+    encoders = [n for n in names if n in parts]
     # memory.text_encoder: text encoders on the card in the load dtype, in CPU memory (nothing on
     # the card), or with int8/fp8 block weights (1 byte + a per-row scale, as the transformer's)
     mode = recipe.memory.text_encoder
@@ -336,10 +372,13 @@ def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
     if plan.fits(vram_gb):
         return plan
     base: dict[str, Any] = {}
-    if recipe.memory.text_encoder == "gpu" and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
+    # cheaper text encoder settings than the recipe's, in order (a recipe already in fp8 or int8
+    # can still go to the CPU)
+    cheaper = {"gpu": ("fp8", "cpu"), "int8": ("cpu",), "fp8": ("cpu",)}.get(recipe.memory.text_encoder, ())
+    if cheaper and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
         # the encoders alone are too big: the first lever is where the text encoder runs (on the
         # CPU, the closest setting, when even fp8 does not fit)
-        fits = [m for m in ("fp8", "cpu")
+        fits = [m for m in cheaper
                 if caching_phase(_with(recipe, {"memory.text_encoder": m}), 1)[0].peak <= vram_gb * GIB]
         base["memory.text_encoder"] = fits[0] if fits else "cpu"
     cache = caching_phase(_with(recipe, base), 1)[0]
@@ -393,7 +432,8 @@ def format_plan(plan: Plan, source: str = "") -> str:
     """The plan as a readable table (GiB), its peak, fit, overrides and warnings."""
     r, d = plan.recipe, plan.recipe.data
     head = (f"memory plan{' for ' + source if source else ''}: {r.model.family} {plan.checkpoint} ({r.model.task}), "
-            f"{d.frames} frames x {d.height}x{d.width}, batch {r.optim.batch_size}, {plan.tokens:,} video tokens")
+            f"{d.frames} frames x {d.height}x{d.width}, batch {r.optim.batch_size}, {plan.tokens:,} video tokens"
+            + "".join(f" + {n:,} {name} tokens" for name, n in plan.stream_tokens.items()))
     width = max(len(label) for p in plan.phases for label, _ in p.items) + 2
     lines = [head, f"  {'phase':<12}{'item':<{width}}{'GiB':>8}"]
     for p in plan.phases:

@@ -5,9 +5,12 @@ each repeated kind, plus the embeddings and output head) is built on the meta de
 fake parameters under ``FakeTensorMode``; the family's own :meth:`Family.predict` then runs it on
 fake inputs of the recipe's shape (batch 1, latents and conditioning from
 :meth:`Family.planning_inputs`), in bf16, with the latents requiring grad (the gradient a LoRA
-needs flows through every block). ``saved_tensors_hooks`` see every tensor autograd keeps for
-backward; their bytes are summed once per storage, parameters excluded, and attributed to the
-block whose forward was running (forward hooks), or to "outside" (embeddings, head).
+needs flows through every block). Audio-video runs (``audio``) add the family's further streams
+(:meth:`Family.planning_streams`, LTX-2's sound at the clip's duration) as ``streams=``, their
+noisy inputs requiring grad too (the adapter covers those streams). ``saved_tensors_hooks`` see
+every tensor autograd keeps for backward; their bytes are summed once per storage, parameters
+excluded, and attributed to the block whose forward was running (forward hooks), or to
+"outside" (embeddings, head).
 
 Attention is counted as a flash kernel keeps it (q, k, v, out and a float32 logsumexp per head
 and query), never as the math kernel's [heads, L, L] matrix: the trace replaces
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from finetune.families.base import Components, Family, FullSize, ModelSpec
+from finetune.families.base import Components, Family, FullSize, ModelSpec, Stream
 from finetune.memory.architecture import BLOCK_COUNT_KEYS, build_meta, keeps_fp32
 
 
@@ -127,8 +130,9 @@ def _meta_components(fam: type[Family], parts: dict[str, FullSize], transformer:
 
 @functools.lru_cache(maxsize=64)
 def trace_transformer(fam: type[Family], checkpoint: str, task: str, frames: int, height: int, width: int,
-                      fps: float, dtype: torch.dtype = torch.bfloat16) -> Trace:
-    """Trace one forward of ``checkpoint``'s transformer (module docstring). Cached per shape."""
+                      fps: float, dtype: torch.dtype = torch.bfloat16, audio: bool = False) -> Trace:
+    """Trace one forward of ``checkpoint``'s transformer (module docstring); ``audio``: an
+    audio-video step (``data.audio``). Cached per shape."""
     parts = fam.full_size_configs(task)[checkpoint]
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = _fake_model(parts["transformer"], dtype, mode)
@@ -167,7 +171,12 @@ def trace_transformer(fam: type[Family], checkpoint: str, task: str, frames: int
         with _traceable(mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             latents = torch.zeros(latent_shape, dtype=dtype, requires_grad=True)
             cond = {k: torch.zeros(shape, dtype=dt) for k, (shape, dt) in cond_shapes.items()}
-            family.predict(model, latents, torch.full((1,), 500.0), cond, fps)
+            t = torch.full((1,), 500.0)
+            shapes = fam.planning_streams(task, frames, height, width, fps) if audio else {}
+            streams = {name: Stream(torch.zeros(shape, dtype=dtype, requires_grad=True), t, torch.zeros(shape))
+                       for name, shape in shapes.items()}
+            # streams= only when there are some: the protocol's predict takes it only then
+            family.predict(model, latents, t, cond, fps, **({"streams": streams} if streams else {}))
     finally:
         for h in hooks:
             h.remove()
