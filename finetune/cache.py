@@ -4,7 +4,7 @@ Each clip's VAE latents and each caption's text-encoder outputs are computed onc
 safetensors, named by a fingerprint of everything that determines them:
 
   latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps,
-            the conditioning frames of a continuation task
+            the conditioning frames of a continuation task, whether the VAE encoded in tiles
             (the file also holds the task's conditioning, e.g. the first frame's latents for i2v)
   text:     caption text, model id + revision, family
 
@@ -69,6 +69,8 @@ class CacheKey:
     task: str = "t2v"
     # conditioning frames of a video-conditioned task (continue); None for the others
     cond_frames: int | None = None
+    # the VAE encoded in tiles (memory.vae_tiling): tiled latents differ slightly from whole ones
+    vae_tiling: bool = False
 
 
 @lru_cache(maxsize=4096)
@@ -97,6 +99,8 @@ def latent_fingerprint(clip: Clip, key: CacheKey, with_caption: bool = False) ->
              "fps": key.fps, "task": key.task}
     if key.cond_frames is not None:  # only where set, so other tasks keep their fingerprints
         parts["cond_frames"] = key.cond_frames
+    if key.vae_tiling:  # likewise: untiled entries keep theirs
+        parts["vae_tiling"] = True
     if with_caption:
         parts["caption"] = clip.caption
     return _digest(parts)

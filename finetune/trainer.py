@@ -52,7 +52,7 @@ def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
     return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
                      tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization,
                      task=recipe.model.task, cond_frames=recipe.model.cond_frames,
-                     text_encoder=recipe.memory.text_encoder)
+                     text_encoder=recipe.memory.text_encoder, vae_tiling=recipe.memory.vae_tiling)
 
 
 def cache_key(recipe: Recipe, family: Family) -> CacheKey:
@@ -60,7 +60,8 @@ def cache_key(recipe: Recipe, family: Family) -> CacheKey:
     return CacheKey(family=recipe.model.family, model_id=family.encoders_id(), revision=spec.revision,
                     frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps,
                     task=spec.task,
-                    cond_frames=family.cond_frames if family.task_input(spec.task) == "video" else None)
+                    cond_frames=family.cond_frames if family.task_input(spec.task) == "video" else None,
+                    vae_tiling=family.vae_tiling_on())
 
 
 def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:

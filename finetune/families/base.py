@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from finetune.memory import vae as vae_tiling
 from finetune.memory.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ class ModelSpec:
     task: str = "t2v"
     # tasks conditioned on a video (continue): pixel frames of it given clean; None = the family's
     cond_frames: int | None = None
+    # "auto" | "on" | "off": tiled VAE encode/decode (finetune/memory/vae.py)
+    vae_tiling: str = "auto"
 
     @property
     def display_id(self) -> str:
@@ -197,6 +200,9 @@ class Family(ABC):
     # whether model.quantization=fp8 can load this family's transformer (its block linears are
     # nn.Linear and its loader goes through _loading.load_transformer)
     fp8_ok: ClassVar[bool] = True
+    # whether the family's VAE encodes and decodes in tiles (memory.vae_tiling=on); the default
+    # switch, set_vae_tiling, calls the diffusers VAE's own enable_tiling/enable_slicing
+    vae_tiles: ClassVar[bool] = True
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -284,7 +290,9 @@ class Family(ABC):
                 m.to(text_encoder_device(spec.text_encoder, device))
             elif spec.quantization in ("none", "fp8") or not name.startswith("transformer"):
                 m.to(device)
-        return cls(components, spec)
+        family = cls(components, spec)
+        family.set_vae_tiling(vae_tiling.wanted(spec.vae_tiling, device))
+        return family
 
     @classmethod
     @abstractmethod
@@ -299,6 +307,18 @@ class Family(ABC):
         """A tiny random model for ``task`` from configs in code, same classes as the real one.
         Called under a fixed torch seed; must refill all-zero parameters (gates, modulation) with
         small noise so LoRA gradients are not blocked."""
+
+    def set_vae_tiling(self, on: bool | None) -> None:
+        """``memory.vae_tiling``: the VAE encodes and decodes tile by tile with its own tile sizes
+        (True), whole frames (False) or as loaded (None); see finetune/memory/vae.py. Families whose
+        VAE tiles some other way override this. Raises VaeTilingUnsupported for True when
+        :attr:`vae_tiles` is False or the VAE has no ``enable_tiling``."""
+        if on is not None and self.components.vae is not None:
+            vae_tiling.set_tiling(self.components.vae, on, self.name, self.vae_tiles)
+
+    def vae_tiling_on(self) -> bool:
+        """Whether the VAE encodes in tiles now (tiled latents differ slightly: the cache keys them)."""
+        return vae_tiling.tiling_on(self.components.vae)
 
     @property
     def text_len(self) -> int:

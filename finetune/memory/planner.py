@@ -9,7 +9,9 @@ Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
   caching     text encoder(s), image encoder and VAE weights + the VAE's encode working memory
               (an estimate, not a trace: 3 feature maps of its first convolution's width over
               1 + temporal factor frames, the chunk causal video VAEs encode at a time, at the
-              resolution after the VAE's own pixel patchify if it has one)
+              resolution after the VAE's own pixel patchify if it has one; with
+              ``memory.vae_tiling`` on or auto, a GPU's default, over one tile of the VAE's own
+              tile size instead of the whole frame)
   training    frozen transformer weights as loaded (dtype, quantisation, block swap; both experts
               unless ``memory.offload_idle_expert``), LoRA parameters (fp32, 4 B), their
               gradients (fp32, 4 B, one expert at a time), optimizer state (AdamW: 8 B/param,
@@ -36,6 +38,7 @@ from finetune.errors import UserError
 from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.memory.architecture import blocks_of, build_meta, lora_param_count, weight_bytes
 from finetune.memory.trace import Trace, trace_transformer
+from finetune.memory.vae import tile_size as vae_tile_size
 
 GIB = 2 ** 30
 RUNTIME_OVERHEAD = int(0.5 * GIB)
@@ -149,12 +152,16 @@ def activation_bytes(trace: Trace, counts: dict[str, int], checkpointing: bool, 
     return kept + recompute + trace.outside, workspace
 
 
-def _vae_working(vae: torch.nn.Module, frames: int, height: int, width: int, temporal: int, dtype: torch.dtype) -> int:
-    """Encode working memory estimate (module docstring)."""
+def _vae_working(vae: torch.nn.Module, frames: int, height: int, width: int, temporal: int, dtype: torch.dtype,
+                 tiled: bool = False) -> int:
+    """Encode working memory estimate (module docstring); ``tiled``: one tile of the frame."""
     conv = next((m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
     width_c = conv.out_channels if conv is not None else 128
     size = torch.empty((), dtype=dtype).element_size()
     patch = getattr(vae.config, "patch_size", None)  # VAEs that patchify pixels first convolve at 1/patch
+    tile = vae_tile_size(vae) if tiled else None
+    if tile is not None:
+        height, width = min(height, tile[0]), min(width, tile[1])
     area = height * width // (patch * patch if isinstance(patch, int) and patch > 1 else 1)
     return 3 * width_c * min(frames, temporal + 1) * area * size
 
@@ -250,9 +257,13 @@ def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], i
         cache.items.append((f"{n} ({labels[n]})", enc_bytes[n]))
     vae_work = 0
     if "vae" in parts:
-        vae_work = _vae_working(build_meta(parts["vae"]), frames, d.height, d.width, fam.frame_rule.temporal_factor,
-                                _dtype_of(parts["vae"], dtype))
-        cache.items.append(("VAE encode working memory (estimate)", vae_work))
+        vae = build_meta(parts["vae"])
+        # the planner plans a GPU run, where memory.vae_tiling=auto tiles
+        tiled = recipe.memory.vae_tiling != "off" and fam.vae_tiles and vae_tile_size(vae) is not None
+        vae_work = _vae_working(vae, frames, d.height, d.width, fam.frame_rule.temporal_factor,
+                                _dtype_of(parts["vae"], dtype), tiled)
+        tile = f", tiled {vae_tile_size(vae)[0]}x{vae_tile_size(vae)[1]}" if tiled else ""
+        cache.items.append((f"VAE encode working memory (estimate{tile})", vae_work))
     cache.items.append(("runtime overhead", RUNTIME_OVERHEAD))
     return cache, enc_bytes, vae_work
 
