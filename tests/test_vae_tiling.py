@@ -85,3 +85,17 @@ def test_tiling_on_for_a_family_without_tiles_is_a_named_error(clips, tmp_path, 
         get_family("wan").load(ModelSpec(pretrained="tiny", tiny=True, vae_tiling="on"))
     # auto and off stay quiet: there is nothing to switch
     get_family("wan").load(ModelSpec(pretrained="tiny", tiny=True, vae_tiling="auto"))
+
+
+def test_the_planner_counts_one_tile_of_encode_working_memory():
+    from finetune.memory.planner import caching_phase
+
+    path = "recipes/wan/i2v-14b_16gb.yaml"
+    work = {}
+    for mode in ("off", "on", "auto"):
+        phase = caching_phase(load_recipe(path, [f"memory.vae_tiling={mode}"]), 81)[0]
+        (item,) = [it for it in phase.items if it[0].startswith("VAE encode working memory")]
+        work[mode] = item
+    assert work["auto"] == work["on"] and "tiled 256x256" in work["on"][0]
+    # 480x832 against 256x256 tiles: the frame is 6.1 tiles
+    assert work["off"][1] / work["on"][1] == pytest.approx(480 * 832 / (256 * 256))

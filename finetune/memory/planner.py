@@ -16,9 +16,12 @@ Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
               unless ``memory.offload_idle_expert``), LoRA parameters (fp32, 4 B), their
               gradients (fp32, 4 B, one expert at a time), optimizer state (AdamW: 8 B/param,
               AdamW8bit: 2 B/param), activations and workspace (:func:`activation_bytes`)
-  validation  only with ``validation.prompts``: the training weights and LoRA plus every
-              encoder (the trainer moves them back for rendering) and one block's activations
-              per classifier-free-guidance branch
+  validation  only with ``validation.prompts``: the optimizer state, which stays on the card,
+              plus the largest of the models the render brings in one at a time
+              (finetune/memory/render.py): each text or image encoder (none for
+              ``memory.text_encoder=cpu``, which runs in host memory), each transformer with its
+              LoRA and one block's activations per classifier-free-guidance branch, or the VAE
+              with its decode working memory (the encode estimate, tiled as for caching)
 Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace, allocator slack).
 
 Block swap (``memory.blocks_to_swap: N``): N blocks live in host memory; one block's weights
@@ -183,20 +186,33 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
     train = training_phase(recipe, trace)
     phases = [cache, train]
     v = recipe.validation
-    if v.prompts:  # everything resident at once while rendering
-        val = Phase("validation")
-        val.items += [it for it in train.items if "frozen weights" in it[0] or it[0].startswith("LoRA param")]
-        val.items += [(f"{n} ({_label(_dtype_of(parts[n], DTYPES[recipe.model.dtype]))})", b)
-                      for n, b in enc_bytes.items()]
-        branches = 2 if v.guidance > 1 else 1
-        denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
-        val.items.append((f"denoising activations ({branches} guidance branch{'es' if branches > 1 else ''}) "
-                          f"/ VAE decode", max(denoise, vae_work)))
-        val.items.append(("runtime overhead", RUNTIME_OVERHEAD))
-        phases.append(val)
+    if v.prompts:
+        phases.append(validation_phase(recipe, train, enc_bytes, vae_work, trace))
     latent, _ = fam.planning_inputs(recipe.model.task, d.frames, d.height, d.width, fam.max_sequence_length)
     tokens = latent[2] * latent[3] * latent[4] // _patch_area(parts["transformer"])
     return Plan(recipe, ckpt, tokens, phases, vram_gb)
+
+
+def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], vae_work: int, trace: Trace) -> Phase:
+    """A validation render (module docstring): the optimizer state plus the largest model in
+    use, each model coming to the card only while it runs."""
+    fam, _, parts = checkpoint_parts(recipe)
+    dtype, quant, v = DTYPES[recipe.model.dtype], recipe.model.quantization, recipe.validation
+    branches = 2 if v.guidance > 1 else 1
+    denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
+    lora = next(b for label, b in train.items if label.startswith("LoRA param"))
+    stages = {n: b for n, b in enc_bytes.items() if n != "vae" and b}
+    for n in (n for n in ("transformer", "transformer_2") if n in parts):
+        stages[f"{n} + LoRA + denoising ({branches} guidance branch{'es' if branches > 1 else ''})"] = \
+            weight_bytes(build_meta(parts[n]), dtype, quant) + lora + denoise
+    if "vae" in parts:
+        stages["vae + decode working memory"] = enc_bytes["vae"] + vae_work
+    largest = max(stages, key=stages.get)
+    val = Phase("validation")
+    val.items += [it for it in train.items if it[0].startswith("optimizer state")]
+    val.items.append((f"largest model in use: {largest}", stages[largest]))
+    val.items.append(("runtime overhead", RUNTIME_OVERHEAD))
+    return val
 
 
 def training_phase(recipe: Recipe, trace: Trace) -> Phase:
