@@ -99,3 +99,19 @@ def test_the_planner_counts_one_tile_of_encode_working_memory():
     assert work["auto"] == work["on"] and "tiled 256x256" in work["on"][0]
     # 480x832 against 256x256 tiles: the frame is 6.1 tiles
     assert work["off"][1] / work["on"][1] == pytest.approx(480 * 832 / (256 * 256))
+
+
+@pytest.mark.parametrize("family", sorted({c.partition(":")[0] for c in __import__("conftest").registry_cases()}))
+def test_every_tiny_vae_encodes_with_tiling_on(family, tmp_path):
+    """memory.vae_tiling=on (the GPU default) must not break a family's tiny recipe: the latents keep
+    their shape (the tiny CogVideoX VAE's tiles follow its small sample size and needed widening)."""
+    recipe = tiny_recipe(family, tmp_path / "manifest.jsonl", tmp_path / "run", "memory.vae_tiling=on")
+    fam = recipe.family_cls().load(trainer.model_spec(recipe, torch.device("cpu")))
+    assert fam.vae_tiling_on()
+    d = recipe.data
+    video = smooth_video(d.frames, max(d.height, d.width))[..., :d.height, :d.width]
+    with torch.no_grad():
+        tiled = fam.encode_videos(video, generator=torch.Generator().manual_seed(0))
+        fam.set_vae_tiling(False)
+        whole = fam.encode_videos(video, generator=torch.Generator().manual_seed(0))
+    assert tiled.shape == whole.shape
