@@ -24,9 +24,11 @@ The configurations:
                  fails as out of memory instead of borrowing the rest of the card
 
 How a step is measured: the family's transformer(s) are built from the family's
-``full_size_configs`` directly on the GPU under a bf16 default dtype with the class's own random
-init (building on the meta device and materialising with ``to_empty`` would leave computed buffers,
-such as rotary tables, uninitialised), quantised as the recipe says, given the trainer's LoRA
+``full_size_configs`` directly on the GPU with the class's own random init in float32, then cast to
+bf16 tensor by tensor, keeping what ``from_pretrained`` keeps in float32 (building on the meta device
+and materialising with ``to_empty`` would leave computed buffers, such as rotary tables,
+uninitialised; the float32 build caps a case at about 18B parameters on an 80 GB card), quantised
+as the recipe says, given the trainer's LoRA
 (``trainer.add_lora``) and optimizer (``trainer.make_optimizer``); the inputs are random tensors of
 the shapes the planner traces (``Family.planning_inputs``); the step is ``trainer.denoising_loss``
 under bf16 autocast, backward, gradient clipping, optimizer step. Peaks are reset after building, so
@@ -164,13 +166,9 @@ def build_full_size(recipe, device):
     for i, name in enumerate(n for n in ("transformer", "transformer_2") if n in parts):
         full = parts[name]
         torch.manual_seed(i)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = full.cls.from_config(full.config)
-        finally:
-            torch.set_default_dtype(previous)
+        with torch.device(device):  # the class's own init, in float32, on the GPU
+            model = full.cls.from_config(full.config)
+        model.to(dtype)  # tensor by tensor: the peak is the float32 model
         for pname, p in model.named_parameters():
             if keeps_fp32(model, pname, dtype):  # as from_pretrained keeps them
                 p.data = p.data.float()
@@ -368,7 +366,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 def print_table(rows: list[dict], tiny: bool) -> None:
     device = next((r["device"] for row in rows for r in row["results"].values() if r.get("device")), "?")
-    print(f"bench/memory.py on {device}{' (--tiny: tiny models, no CUDA allocator, memory columns empty)' if tiny else ''}")
+    note = " (--tiny: tiny models, no CUDA allocator, memory columns empty)" if tiny else ""
+    print(f"bench/memory.py on {device}{note}")
     head = (f"{'case':<22}{'config':<26}{'s/step':>9}{'alloc GiB':>11}{'reserv GiB':>12}{'pred GiB':>10}"
             f"{'meas/pred':>11}{'vs base':>9}{'MFU':>7}")
     print(head)
@@ -381,8 +380,9 @@ def print_table(rows: list[dict], tiny: bool) -> None:
                 continue
             rel = row.get("budget_over_unconstrained_time") if config == "budget" else 1.0
             mfu = row.get("mfu") if config == "unconstrained" else None
-            print(f"{row['case']:<22}{label:<26}{r['seconds_per_step']:>9.3f}{_fmt(r.get('peak_allocated_gib'), '.2f'):>11}"
-                  f"{_fmt(r.get('peak_reserved_gib'), '.2f'):>12}{_fmt(r.get('predicted_allocated_gib'), '.2f'):>10}"
+            print(f"{row['case']:<22}{label:<26}{r['seconds_per_step']:>9.3f}"
+                  f"{_fmt(r.get('peak_allocated_gib'), '.2f'):>11}{_fmt(r.get('peak_reserved_gib'), '.2f'):>12}"
+                  f"{_fmt(r.get('predicted_allocated_gib'), '.2f'):>10}"
                   f"{_fmt(r.get('measured_over_predicted'), '.3f'):>11}{_fmt(rel, '.2f'):>9}"
                   f"{_fmt(mfu and 100 * mfu, '.1f'):>7}")
             if r.get("overrides"):

@@ -74,7 +74,8 @@ def idle_offloaded(family: Family, pipe: Any, device: torch.device | str) -> Ite
     device = torch.device(device)
     modules = pipeline_modules(pipe)
     before = placement(modules)
-    host_run = {id(getattr(family.components, n)) for n in TEXT_ENCODERS if family.spec.text_encoder == "cpu"}
+    host_run = {id(m) for n in TEXT_ENCODERS if family.spec.text_encoder == "cpu"
+                and (m := getattr(family.components, n)) is not None}
     hooked: list[str] = []
     try:
         prev = None
