@@ -265,7 +265,8 @@ class Family(ABC):
     def load(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> "Family":
         """Build the family with weights from ``spec``: the real ``from_pretrained`` path or the
         tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``; text
-        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says."""
+        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says; the VAE tiles as
+        ``spec.vae_tiling`` says on ``device`` (raises VaeTilingUnsupported for an impossible ``on``)."""
         if spec.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)
