@@ -4,9 +4,10 @@ Each clip's VAE latents and each caption's text-encoder outputs are computed onc
 safetensors, named by a fingerprint of everything that determines them:
 
   latents:  clip content (sha256), model id + revision, family, task, frames, height, width, fps,
-            the conditioning frames of a continuation task, whether the run trains sound
-            (the file also holds the task's conditioning, e.g. the first frame's latents for i2v, and
-            in audio runs the family's audio latents of the clip's sound over the same time range)
+            the conditioning frames of a continuation task, whether the run trains sound, whether
+            the VAE encoded in tiles (the file also holds the task's conditioning, e.g. the first
+            frame's latents for i2v, and in audio runs the family's audio latents of the clip's sound
+            over the same time range)
   text:     caption text, model id + revision, family
 
 so changing one caption re-encodes that caption only, and changing the resolution recomputes
@@ -72,6 +73,8 @@ class CacheKey:
     cond_frames: int | None = None
     # data.audio: the entry also holds the clip's audio latents
     audio: bool = False
+    # the VAE encoded in tiles (memory.vae_tiling): tiled latents differ slightly from whole ones
+    vae_tiling: bool = False
 
 
 @lru_cache(maxsize=4096)
@@ -102,6 +105,8 @@ def latent_fingerprint(clip: Clip, key: CacheKey, with_caption: bool = False) ->
         parts["cond_frames"] = key.cond_frames
     if key.audio:  # likewise: video-only entries keep theirs
         parts["audio"] = True
+    if key.vae_tiling:  # likewise: untiled entries keep theirs
+        parts["vae_tiling"] = True
     if with_caption:
         parts["caption"] = clip.caption
     return _digest(parts)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from finetune.errors import RecipeError
 
@@ -126,6 +126,16 @@ class MemoryConfig(_Section):
         False, description="Keep what the transformer saves for backward (with gradient checkpointing: each "
                            "block's input) in host memory between forward and backward."
     )
+    vae_tiling: Literal["auto", "on", "off"] = Field(
+        "auto", description="VAE encode (cache) and decode (samples) in tiles: on, off, or auto = on for GPU runs "
+                            "(finetune/memory/vae.py)."
+    )
+
+    @field_validator("vae_tiling", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class CacheConfig(_Section):
@@ -243,6 +253,9 @@ def family_problems(data: dict) -> list[str]:
         out.append(
             f"model.quantization={model['quantization']!r} needs real weights on a GPU (set it to none for tiny models)"
         )
+    memory = data.get("memory") if isinstance(data.get("memory"), dict) else {}
+    if memory.get("vae_tiling") in ("on", True) and not fam.vae_tiles:
+        out.append(f"memory.vae_tiling='on': {fam.name}'s VAE cannot encode in tiles (set it to auto or off)")
     if model.get("quantization") == "fp8" and not fam.fp8_ok:
         out.append(f"model.quantization='fp8': {fam.name}'s transformer cannot be loaded in fp8 yet "
                    f"(use int8 or nf4 on a GPU, or none)")

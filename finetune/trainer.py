@@ -53,7 +53,7 @@ def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
     return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
                      tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization,
                      task=recipe.model.task, cond_frames=recipe.model.cond_frames,
-                     text_encoder=recipe.memory.text_encoder)
+                     text_encoder=recipe.memory.text_encoder, vae_tiling=recipe.memory.vae_tiling)
 
 
 def cache_key(recipe: Recipe, family: Family) -> CacheKey:
@@ -62,7 +62,7 @@ def cache_key(recipe: Recipe, family: Family) -> CacheKey:
                     frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps,
                     task=spec.task,
                     cond_frames=family.cond_frames if family.task_input(spec.task) == "video" else None,
-                    audio=recipe.data.audio)
+                    audio=recipe.data.audio, vae_tiling=family.vae_tiling_on())
 
 
 def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:
@@ -473,28 +473,29 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
     """Render each validation prompt with the adapters as trained so far into
     ``<run>/samples/step-<step>-<k>.mp4`` (main process; the others wait). i2v runs condition on
     ``validation.images``, or on the first frame of the training clips; continuation runs on the
-    first frames of the training clips."""
+    first frames of the training clips. Each model is on the device only while it runs, and every
+    module is back where it was afterwards (finetune/memory/render.py)."""
     from finetune.inference import RenderArgs, render_to_file  # inference code only when sampling
+    from finetune.memory.render import idle_offloaded
 
     paths = []
     if accelerator.is_main_process:
         v, d = recipe.validation, recipe.data
-        family.move_encoders(accelerator.device)
         for t in transformers:
             t.eval()
         pipe = family.pipeline()
         kind = family.task_input(family.task)
         inputs = validation_inputs(recipe, family) if kind else []
-        for k, prompt in enumerate(v.prompts):
-            args = RenderArgs(prompt=prompt, frames=d.frames, height=d.height, width=d.width, fps=recipe.fps,
-                              steps=v.steps, guidance=v.guidance, seed=v.seed,
-                              **({kind: inputs[k % len(inputs)]} if inputs else {}))
-            out = Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"
-            with torch.no_grad(), accelerator.autocast():
-                paths.append(render_to_file(family, pipe, args, out))
+        with idle_offloaded(family, pipe, accelerator.device):
+            for k, prompt in enumerate(v.prompts):
+                args = RenderArgs(prompt=prompt, frames=d.frames, height=d.height, width=d.width, fps=recipe.fps,
+                                  steps=v.steps, guidance=v.guidance, seed=v.seed,
+                                  **({kind: inputs[k % len(inputs)]} if inputs else {}))
+                out = Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"
+                with torch.no_grad(), accelerator.autocast():
+                    paths.append(render_to_file(family, pipe, args, out))
         for t in transformers:
             t.train()
-        family.move_encoders("cpu")
     accelerator.wait_for_everyone()
     return paths
 

@@ -190,6 +190,10 @@ class CogVideoXBase(Family):
         conv.bias[16:] -= 8.0  # log-variance about -8: posterior std ~0.02 of a unit-scale latent
         std = (raw - mean.view(1, -1, 1, 1, 1)).std().item()
         vae.register_to_config(scaling_factor=1.0 / std)
+        # Its tile size follows sample_height (half of it: 16 px here), too small for the encoder's
+        # convolutions once a frame is split; 64 px tiles keep memory.vae_tiling=on working.
+        vae.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64)
+        vae.disable_tiling()
         return vae
 
     @classmethod

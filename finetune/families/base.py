@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from finetune.memory import vae as vae_tiling
 from finetune.memory.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class ModelSpec:
     task: str = "t2v"
     # tasks conditioned on a video (continue): pixel frames of it given clean; None = the family's
     cond_frames: int | None = None
+    # "auto" | "on" | "off": tiled VAE encode/decode (finetune/memory/vae.py)
+    vae_tiling: str = "auto"
 
     @property
     def display_id(self) -> str:
@@ -220,6 +223,9 @@ class Family(ABC):
     fp8_ok: ClassVar[bool] = True
     # whether the model generates sound and can train it (recipe data.audio: true; encode_audio)
     supports_audio: ClassVar[bool] = False
+    # whether the family's VAE encodes and decodes in tiles (memory.vae_tiling=on); the default
+    # switch, set_vae_tiling, calls the diffusers VAE's own enable_tiling/enable_slicing
+    vae_tiles: ClassVar[bool] = True
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -299,9 +305,10 @@ class Family(ABC):
              transformer_device: torch.device | str | None = None) -> "Family":
         """Build the family with weights from ``spec``: the real ``from_pretrained`` path or the
         tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``; text
-        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says. The transformers
-        go to ``transformer_device`` if given (the CPU under block swap, which moves them to the
-        accelerator only once their swapped blocks stream), else to ``device``."""
+        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says; the VAE tiles as
+        ``spec.vae_tiling`` says on ``device`` (raises VaeTilingUnsupported for an impossible ``on``).
+        The transformers go to ``transformer_device`` if given (the CPU under block swap, which
+        moves them to the accelerator only once their swapped blocks stream), else to ``device``."""
         if spec.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)
@@ -327,7 +334,9 @@ class Family(ABC):
             elif spec.quantization in ("none", "fp8") or not name.startswith("transformer"):
                 on_host = transformer_device is not None and name.startswith("transformer")
                 m.to(transformer_device if on_host else device)
-        return cls(components, spec)
+        family = cls(components, spec)
+        family.set_vae_tiling(vae_tiling.wanted(spec.vae_tiling, device))
+        return family
 
     @classmethod
     @abstractmethod
@@ -342,6 +351,18 @@ class Family(ABC):
         """A tiny random model for ``task`` from configs in code, same classes as the real one.
         Called under a fixed torch seed; must refill all-zero parameters (gates, modulation) with
         small noise so LoRA gradients are not blocked."""
+
+    def set_vae_tiling(self, on: bool | None) -> None:
+        """``memory.vae_tiling``: the VAE encodes and decodes tile by tile with its own tile sizes
+        (True), whole frames (False) or as loaded (None); see finetune/memory/vae.py. Families whose
+        VAE tiles some other way override this. Raises VaeTilingUnsupported for True when
+        :attr:`vae_tiles` is False or the VAE has no ``enable_tiling``."""
+        if on is not None and self.components.vae is not None:
+            vae_tiling.set_tiling(self.components.vae, on, self.name, self.vae_tiles)
+
+    def vae_tiling_on(self) -> bool:
+        """Whether the VAE encodes in tiles now (tiled latents differ slightly: the cache keys them)."""
+        return vae_tiling.tiling_on(self.components.vae)
 
     @property
     def text_len(self) -> int:

@@ -307,6 +307,8 @@ class BlockSwap:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        if getattr(self.model, "_block_swap", None) is self:
+            del self.model._block_swap
         self.evict_all()
         for slots in self.slots:
             for s in slots:
@@ -330,6 +332,7 @@ def install_block_swap(model: torch.nn.Module, n: int, device: torch.device | st
     names = {id(b): f"{ln}.{i}" for ln in block_lists(model) for i, b in enumerate(getattr(model, ln))}
     swap = BlockSwap(model, list(range(first, len(blocks))), swapped,
                      [_slots(b, transfer, names[id(b)]) for b in swapped], transfer, log)
+    model._block_swap = swap  # the model manages its own placement (finetune/memory/render.py leaves it be)
     swap.handles.append(model.register_forward_pre_hook(swap._model_pre))
     swap.handles.append(model.register_forward_hook(swap._model_post))
     for k, block in enumerate(swapped):

@@ -9,14 +9,19 @@ Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
   caching     text encoder(s), image encoder and VAE weights + the VAE's encode working memory
               (an estimate, not a trace: 3 feature maps of its first convolution's width over
               1 + temporal factor frames, the chunk causal video VAEs encode at a time, at the
-              resolution after the VAE's own pixel patchify if it has one)
+              resolution after the VAE's own pixel patchify if it has one; with
+              ``memory.vae_tiling`` on or auto, a GPU's default, over one tile of the VAE's own
+              tile size instead of the whole frame)
   training    frozen transformer weights as loaded (dtype, quantisation, block swap; both experts
               unless ``memory.offload_idle_expert``), LoRA parameters (fp32, 4 B), their
               gradients (fp32, 4 B, one expert at a time), optimizer state (AdamW: 8 B/param,
               AdamW8bit: 2 B/param), activations and workspace (:func:`activation_bytes`)
-  validation  only with ``validation.prompts``: the training weights and LoRA plus every
-              encoder (the trainer moves them back for rendering) and one block's activations
-              per classifier-free-guidance branch
+  validation  only with ``validation.prompts``: the optimizer state, which stays on the card,
+              plus the largest of the models the render brings in one at a time
+              (finetune/memory/render.py): each text or image encoder (none for
+              ``memory.text_encoder=cpu``, which runs in host memory), each transformer with its
+              LoRA and one block's activations per classifier-free-guidance branch, or the VAE
+              with its decode working memory (the encode estimate, tiled as for caching)
 Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace, allocator slack).
 
 Audio-video runs (``data.audio: true``, families with ``supports_audio``): the LoRA counts the
@@ -47,6 +52,7 @@ from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.memory.architecture import blocks_of, build_meta, lora_param_count, weight_bytes
 from finetune.memory.blockswap import BlockSwapError
 from finetune.memory.trace import Trace, trace_transformer
+from finetune.memory.vae import tile_size as vae_tile_size
 
 GIB = 2 ** 30
 RUNTIME_OVERHEAD = int(0.5 * GIB)
@@ -186,12 +192,16 @@ def activation_bytes(trace: Trace, counts: dict[str, int], checkpointing: bool, 
     return kept + recompute + trace.outside, workspace
 
 
-def _vae_working(vae: torch.nn.Module, frames: int, height: int, width: int, temporal: int, dtype: torch.dtype) -> int:
-    """Encode working memory estimate (module docstring)."""
+def _vae_working(vae: torch.nn.Module, frames: int, height: int, width: int, temporal: int, dtype: torch.dtype,
+                 tiled: bool = False) -> int:
+    """Encode working memory estimate (module docstring); ``tiled``: one tile of the frame."""
     conv = next((m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
     width_c = conv.out_channels if conv is not None else 128
     size = torch.empty((), dtype=dtype).element_size()
     patch = getattr(vae.config, "patch_size", None)  # VAEs that patchify pixels first convolve at 1/patch
+    tile = vae_tile_size(vae) if tiled else None
+    if tile is not None:
+        height, width = min(height, tile[0]), min(width, tile[1])
     area = height * width // (patch * patch if isinstance(patch, int) and patch > 1 else 1)
     return 3 * width_c * min(frames, temporal + 1) * area * size
 
@@ -214,21 +224,34 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
     train = training_phase(recipe, trace)
     phases = [cache, train]
     v = recipe.validation
-    if v.prompts:  # everything resident at once while rendering
-        val = Phase("validation")
-        val.items += [it for it in train.items if "frozen weights" in it[0] or it[0].startswith("LoRA param")]
-        val.items += [(f"{n} ({_label(_dtype_of(parts[n], DTYPES[recipe.model.dtype]))})", b)
-                      for n, b in enc_bytes.items()]
-        branches = 2 if v.guidance > 1 else 1
-        denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
-        val.items.append((f"denoising activations ({branches} guidance branch{'es' if branches > 1 else ''}) "
-                          f"/ VAE decode", max(denoise, vae_work)))
-        val.items.append(("runtime overhead", RUNTIME_OVERHEAD))
-        phases.append(val)
+    if v.prompts:
+        phases.append(validation_phase(recipe, train, enc_bytes, vae_work, trace))
     latent, _ = fam.planning_inputs(recipe.model.task, d.frames, d.height, d.width, fam.max_sequence_length)
     tokens = latent[2] * latent[3] * latent[4] // _patch_area(parts["transformer"])
     streams = fam.planning_streams(recipe.model.task, d.frames, d.height, d.width, recipe.fps) if d.audio else {}
     return Plan(recipe, ckpt, tokens, phases, vram_gb, stream_tokens={n: s[1] for n, s in streams.items()})
+
+
+def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], vae_work: int, trace: Trace) -> Phase:
+    """A validation render (module docstring): the optimizer state plus the largest model in
+    use, each model coming to the card only while it runs."""
+    fam, _, parts = checkpoint_parts(recipe)
+    dtype, quant, v = DTYPES[recipe.model.dtype], recipe.model.quantization, recipe.validation
+    branches = 2 if v.guidance > 1 else 1
+    denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
+    lora = next(b for label, b in train.items if label.startswith("LoRA param"))
+    stages = {n: b for n, b in enc_bytes.items() if n != "vae" and b}
+    for n in (n for n in ("transformer", "transformer_2") if n in parts):
+        stages[f"{n} + LoRA + denoising ({branches} guidance branch{'es' if branches > 1 else ''})"] = \
+            weight_bytes(build_meta(parts[n]), dtype, quant) + lora + denoise
+    if "vae" in parts:
+        stages["vae + decode working memory"] = enc_bytes["vae"] + vae_work
+    largest = max(stages, key=stages.get)
+    val = Phase("validation")
+    val.items += [it for it in train.items if it[0].startswith("optimizer state")]
+    val.items.append((f"largest model in use: {largest}", stages[largest]))
+    val.items.append(("runtime overhead", RUNTIME_OVERHEAD))
+    return val
 
 
 def training_phase(recipe: Recipe, trace: Trace) -> Phase:
@@ -290,9 +313,13 @@ def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], i
         cache.items.append((f"{n} ({labels[n]})", enc_bytes[n]))
     vae_work = 0
     if "vae" in parts:
-        vae_work = _vae_working(build_meta(parts["vae"]), frames, d.height, d.width, fam.frame_rule.temporal_factor,
-                                _dtype_of(parts["vae"], dtype))
-        cache.items.append(("VAE encode working memory (estimate)", vae_work))
+        vae = build_meta(parts["vae"])
+        # the planner plans a GPU run, where memory.vae_tiling=auto tiles
+        tiled = recipe.memory.vae_tiling != "off" and fam.vae_tiles and vae_tile_size(vae) is not None
+        vae_work = _vae_working(vae, frames, d.height, d.width, fam.frame_rule.temporal_factor,
+                                _dtype_of(parts["vae"], dtype), tiled)
+        tile = f", tiled {vae_tile_size(vae)[0]}x{vae_tile_size(vae)[1]}" if tiled else ""
+        cache.items.append((f"VAE encode working memory (estimate{tile})", vae_work))
     cache.items.append(("runtime overhead", RUNTIME_OVERHEAD))
     return cache, enc_bytes, vae_work
 
