@@ -41,15 +41,14 @@ def test_budget_settings_come_from_the_planner_and_unrun_ones_are_skips(monkeypa
     recipe, overrides, skip = bench.config_recipe(bench.CASES["ltx-2b"], "budget")
     assert skip == "" and overrides == {"memory.text_encoder": "fp8"}
     assert recipe.memory.text_encoder == "fp8"
-    # Wan 2.1 14B at 81 frames needs block swap and activation offload, which the trainer refuses today
-    _, overrides, skip = bench.config_recipe(bench.CASES["wan-14b"], "budget")
-    assert overrides["memory.blocks_to_swap"] > 0 and skip.startswith("NotImplementedYet")
-    # once the trainer runs them, the bench still says it does not apply them rather than ignoring them
-    from finetune.memory import planner
-
-    monkeypatch.setattr(planner, "NOT_IMPLEMENTED", {})
+    # Wan 2.1 14B at 81 frames needs block swap and activation offload: the bench runs them as the trainer does
+    recipe, overrides, skip = bench.config_recipe(bench.CASES["wan-14b"], "budget")
+    assert overrides["memory.blocks_to_swap"] > 0 and overrides["memory.activation_offload"] is True
+    assert skip == "" and recipe.memory.blocks_to_swap == overrides["memory.blocks_to_swap"]
+    # a setting the bench does not apply itself is a skip line, never silently ignored
+    monkeypatch.setattr(bench, "APPLIED", bench.APPLIED - {"memory.blocks_to_swap"})
     _, _, skip = bench.config_recipe(bench.CASES["wan-14b"], "budget")
-    assert "memory.activation_offload, memory.blocks_to_swap: not applied by bench/memory.py" in skip
+    assert "memory.blocks_to_swap: not applied by bench/memory.py" in skip
     recipe, overrides, skip = bench.config_recipe(bench.CASES["wan-14b"], "unconstrained")
     assert (recipe.model.quantization, recipe.optim.optimizer, overrides, skip) == ("none", "adamw", {}, "")
 
