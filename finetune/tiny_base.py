@@ -6,8 +6,8 @@ small Wan 2.1-shaped model (the real diffusers classes: ``AutoencoderKLWan``,
 the Wan UniPC scheduler) on the sample footage in ``tests/assets`` on a CPU, in two stages:
 
 1. the VAE (8x spatial, 4x temporal, 16 latent channels, wider than the tiny random one so that
-   32x32 frames come back recognisably), as an image autoencoder: L1 reconstruction + a small KL
-   term on single frames of the footage. Its temporal layers are set by hand instead of trained
+   32x32 frames come back recognisably), as an image autoencoder: L1 reconstruction of the
+   posterior mean + a small KL term on single frames of the footage. Its temporal layers are set by hand instead of trained
    (the causal convolutions see only the current frame, the temporal downsampler keeps the last
    frame of each pair and the upsampler repeats frames), because backpropagating through the
    VAE's frame-by-frame video path costs about ten times more per sample, too much for a CPU
@@ -112,7 +112,8 @@ def train_vae(vae, clips: torch.Tensor, steps: int, seed: int, minutes: float, b
               kl_weight: float = 1e-6) -> tuple[float, int]:
     """clips [N, 3, 1, H, W] in [-1, 1] (single frames: the spatial weights only, the temporal
     ones stay as :func:`make_framewise` set them, the first time slice being the only one a
-    single frame reaches). Adam on L1 reconstruction + ``kl_weight`` * KL, random flips; returns
+    single frame reaches). Adam on L1 reconstruction of the posterior mean + ``kl_weight`` * KL,
+    random flips; returns
     the last 50 steps' mean L1 and the steps done (fewer than ``steps`` if ``minutes`` ran out)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -126,8 +127,9 @@ def train_vae(vae, clips: torch.Tensor, steps: int, seed: int, minutes: float, b
         if torch.rand(1, generator=gen) < 0.5:
             x = x.flip(-1)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
+        # Decoded from the posterior mean, as the trainer encodes: a sampled latent buries the
+        # untrained encoder's small signal in unit noise and nothing is learned in a CPU budget.
+        recon = vae.decode(post.mode()).sample
         l1 = (recon - x).abs().mean()
         loss = l1 + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -265,7 +267,7 @@ full step count); this run did {args.vae_done} VAE steps and {args.transformer_d
 re-run reproduces these weights only if it gets exactly as far.
 
 - VAE (`AutoencoderKLWan`, base_dim 16, dim_mult [1, 2, 2, 2], z_dim 16; 8x spatial, 4x temporal):
-  {args.vae_done} Adam steps (of a {args.vae_steps}-step cosine schedule), batch 8, lr 2e-3 cosine, L1 + 1e-6 KL on single 32x32 frames
+  {args.vae_done} Adam steps (of a {args.vae_steps}-step cosine schedule), batch 8, lr 2e-3 cosine, L1 (of the decoded posterior mean) + 1e-6 KL on single 32x32 frames
   (every 4th frame of {n_clips} 9-frame windows at about 8 fps), random horizontal flips; temporal
   weights set by hand (frame by frame: `make_framewise` in `finetune/tiny_base.py`); final L1 {vae_l1:.4f} (pixels in [-1, 1]). latents_mean/std are
   the per-channel statistics of the posterior modes of those windows.
