@@ -72,10 +72,10 @@ def windows(video: torch.Tensor, rate: float, frames: int, fps: float, every: in
 
 
 def build_untrained(seed: int) -> dict:
-    """The pipeline's parts before training, seeded: VAE 16-base (dims 16, 32, 32, 32), 2-layer
+    """The pipeline's parts before training, seeded: VAE 8-base (dims 8, 16, 16, 16), 2-layer
     transformer (4 heads x 32), 1-layer umT5 d 32, character tokenizer, Wan UniPC scheduler."""
     torch.manual_seed(seed)
-    vae = make_framewise(diffusers.AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+    vae = make_framewise(diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                                     temperal_downsample=[False, True, True]))
     transformer = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
@@ -108,7 +108,14 @@ def make_framewise(vae: diffusers.AutoencoderKLWan) -> diffusers.AutoencoderKLWa
     return vae
 
 
-def train_vae(vae, clips: torch.Tensor, steps: int, seed: int, minutes: float, batch: int = 8, lr: float = 2e-3,
+def decode_unclamped(vae: diffusers.AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+    """z [B, C, 1, h, w] -> [B, 3, 1, H, W] as ``vae.decode`` makes it but before its clamp to
+    [-1, 1], which would stop the gradient of every pixel a young decoder overshoots."""
+    vae.clear_cache()
+    return vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=[0], first_chunk=True)
+
+
+def train_vae(vae, clips: torch.Tensor, steps: int, seed: int, minutes: float, batch: int = 16, lr: float = 2e-3,
               kl_weight: float = 1e-6) -> tuple[float, int]:
     """clips [N, 3, 1, H, W] in [-1, 1] (single frames: the spatial weights only, the temporal
     ones stay as :func:`make_framewise` set them, the first time slice being the only one a
@@ -129,7 +136,7 @@ def train_vae(vae, clips: torch.Tensor, steps: int, seed: int, minutes: float, b
         post = vae.encode(x).latent_dist
         # Decoded from the posterior mean, as the trainer encodes: a sampled latent buries the
         # untrained encoder's small signal in unit noise and nothing is learned in a CPU budget.
-        recon = vae.decode(post.mode()).sample
+        recon = decode_unclamped(vae, post.mode())
         l1 = (recon - x).abs().mean()
         loss = l1 + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -215,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     clips, captions = footage_clips(every=2)
 
     print(f"== 2/3 VAE on frames of {len(clips)} windows, {args.vae_steps} steps", flush=True)
+    # Half-size frames: a quarter of the cost per step, so ten times the steps in the CPU budget;
+    # the convolutions then run on the full-size frames unchanged.
     frames = clips[:, :, ::4].transpose(1, 2).reshape(-1, 3, 1, SIZE, SIZE)
+    frames = torch.nn.functional.avg_pool3d(frames, (1, 2, 2))
     vae_l1, args.vae_done = train_vae(parts["vae"], frames, args.vae_steps, args.seed, args.vae_minutes)
     with torch.no_grad():
         raw = torch.cat([parts["vae"].encode(c).latent_dist.mode() for c in clips.split(32)])
@@ -266,8 +276,8 @@ Each stage stops early when its time cap runs out (the learning-rate schedule is
 full step count); this run did {args.vae_done} VAE steps and {args.transformer_done} transformer steps, so a
 re-run reproduces these weights only if it gets exactly as far.
 
-- VAE (`AutoencoderKLWan`, base_dim 16, dim_mult [1, 2, 2, 2], z_dim 16; 8x spatial, 4x temporal):
-  {args.vae_done} Adam steps (of a {args.vae_steps}-step cosine schedule), batch 8, lr 2e-3 cosine, L1 (of the decoded posterior mean) + 1e-6 KL on single 32x32 frames
+- VAE (`AutoencoderKLWan`, base_dim 8, dim_mult [1, 2, 2, 2], z_dim 16; 8x spatial, 4x temporal):
+  {args.vae_done} Adam steps (of a {args.vae_steps}-step cosine schedule), batch 16, lr 2e-3 cosine, L1 (of the decoded posterior mean) + 1e-6 KL on single frames at half size (16x16)
   (every 4th frame of {n_clips} 9-frame windows at about 8 fps), random horizontal flips; temporal
   weights set by hand (frame by frame: `make_framewise` in `finetune/tiny_base.py`); final L1 {vae_l1:.4f} (pixels in [-1, 1]). latents_mean/std are
   the per-channel statistics of the posterior modes of those windows.
