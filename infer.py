@@ -4,6 +4,7 @@
     python infer.py --lora runs/my-style:0.8 --lora runs/other:0.5 --merge --save-merged merged/ --prompt "..."
     python infer.py --base runs/my-style --prompt "..." --out base.mp4      # the base model alone
     python infer.py --lora runs/my-i2v --image first_frame.png --prompt "..."  # image-to-video adapters
+    python infer.py --lora runs/my-continue --video start.mp4 --prompt "..."   # video continuation adapters
     python infer.py --lora civitai_lora.safetensors:0.8 --family wan --frames 33 --height 480 --width 832 --prompt "..."
 
 The base model and family are read from each run folder's video_lora.json, or from a LoRA file's
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true", help="fuse the adapters into the base weights")
     p.add_argument("--save-merged", type=Path, metavar="DIR", help="write the merged pipeline (implies --merge)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--image", type=Path, help="first frame (i2v adapters; an error for t2v ones)")
+    p.add_argument("--image", type=Path, help="first frame (i2v adapters; an error for others)")
+    p.add_argument("--video", type=Path, help="video to continue from its last frames (continue adapters)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--frames", type=int, help="default: the training recipe's")
     p.add_argument("--height", type=int)
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merged model: {args.save_merged}")
     render_args = RenderArgs(prompt=args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
                              height=args.height, width=args.width, fps=args.fps, steps=args.steps,
-                             guidance=args.guidance, seed=args.seed, image=args.image)
+                             guidance=args.guidance, seed=args.seed, image=args.image,
+                             video=args.video)
     out = render_to_file(family, pipe, complete_args(render_args, family, info), args.out)
     print(f"video: {out}")
     return 0

@@ -3,16 +3,20 @@ command line doing the same work in the same run: ffmpeg's ``scdet`` filter for 
 then one ffmpeg process per clip of our manifest (seek, fps resample, scale + centre crop, libx264
 with the same preset and CRF). The ffmpeg binary is the one inside the imageio-ffmpeg wheel.
 
-    python bench/prep.py [--videos DIR_OR_FILES ...] [--frames 17 --fps 16 --size 832x480 --mode sliding]
+    python bench/prep.py [--videos DIR_OR_FILES ...] [--frames 17 --fps 16 --size 832x480 --mode sliding] [--repeat 3]
 
-Prints one table: stage, seconds, clips/s, ratio (ffmpeg time / data_prep time; > 1 means data_prep
-is faster). Also prints the cuts each detector found per video.
+The two are run interleaved (ours, then ffmpeg's, ``--repeat`` times) so a shared machine's load
+falls on both alike. Prints one table of medians: stage, seconds, clips/s, ratio (ffmpeg time /
+data_prep time; > 1 means data_prep is faster), the range of the ratio over the repeats, and the
+load average; then the cuts each found per video (ours must be the same in every repeat).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_VIDEOS = [ROOT / "tests/assets" / n for n in ("synth_lavfi.mp4", "bigbuckbunny.mp4", "oa4_launch.webm")]
-SHARED_CITY = ROOT.parent / "shared/videos/cityCC0.mpg"
+# the project's shared sample videos sit beside the checkout (main) or two levels up (a worktree)
+SHARED_CITY = next((p for p in (ROOT.parent / "shared/videos/cityCC0.mpg", ROOT.parents[1] / "shared/videos/cityCC0.mpg") if p.is_file()), ROOT.parent / "shared/videos/cityCC0.mpg")
 
 
 def ffmpeg_exe() -> str:
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=16)
     p.add_argument("--size", default="832x480")
     p.add_argument("--mode", default="sliding", choices=("head", "uniform", "sliding"))
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs of each; the table shows medians")
     args = p.parse_args(argv)
 
     from data_prep import PrepOptions, prepare
@@ -69,39 +75,55 @@ def main(argv: list[str] | None = None) -> int:
     family_facts(args.family)  # import torch/diffusers before the clock starts
     exe = ffmpeg_exe()
     opts = PrepOptions(family=args.family, frames=args.frames, fps=args.fps, size=args.size, mode=args.mode, filter=False, progress=False)
+    stages = ("split (probe + shots)", "cut (decode, resample, encode)", "total")
+    ours: dict[str, list[float]] = {k: [] for k in stages}
+    theirs: dict[str, list[float]] = {k: [] for k in stages}
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         footage = tmp / "footage"
         footage.mkdir()
         for v in videos:
             shutil.copy(v, footage / v.name)
-        t0 = time.perf_counter()
-        split = prepare(footage, tmp / "ds", opts, steps=("probe", "split"))
-        t1 = time.perf_counter()
-        cut = prepare(footage, tmp / "ds", opts, steps=("probe", "split", "cut", "filter", "manifest"))
-        t2 = time.perf_counter()
-        rows = read_jsonl(tmp / "ds" / "manifest.jsonl")
-        assert cut.clips_written == len(rows), "the split step should be reused, not redone"
-
-        t3 = time.perf_counter()
-        scdet = {v.name: ffmpeg_scdet(exe, footage / v.name) for v in videos}
-        t4 = time.perf_counter()
-        (tmp / "ff").mkdir()
         # clip times are from the first frame; ffmpeg -ss counts from the container's zero
         starts = {str(footage / v.name): probe_file(footage / v.name).start_time for v in videos}
-        for i, row in enumerate(rows):
-            ffmpeg_cut(exe, row, starts[row["source"]], tmp / "ff" / f"{i:04d}.mp4", opts.crf, opts.preset)
-        t5 = time.perf_counter()
+        cuts_seen = []
+        for rep in range(args.repeat):
+            ds = tmp / f"ds{rep}"
+            t0 = time.perf_counter()
+            split = prepare(footage, ds, opts, steps=("probe", "split"))
+            t1 = time.perf_counter()
+            cut = prepare(footage, ds, opts, steps=("probe", "split", "cut", "filter", "manifest"))
+            t2 = time.perf_counter()
+            rows = read_jsonl(ds / "manifest.jsonl")
+            assert cut.clips_written == len(rows), "the split step should be reused, not redone"
+            cuts_seen.append(split.cuts)
+
+            t3 = time.perf_counter()
+            scdet = {v.name: ffmpeg_scdet(exe, footage / v.name) for v in videos}
+            t4 = time.perf_counter()
+            ff = tmp / f"ff{rep}"
+            ff.mkdir()
+            for i, row in enumerate(rows):
+                ffmpeg_cut(exe, row, starts[row["source"]], ff / f"{i:04d}.mp4", opts.crf, opts.preset)
+            t5 = time.perf_counter()
+            for store, (a, b, c) in ((ours, (t0, t1, t2)), (theirs, (t3, t4, t5))):
+                store[stages[0]].append(b - a)
+                store[stages[1]].append(c - b)
+                store[stages[2]].append(c - a)
+    load1 = os.getloadavg()
 
     n = len(rows)
-    ours = {"split (probe + shots)": t1 - t0, "cut (decode, resample, encode)": t2 - t1, "total": t2 - t0}
-    theirs = {"split (probe + shots)": t4 - t3, "cut (decode, resample, encode)": t5 - t4, "total": t5 - t3}
-    print(f"\n{len(videos)} videos, {n} clips of {args.frames} frames at {args.fps:g} fps, {args.size} buckets, mode {args.mode}")
-    print(f"{'stage':32} {'data_prep s':>12} {'ffmpeg CLI s':>13} {'clips/s ours':>13} {'ratio':>7}")
-    for k in ours:
-        rate = f"{n / ours[k]:.2f}" if k != "split (probe + shots)" else "-"
-        print(f"{k:32} {ours[k]:12.2f} {theirs[k]:13.2f} {rate:>13} {theirs[k] / ours[k]:6.2f}x")
-    print("\nshot cuts found (first frame of each new shot; ffmpeg scdet reports times):")
+    print(f"\n{len(videos)} videos, {n} clips of {args.frames} frames at {args.fps:g} fps, {args.size} buckets, mode {args.mode}; "
+          f"median of {args.repeat} interleaved runs; load average {load0[0]:.2f} before, {load1[0]:.2f} after ({os.cpu_count()} cores)")  # fmt: skip
+    print(f"{'stage':32} {'data_prep s':>12} {'ffmpeg CLI s':>13} {'clips/s ours':>13} {'ratio':>7} {'ratio range':>14}")
+    for k in stages:
+        mine, base = statistics.median(ours[k]), statistics.median(theirs[k])
+        ratios = [b / a for a, b in zip(ours[k], theirs[k])]
+        rate = f"{n / mine:.2f}" if k != stages[0] else "-"
+        print(f"{k:32} {mine:12.2f} {base:13.2f} {rate:>13} {base / mine:6.2f}x {min(ratios):6.2f}-{max(ratios):.2f}x")
+    same = all(c == cuts_seen[0] for c in cuts_seen)
+    print(f"\nshot cuts found (first frame of each new shot; ffmpeg scdet reports times); ours the same in every run: {same}")
     for v in videos:
         src = str(footage / v.name)
         print(f"  {v.name:20} data_prep({opts.detector}): {split.cuts.get(src)}   ffmpeg scdet: {[round(t, 3) for t in scdet[v.name]]} s")

@@ -21,11 +21,13 @@ exit status:
 examples:
   python -m data_prep prepare footage/ dataset/ --family wan --fps 16 --frames 81 --size 832x480 --trigger mystyle
   python -m data_prep prepare footage/ dataset/ --captioner Qwen/Qwen2.5-VL-7B-Instruct
+  python -m data_prep prepare footage/ dataset/ --query "night street, neon" --query-top 20
   python -m data_prep report dataset/
 """
 
 CLIP = ["family", "frames", "fps", "size", "buckets", "mode", "clips_per_shot", "stride", "crf", "preset"]
-SPLIT = ["detector", "threshold", "min_shot_len"]
+SPLIT = ["detector", "threshold", "min_shot_len", "transitions"]
+QUERY = ["query", "query_top", "query_min", "query_model", "query_frames"]
 FILTER = ["filter", "dup_distance", "static_threshold", "dark_threshold", "blur_threshold"]
 CAPTION = ["captioner", "trigger", "overwrite", "caption_batch", "caption_frames", "caption_prompt", "max_new_tokens", "load_8bit"]
 
@@ -43,9 +45,10 @@ def _add_options(p: argparse.ArgumentParser, names: list[str], title: str) -> No
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f"{doc} (default: {default})")
             continue
         kind = {"frames": int, "clips_per_shot": int, "stride": int, "crf": int, "min_shot_len": int,
-                "caption_batch": int, "caption_frames": int, "max_new_tokens": int}.get(name)  # fmt: skip
+                "caption_batch": int, "caption_frames": int, "max_new_tokens": int, "workers": int,
+                "query_top": int, "query_frames": int}.get(name)  # fmt: skip
         if kind is None:
-            kind = float if name in ("fps", "threshold") or isinstance(default, float) else str
+            kind = float if name in ("fps", "threshold", "query_min") or isinstance(default, float) else str
         choices = f.metadata.get("choices")
         shown = "" if name == "caption_prompt" else f" (default: {default})"
         g.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS, help=doc + shown)
@@ -66,18 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         if footage:
             p.add_argument("footage", help="folder of videos (searched recursively) or one video file; never modified")
         p.add_argument("dataset", help="output dataset folder (created; re-runs resume in it)")
-        for names, title in groups:
+        for names, title in groups + ([(["workers"], "run")] if footage else []):
             _add_options(p, names, title)
         p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bars")
         p.add_argument("--json", action="store_true", help="print the summary as JSON too")
         return p
 
     cmd("prepare", "run every step: probe, split, cut, filter, caption, manifest, report", True,
-        [(CLIP, "clips"), (SPLIT, "shot detection"), (FILTER, "filter"), (CAPTION, "captions")])  # fmt: skip
+        [(CLIP, "clips"), (SPLIT, "shot detection"), (QUERY, "finding shots by text"), (FILTER, "filter"), (CAPTION, "captions")])  # fmt: skip
     cmd("probe", "open every file and record duration, fps, size, rotation, codec, VFR; list unreadable ones", True, [])
     cmd("split", "probe, then detect shots (saved per source in dataset/shots/)", True, [(SPLIT, "shot detection")])
     cmd("cut", "probe, split, then cut and filter clips and write the manifest (captions: trigger only until caption runs)", True,
-        [(CLIP, "clips"), (SPLIT, "shot detection"), (FILTER, "filter"), (["trigger"], "captions")])  # fmt: skip
+        [(CLIP, "clips"), (SPLIT, "shot detection"), (QUERY, "finding shots by text"), (FILTER, "filter"), (["trigger"], "captions")])  # fmt: skip
     cmd("filter", "set aside duplicate, static, dark and blurred clips again with new thresholds", False, [(FILTER, "filter"), (["trigger"], "captions")])
     cmd("caption", "caption the kept clips and rewrite the manifest", False, [(CAPTION, "captions")])
     cmd("report", "contact_sheet.png and report.html to review the dataset", False, [])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from data_prep.probe import ProbeResult
 from data_prep.split import ShotList
@@ -157,35 +158,65 @@ def cover_size(src_w: int, src_h: int, out_w: int, out_h: int) -> tuple[int, int
     return max(out_w, math.ceil(src_w * scale - 1e-9)), max(out_h, math.ceil(src_h * scale - 1e-9))
 
 
-def frame_to_rgb(frame: av.VideoFrame, rotation: int, out_w: int, out_h: int) -> np.ndarray:
+def _cover_coded(frame: av.VideoFrame, rotation: int, out_w: int, out_h: int, even: bool = False) -> tuple[int, int, int]:
+    """(quarter turns, coded width, coded height) to scale the frame to before rotating and cropping."""
+    quarter = (rotation // 90) % 4
+    disp_w, disp_h = (frame.height, frame.width) if quarter % 2 else (frame.width, frame.height)
+    cw, ch = cover_size(disp_w, disp_h, out_w, out_h)
+    if even:  # yuv420p planes: chroma is half size, so crop offsets and sizes stay even
+        cw, ch = cw + cw % 2, ch + ch % 2
+    return (quarter, ch, cw) if quarter % 2 else (quarter, cw, ch)
+
+
+def frame_to_rgb(frame: av.VideoFrame, rotation: int, out_w: int, out_h: int, reformatter=None) -> np.ndarray:
     """Decoded frame -> rotated, resized, centre-cropped RGB [out_h, out_w, 3] uint8.
 
     Scaling happens in swscale on the coded frame (before the rotation) so only the small image is
     rotated; ``rotation`` is counter-clockwise, as PyAV's ``VideoFrame.rotation`` reports it.
     """
-    quarter = (rotation // 90) % 4
-    disp_w, disp_h = (frame.height, frame.width) if quarter % 2 else (frame.width, frame.height)
-    cw, ch = cover_size(disp_w, disp_h, out_w, out_h)
-    coded_w, coded_h = (ch, cw) if quarter % 2 else (cw, ch)
-    img = frame.to_ndarray(format="rgb24", width=coded_w, height=coded_h, interpolation="AREA")
+    quarter, coded_w, coded_h = _cover_coded(frame, rotation, out_w, out_h)
+    if reformatter is None:
+        img = frame.to_ndarray(format="rgb24", width=coded_w, height=coded_h, interpolation="AREA")
+    else:
+        img = reformatter.reformat(frame, coded_w, coded_h, "rgb24", interpolation="AREA").to_ndarray()
     if quarter:
         img = np.rot90(img, quarter)
     y0, x0 = (img.shape[0] - out_h) // 2, (img.shape[1] - out_w) // 2
     return np.ascontiguousarray(img[y0 : y0 + out_h, x0 : x0 + out_w])
 
 
+def frame_to_yuv(frame: av.VideoFrame, rotation: int, out_w: int, out_h: int, reformatter) -> av.VideoFrame:
+    """As :func:`frame_to_rgb`, but kept in yuv420p from decoder to encoder: swscale scales and
+    converts once, numpy rotates and crops the three planes (Y [h, w], U and V [h/2, w/2]), and
+    x264 takes the frame as it is. ``out_w`` and ``out_h`` must be even; the crop is centred to
+    the nearest even pixel. ``reformatter``: an av VideoReformatter kept for the whole file."""
+    quarter, coded_w, coded_h = _cover_coded(frame, rotation, out_w, out_h, even=True)
+    small = reformatter.reformat(frame, coded_w, coded_h, "yuv420p", interpolation="AREA")
+    planes = [
+        np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in small.planes
+    ]
+    if quarter:
+        planes = [np.rot90(p, quarter) for p in planes]
+    y0, x0 = (planes[0].shape[0] - out_h) // 4 * 2, (planes[0].shape[1] - out_w) // 4 * 2
+    y = planes[0][y0 : y0 + out_h, x0 : x0 + out_w]
+    u, v = (p[y0 // 2 : (y0 + out_h) // 2, x0 // 2 : (x0 + out_w) // 2] for p in planes[1:])
+    packed = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(out_h * 3 // 2, out_w)
+    return av.VideoFrame.from_ndarray(packed, format="yuv420p")
+
+
 class ClipWriter(Mp4Writer):
-    """The encoder of one planned clip, keeping a few sampled frames for the filter step."""
+    """The encoder of one planned clip, keeping a few sampled frames (RGB) for the filter step."""
 
     def __init__(self, path: Path, plan: ClipPlan, crf: int, preset: str):
         super().__init__(path, plan.fps, plan.width, plan.height, crf=crf, preset=preset)
         self.samples: list[np.ndarray] = []
         self.sample_at = set(sample_positions(plan.frames))
+        self.to_rgb = VideoReformatter()
 
-    def add(self, rgb: np.ndarray) -> None:
+    def add_frame(self, frame: av.VideoFrame) -> None:
         if self.frames_written in self.sample_at:
-            self.samples.append(rgb)
-        super().add(rgb)
+            self.samples.append(self.to_rgb.reformat(frame, format="rgb24").to_ndarray())
+        super().add_frame(frame)
 
 
 def sample_positions(frames: int, k: int = 5) -> list[int]:
@@ -213,13 +244,14 @@ def write_clips(probe: ProbeResult, plans: list[ClipPlan], clip_dir: Path, crf: 
     remaining = {p.name: p.frames for p in plans}
     writers: dict[str, ClipWriter] = {}
     samples: dict[str, list[np.ndarray]] = {}
+    reformatter = VideoReformatter()
     try:
         with av.open(probe.path, metadata_errors="ignore") as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
                 if i in need:
-                    _feed(frame, probe.rotation, need[i], i, writers, remaining, samples, clip_dir, crf, preset, on_done)
+                    _feed(frame, probe.rotation, need[i], i, writers, remaining, samples, clip_dir, crf, preset, on_done, reformatter)
                 if i >= last_needed:
                     break
         if remaining and any(v > 0 for v in remaining.values()):
@@ -231,18 +263,18 @@ def write_clips(probe: ProbeResult, plans: list[ClipPlan], clip_dir: Path, crf: 
     return samples
 
 
-def _feed(frame, rotation, plans, i, writers, remaining, samples, clip_dir, crf, preset, on_done) -> None:
-    converted: dict[tuple[int, int], np.ndarray] = {}
+def _feed(frame, rotation, plans, i, writers, remaining, samples, clip_dir, crf, preset, on_done, reformatter) -> None:
+    converted: dict[tuple[int, int], av.VideoFrame] = {}
     for p in plans:
         size = (p.width, p.height)
         if size not in converted:
-            converted[size] = frame_to_rgb(frame, rotation, *size)
+            converted[size] = frame_to_yuv(frame, rotation, *size, reformatter)
         w = writers.get(p.name)
         if w is None:
             w = writers[p.name] = ClipWriter(clip_dir / p.name, p, crf, preset)
         # a source frame can repeat inside a clip when the clip fps is above the source's
         for _ in range(p.indices.count(i)):
-            w.add(converted[size])
+            w.add_frame(converted[size])
             remaining[p.name] -= 1
         if remaining[p.name] == 0:
             w.close()

@@ -20,6 +20,10 @@ DEFAULT_VLM_PROMPT = (
 )
 
 
+DEFAULT_QUERY_MIN = 0.1
+DEFAULT_QUERY_MODEL = "google/siglip2-base-patch16-224"
+
+
 class OptionsError(UserError):
     """One or more options are invalid; the message lists every one."""
 
@@ -37,7 +41,7 @@ def _spec(default: Any, doc: str, **bounds: Any):
 class PrepOptions:
     # --- clips: what the trainer gets ---
     family: str = _spec("wan", "model family whose frame and size rules the clips follow (finetune.families)")
-    frames: int = _spec(81, "frames per clip; must fit the family's rule (wan 4k+1, ltx 8k+1)", ge=1, le=1025)
+    frames: int = _spec(81, "frames per clip; must fit the family's rule (wan 4k+1, ltx 8k+1, mochi 6k+1)", ge=1, le=1025)
     fps: float | None = _spec(None, "clip frame rate; sources are resampled so motion keeps its speed (default: the family's)", gt=0, le=240)
     size: str = _spec("832x480", "WxH of the main landscape bucket; both must be multiples of the family's spatial factor")
     buckets: str = _spec("auto", "aspect-ratio buckets: 'auto' (size, its portrait twin, a square of similar area), 'fixed' (size only) or 'WxH,WxH,...'")
@@ -50,6 +54,13 @@ class PrepOptions:
     detector: str = _spec("adaptive", "PySceneDetect detector: adaptive (robust to camera motion) or content", choices=("adaptive", "content"))
     threshold: float | None = _spec(None, "detector threshold (default: adaptive 3.0, content 27.0)", gt=0)
     min_shot_len: int = _spec(15, "shortest shot in source frames; closer cuts are merged", ge=1)
+    transitions: bool = _spec(True, "fades to/from black and dissolves are shot boundaries too; their frames go in no clip")
+    # --- query: keep only the shots a text describes ---
+    query: str = _spec("", "keep only shots matching this description, e.g. 'night street, neon' (empty: every shot)")
+    query_top: int | None = _spec(None, "keep the K best-matching shots over all files", ge=1)
+    query_min: float | None = _spec(None, "keep shots scoring at least this match probability, 0-1 (default 0.1 when --query-top is not given)", ge=0, le=1)
+    query_model: str = _spec(DEFAULT_QUERY_MODEL, "text-image embedding model that scores shots: hub id or local folder (SigLIP, SigLIP 2, CLIP)")
+    query_frames: int = _spec(3, "frames sampled per shot for the query score", ge=1, le=32)
     # --- filter: clips set aside, never deleted ---
     filter: bool = _spec(True, "set aside near-duplicate, static, dark and blurred clips")
     dup_distance: float = _spec(4.0, "clips whose perceptual hashes differ by at most this many bits (of 64, averaged over sampled frames) are duplicates", ge=0, le=64)
@@ -64,8 +75,9 @@ class PrepOptions:
     caption_frames: int = _spec(3, "frames shown to the vision-language model per clip", ge=1, le=32)
     caption_prompt: str = _spec(DEFAULT_VLM_PROMPT, "instruction given to the vision-language model")
     max_new_tokens: int = _spec(96, "longest generated caption, in tokens", ge=1, le=1024)
-    load_8bit: bool = _spec(True, "load the vision-language model in 8 bit with bitsandbytes (GPU only; ignored on CPU)")
+    load_8bit: bool = _spec(True, "load the vision-language and query models in 8 bit with bitsandbytes (GPU only; ignored on CPU)")
     # --- run ---
+    workers: int = _spec(0, "files decoded at once (0: one per CPU core)", ge=0, le=256)
     progress: bool = _spec(True, "show progress bars")
 
     # ------------------------------------------------------------------
@@ -95,8 +107,18 @@ class PrepOptions:
                     parse_size(part.strip())
                 except ValueError as e:
                     problems.append(f"buckets: {e}")
+        for name in ("query_top", "query_min"):
+            if getattr(self, name) is not None and not self.query.strip():
+                problems.append(f"{name}={getattr(self, name)} needs a query (--query 'what the shots show')")
         if problems:
             raise OptionsError(problems)
+
+    @property
+    def query_rule(self) -> tuple[int | None, float | None]:
+        """(top, min_score) that select shots; a bare query keeps shots scoring 0.1 or more."""
+        if self.query_top is None and self.query_min is None:
+            return None, DEFAULT_QUERY_MIN
+        return self.query_top, self.query_min
 
     def to_dict(self) -> dict:
         return asdict(self)

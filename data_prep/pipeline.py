@@ -8,6 +8,7 @@ changed setting redoes only what depends on it. Nothing in the footage folder is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,6 +49,8 @@ class Summary:
     rejected: int = 0
     human_captions: int = 0
     short_shots: int = 0
+    query_shots: int = 0  # shots scored against --query (0: no query)
+    query_kept: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): inputs with no clips
     cuts: dict[str, list[int]] = field(default_factory=dict)  # source -> first frame of each new shot
     dataset: str = ""
@@ -67,6 +70,8 @@ class Summary:
             f"this run: probed {self.files_probed}, split {self.files_split}, wrote {self.clips_written} clips, "
             f"made {self.captions_made} captions ({self.human_captions} written by a person kept)",
         ]
+        if self.query_shots:
+            lines.append(f"query: kept {self.query_kept} of {self.query_shots} shots (scores in report.html)")
         if self.skipped:
             head = ", ".join(f"{Path(p).name} ({r})" for p, r in self.skipped[:3])
             more = ", ..." if len(self.skipped) > 3 else ""
@@ -124,38 +129,129 @@ def run_probe(ds: Dataset, footage: Path, opts: PrepOptions, summary: Summary) -
     return results
 
 
-def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary: Summary, footage: Path) -> dict[str, ShotList]:
-    """Shots of every readable source, saved as shots/<key>.json; reused when the file and the
-    detector settings are unchanged."""
+def parallel_map(fn, items: list, workers: int, desc: str = "", progress: bool = False, unit: str = "file") -> list:
+    """``[fn(x) for x in items]``, a few files at once on threads (PyAV's decoder, swscale and
+    x264 release the GIL, so two files overlap one's Python work with the other's C work)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
+    n = min(len(items), workers or os.cpu_count() or 1)
+    if n <= 1:
+        return [fn(x) for x in tqdm(items, desc=desc, unit=unit, disable=not progress or not items)]
+    with ThreadPoolExecutor(n) as pool, tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
+        futures = [pool.submit(fn, x) for x in items]
+        for f in futures:
+            f.add_done_callback(lambda _: bar.update(1))
+        return [f.result() for f in futures]
+
+
+def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary: Summary, footage: Path) -> dict[str, ShotList]:
+    """Shots of every readable source, saved as shots/<key>.json; reused when the file and the
+    detector settings are unchanged. Files are decoded ``opts.workers`` at a time."""
     from data_prep.cut import source_key
 
     threshold = opts.threshold if opts.threshold is not None else default_threshold(opts.detector)
-    out, state = {}, {}
+    out: dict[str, ShotList] = {}
+    state: dict[str, dict] = {}
     ds.shot_dir.mkdir(parents=True, exist_ok=True)
     good = [p for p in probes if p.ok]
-    for pr in tqdm(good, desc="split", unit="file", disable=not opts.progress):
-        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len)
+    todo: list[ProbeResult] = []
+    for pr in good:
+        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len, opts.transitions)
         shot_file = ds.shot_dir / f"{source_key(pr.path, footage)}.json"
         old = ds.state["split"].get(pr.path)
         if old and old["fp"] == fp and shot_file.is_file():
-            shots = ShotList.from_dict(json.loads(shot_file.read_text()))
+            out[pr.path] = ShotList.from_dict(json.loads(shot_file.read_text()))
         else:
-            shots = detect_shots(pr, opts.detector, threshold, opts.min_shot_len)
-            shot_file.write_text(json.dumps(shots.to_dict()))
-            summary.files_split += 1
+            todo.append(pr)
         state[pr.path] = {"fp": fp, "file": shot_file.name}
+    detect = lambda pr: detect_shots(pr, opts.detector, threshold, opts.min_shot_len, opts.transitions)  # noqa: E731
+    for pr, shots in zip(todo, parallel_map(detect, todo, opts.workers, desc="split", progress=opts.progress)):
+        (ds.shot_dir / state[pr.path]["file"]).write_text(json.dumps(shots.to_dict()))
+        summary.files_split += 1
         out[pr.path] = shots
-        summary.cuts[pr.path] = shots.cuts
+    out = {pr.path: out[pr.path] for pr in good}
+    summary.cuts.update({path: shots.cuts for path, shots in out.items()})
     ds.state["split"] = state
     return out
 
 
-def run_cut(
+def run_query(
     ds: Dataset, probes: list[ProbeResult], shots: dict[str, ShotList], opts: PrepOptions, summary: Summary, footage: Path
+) -> dict[str, set[int]] | None:
+    """Score every shot against ``opts.query`` and return, per source, the shot indices to keep
+    (None without a query: keep all). Every score, kept or not, is recorded in the state (best
+    first) for the manifest and the review page."""
+    import numpy as np
+
+    from data_prep.cut import source_key
+    from data_prep.query import ShotScorer, match_scores, select_shots
+
+    if not opts.query.strip():
+        ds.state["query"] = {}
+        return None
+    scorer = ShotScorer(opts.query_model, opts.load_8bit)
+    embs = _shot_embeddings(ds, probes, shots, opts, footage, scorer)
+    text = scorer.text_embedding(opts.query)
+    scale, bias = scorer.scale_bias
+    scores: dict[tuple[str, int], float] = {}
+    for path, e in embs.items():
+        got = match_scores(e, text, scale, bias) if e.shape[1] == text.shape[0] else np.zeros(len(e))
+        scores.update({(path, s.index): float(v) for s, v in zip(shots[path].shots, got)})
+    top, min_score = opts.query_rule
+    keep = select_shots(scores, top, min_score)
+    by_index = {(path, s.index): s for path in embs for s in shots[path].shots}
+    rows = [
+        {"source": path, "shot": idx, "start_time": by_index[path, idx].start_time, "end_time": by_index[path, idx].end_time,
+         "score": round(scores[path, idx], 6), "kept": (path, idx) in keep,
+         "thumb": f"query/{source_key(path, footage)}_s{idx:03d}.jpg"}
+        for path, idx in sorted(scores, key=lambda k: (-scores[k], k))
+    ]  # fmt: skip
+    rule = " and ".join(([f"best {top}"] if top is not None else []) + ([f"score >= {min_score:g}"] if min_score is not None else []))
+    ds.state["query"] = {"text": opts.query, "model": opts.query_model, "rule": rule, "shots": rows}
+    summary.query_shots, summary.query_kept = len(scores), len(keep)
+    out: dict[str, set[int]] = {path: set() for path in embs}
+    for path, idx in keep:
+        out[path].add(idx)
+    return out
+
+
+def _shot_embeddings(ds: Dataset, probes: list[ProbeResult], shots: dict[str, ShotList], opts: PrepOptions, footage: Path, scorer) -> dict:
+    """Per readable source, its shots' image embeddings [S, D], from dataset/query/<key>.npz while
+    the shots and the model are unchanged (so a new query text costs one text encoding)."""
+    import numpy as np
+
+    from data_prep.cut import source_key
+    from data_prep.query import embed_source
+
+    qdir = ds.root / "query"
+    cache = ds.state.setdefault("query_embeddings", {})
+    embs: dict[str, np.ndarray] = {}
+    for pr in (p for p in probes if p.ok):
+        key = source_key(pr.path, footage)
+        fp = fingerprint(ds.state["split"][pr.path]["fp"], opts.query_model, opts.query_frames)
+        file = qdir / f"{key}.npz"
+        if cache.get(pr.path) == fp and file.is_file():
+            embs[pr.path] = np.load(file)["embeddings"]
+            continue
+        embs[pr.path] = embed_source(scorer, shots[pr.path], pr.rotation, opts.query_frames, qdir, key)
+        np.savez(file, embeddings=embs[pr.path])
+        cache[pr.path] = fp
+    return embs
+
+
+def run_cut(
+    ds: Dataset,
+    probes: list[ProbeResult],
+    shots: dict[str, ShotList],
+    opts: PrepOptions,
+    summary: Summary,
+    footage: Path,
+    keep: dict[str, set[int]] | None = None,
 ) -> None:
-    """Plan clips for every shot and write the ones whose fingerprint changed; remove stale clips."""
+    """Plan clips for every shot (of ``keep``'s shots when a query chose some) and write the ones
+    whose fingerprint changed; remove stale clips."""
     import av
     from tqdm.auto import tqdm
 
@@ -172,6 +268,10 @@ def run_cut(
         if not pr.ok:
             continue
         sl = shots[pr.path]
+        if keep is not None:
+            if not keep[pr.path]:
+                continue  # the query kept none of its shots: not an error
+            sl = dataclasses.replace(sl, shots=[s for s in sl.shots if s.index in keep[pr.path]])
         plans, short = plan_clips(
             sl, pr, source_key(pr.path, footage), opts.frames, fps, buckets, opts.mode, opts.clips_per_shot, opts.stride
         )
@@ -199,11 +299,16 @@ def run_cut(
     _remove_stale(ds, set(old_clips) - set(new_clips))
     bar = tqdm(total=sum(len(p) for _, p in todo), desc="cut", unit="clip", disable=not opts.progress)
 
-    for pr, pending in todo:
+    def cut_one(item):
+        pr, pending = item
         try:
-            samples = write_clips(pr, pending, ds.clip_dir, opts.crf, opts.preset, on_done=lambda p: bar.update(1))
+            return write_clips(pr, pending, ds.clip_dir, opts.crf, opts.preset, on_done=lambda p: bar.update(1))
         except av.FFmpegError as err:
-            skipped[pr.path] = f"decoding failed while cutting ({err}); the file is probably truncated"
+            return err
+
+    for (pr, pending), samples in zip(todo, parallel_map(cut_one, todo, opts.workers)):
+        if isinstance(samples, av.FFmpegError):
+            skipped[pr.path] = f"decoding failed while cutting ({samples}); the file is probably truncated"
             for p in pending:
                 new_clips.pop(p.name, None)
             continue
@@ -216,6 +321,7 @@ def run_cut(
     ds.state["cut_settings"] = {
         "family": facts.name, "frame rule": facts.frame_rule.describe(), "frames": opts.frames, "fps": fps,
         "buckets": ", ".join(f"{w}x{h}" for w, h in buckets), "mode": opts.mode, "detector": opts.detector,
+        **({"query": f"{opts.query} ({opts.query_model})"} if opts.query.strip() else {}),
     }  # fmt: skip
 
 
@@ -308,9 +414,12 @@ def run_manifest(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
     rows, rejected = [], []
     rej = ds.state.get("rejected", {})
     caps = ds.state["captions"]
+    scores = {(r["source"], r["shot"]): r["score"] for r in ds.state.get("query", {}).get("shots", [])}
     for name, clip in sorted(ds.state["clips"].items(), key=lambda kv: _order(kv[1]["plan"])):
         cap = caps.get(name, {}).get("caption", apply_trigger("", opts.trigger))
         row = manifest_row(clip["plan"], cap, f"clips/{name}")
+        if scores:
+            row["query_score"] = scores.get((clip["plan"]["source"], clip["plan"]["shot"]))
         if name in rej:
             rejected.append({**row, "reason": rej[name]})
         else:
@@ -335,10 +444,11 @@ def _skipped(ds: Dataset) -> list[tuple[str, str]]:
 def run_report(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
     from data_prep.report import write_report
 
-    fp = fingerprint((ds.root / "manifest.jsonl").read_text(), (ds.root / "rejected.jsonl").read_text(), _skipped(ds))
+    query = ds.state.get("query", {})
+    fp = fingerprint((ds.root / "manifest.jsonl").read_text(), (ds.root / "rejected.jsonl").read_text(), _skipped(ds), query)
     if ds.state.get("report_fp") == fp and (ds.root / "report.html").is_file():
         return
-    write_report(ds.root, _skipped(ds), progress=opts.progress)
+    write_report(ds.root, _skipped(ds), progress=opts.progress, query=query)
     ds.state["report_fp"] = fp
     summary.report_written = True
 
@@ -370,7 +480,9 @@ def prepare(footage: str | Path, out: str | Path, options: PrepOptions | None = 
         shots = run_split(ds, probes, opts, summary, footage)
         ds.save()
     if "cut" in steps:
-        run_cut(ds, probes, shots, opts, summary, footage)
+        keep = run_query(ds, probes, shots, opts, summary, footage)
+        ds.save()
+        run_cut(ds, probes, shots, opts, summary, footage, keep)
         ds.save()
     return finish(ds, opts, summary, steps)
 

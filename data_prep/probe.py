@@ -130,7 +130,14 @@ def _probe_container(path: Path, container, st: os.stat_result) -> ProbeResult:
         return _bad(path, f"no video stream (has {', '.join(kinds)})", st)
     stream = container.streams.video[0]
     ctx = stream.codec_context
-    codec = ctx.name if ctx is not None else "unknown"
+    if ctx is None:  # demuxed, but FFmpeg knows no decoder for it: no size, no frames
+        return _bad(
+            path,
+            f"unsupported codec: no decoder for its video stream ({container.format.name} container); "
+            f"convert it, e.g. ffmpeg -i {path.name} -c:v libx264 {path.stem}_h264.mp4",
+            st,
+        )
+    codec = ctx.name
     res = ProbeResult(
         path=str(path),
         ok=True,

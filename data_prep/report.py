@@ -1,10 +1,13 @@
 """report: what the artist is about to train on, as pictures: a contact sheet (first, middle and last
 frame of every clip with its caption) and an HTML page with every clip playable, its caption,
-source and time range, the clips set aside with their reasons, and the inputs skipped."""
+source and time range, the clips set aside with their reasons, the inputs skipped, and with a
+--query every shot's score. Past PAGE_SIZE clips the page splits into pages, each with its own
+contact sheet, so 1,000 clips stay reviewable (a page loads 100 videos, not all)."""
 
 from __future__ import annotations
 
 import html
+import math
 import textwrap
 from pathlib import Path
 
@@ -69,40 +72,109 @@ def contact_sheet(rows: list[dict], root: Path, out: Path, progress: bool = Fals
 def _clip_html(r: dict) -> str:
     e = html.escape
     reason = f'<p class="reason">set aside: {e(r["reason"])}</p>' if "reason" in r else ""
+    score = f"query score {r['query_score']:.4f} &middot; " if r.get("query_score") is not None else ""
     return (
         f'<figure><video src="{e(r["path"])}" controls loop muted preload="metadata" width="{r["width"]}"></video>'
-        f"<figcaption>{reason}<p>{e(r['caption'])}</p><p class=meta>{e(Path(r['path']).name)} &middot; "
+        f"<figcaption>{reason}<p>{e(r['caption'])}</p><p class=meta>{score}{e(Path(r['path']).name)} &middot; "
         f"{e(r['source'])} shot {r['shot']}, {r['start_time']:.2f}-{r['end_time']:.2f} s "
         f"(frames {r['start_frame']}-{r['end_frame'] - 1}) &middot; {r['frames']} frames at {r['fps']:g} fps, "
         f"{r['width']}x{r['height']}</p></figcaption></figure>"
     )
 
 
-def write_report(root: Path, skipped: list[tuple[str, str]], progress: bool = False) -> tuple[Path, Path]:
-    """contact_sheet.png and report.html in the dataset folder ``root``."""
+PAGE_SIZE = 100  # clips per review page (and per contact sheet): a page of videos stays light
+
+
+def page_name(k: int, stem: str = "report", ext: str = "html") -> str:
+    """report.html, report_p2.html, ... (page 1 keeps the plain name)."""
+    return f"{stem}.{ext}" if k == 1 else f"{stem}_p{k}.{ext}"
+
+
+def _nav(k: int, pages: int) -> str:
+    if pages == 1:
+        return ""
+    links = " ".join(f"<b>{i}</b>" if i == k else f'<a href="{page_name(i)}">{i}</a>' for i in range(1, pages + 1))
+    return f'<nav class="pages">page {k} of {pages}: {links}</nav>'
+
+
+def _query_html(query: dict) -> str:
+    """The shots a --query scored, best first: thumbnail, source, times, score, kept or dropped."""
+    if not query.get("shots"):
+        return ""
+    e = html.escape
+    rows = "".join(
+        f'<tr class="{"kept" if r["kept"] else "dropped"}"><td><img src="{e(r["thumb"])}" loading="lazy" height="54" alt=""></td>'
+        f'<td>{r["score"]:.4f}</td><td>{"kept" if r["kept"] else "dropped"}</td><td>{e(Path(r["source"]).name)}</td>'
+        f'<td>{r["shot"]}</td><td>{r["start_time"]:.2f}-{r["end_time"]:.2f} s</td></tr>'
+        for r in query["shots"]
+    )
+    kept = sum(r["kept"] for r in query["shots"])
+    return (
+        f'<h2>Query: &ldquo;{e(query["text"])}&rdquo;</h2><p>{kept} of {len(query["shots"])} shots kept ({e(query["rule"])}), '
+        f"scored by {e(query['model'])}; best first.</p><details{' open' if len(query['shots']) <= 200 else ''}>"
+        f"<summary>every shot and its score</summary><table><tr><th></th><th>score</th><th></th><th>source</th><th>shot</th>"
+        f"<th>time</th></tr>{rows}</table></details>"
+    )
+
+
+def write_report(
+    root: Path, skipped: list[tuple[str, str]], progress: bool = False, query: dict | None = None, page_size: int = PAGE_SIZE
+) -> tuple[Path, Path]:
+    """report.html (plus report_p2.html ... past ``page_size`` clips) and one contact sheet per page
+    (contact_sheet.png, contact_sheet_p2.png ...) in the dataset folder ``root``. Clips for training
+    come first, then those set aside. Returns page 1 and its sheet."""
     root = Path(root)
     kept = read_jsonl(root / "manifest.jsonl")
     rejected = read_jsonl(root / "rejected.jsonl") if (root / "rejected.jsonl").is_file() else []
-    sheet = contact_sheet(kept + rejected, root, root / "contact_sheet.png", progress)
+    everything = kept + rejected
+    pages = max(1, math.ceil(len(everything) / page_size))
+    _remove_old_pages(root, pages)
+    for k in range(1, pages + 1):
+        chunk = everything[(k - 1) * page_size : k * page_size]
+        contact_sheet(chunk, root, root / page_name(k, "contact_sheet", "png"), progress)
+        head = _page_head(root, kept, rejected, skipped, k, pages)
+        body = _page_body(chunk, query if k == 1 else None, skipped if k == 1 else None, k, pages)
+        (root / page_name(k)).write_text(head + body, encoding="utf-8")
+    return root / "contact_sheet.png", root / "report.html"
+
+
+def _remove_old_pages(root: Path, pages: int) -> None:
+    """Pages and sheets of an earlier, longer report."""
+    for pattern in ("report_p*.html", "contact_sheet_p*.png"):
+        for f in root.glob(pattern):
+            num = f.stem.rsplit("_p", 1)[-1]
+            if num.isdigit() and int(num) > pages:
+                f.unlink()
+
+
+def _page_head(root: Path, kept: list, rejected: list, skipped: list, k: int, pages: int) -> str:
     e = html.escape
-    skipped_html = "".join(f"<li>{e(p)}: {e(r)}</li>" for p, r in skipped)
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Dataset review: {e(root.name)}</title>
+    width = max([r["width"] for r in kept + rejected] + [320]) + 20
+    sheet = page_name(k, "contact_sheet", "png")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Dataset review: {e(root.name)}{f" ({k}/{pages})" if pages > 1 else ""}</title>
 <style>
 body{{font-family:sans-serif;margin:1.5em;background:#fafafa}} figure{{display:inline-block;vertical-align:top;
-margin:.5em;padding:.5em;background:#fff;border:1px solid #ddd;max-width:{max([r["width"] for r in kept + rejected] + [320]) + 20}px}}
+margin:.5em;padding:.5em;background:#fff;border:1px solid #ddd;max-width:{width}px}}
 video{{max-width:100%}} .meta{{color:#666;font-size:.85em}} .reason{{color:#b41e1e;font-weight:bold}}
+nav.pages{{margin:1em 0}} table{{border-collapse:collapse}} td,th{{padding:2px 8px;text-align:left}}
+tr.dropped{{color:#888}} tr.kept td:nth-child(3){{color:#1a7f1a;font-weight:bold}}
 </style></head><body>
 <h1>{e(root.name)}: {len(kept)} clips for training</h1>
-<p>{len(rejected)} set aside, {len(skipped)} inputs skipped. Contact sheet: <a href="contact_sheet.png">contact_sheet.png</a>.
+<p>{len(rejected)} set aside, {len(skipped)} inputs skipped. Contact sheet of this page: <a href="{sheet}">{sheet}</a>.
 Edit a caption by writing <code>clips/&lt;clip&gt;.txt</code>; the next caption run keeps it.</p>
-<section>{"".join(_clip_html(r) for r in kept)}</section>
-<h2>Set aside ({len(rejected)})</h2>
-<section>{"".join(_clip_html(r) for r in rejected) or "<p>none</p>"}</section>
-<h2>Inputs skipped ({len(skipped)})</h2>
-<ul>{skipped_html or "<li>none</li>"}</ul>
-</body></html>
 """
-    page_path = root / "report.html"
-    page_path.write_text(page, encoding="utf-8")
-    return sheet, page_path
+
+
+def _page_body(chunk: list[dict], query: dict | None, skipped: list | None, k: int, pages: int) -> str:
+    e = html.escape
+    train = [r for r in chunk if "reason" not in r]
+    aside = [r for r in chunk if "reason" in r]
+    parts = [_nav(k, pages), _query_html(query or {})]
+    parts.append(f"<h2>For training ({len(train)} on this page)</h2><section>{''.join(_clip_html(r) for r in train) or '<p>none</p>'}</section>")
+    parts.append(f"<h2>Set aside ({len(aside)} on this page)</h2><section>{''.join(_clip_html(r) for r in aside) or '<p>none</p>'}</section>")
+    if skipped is not None:
+        items = "".join(f"<li>{e(p)}: {e(r)}</li>" for p, r in skipped)
+        parts.append(f"<h2>Inputs skipped ({len(skipped)})</h2><ul>{items or '<li>none</li>'}</ul>")
+    parts.append(_nav(k, pages))
+    return "\n".join(p for p in parts if p) + "\n</body></html>\n"

@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: str = Field("wan", description="Model family, a name registered in finetune/families (wan, ltx).")
+    family: str = Field("wan", description="Model family, a name registered in finetune/families (wan, wan22, ltx, ...).")
     pretrained: str | None = Field(
         None, description="Hub id or local folder of the diffusers-format base model; null = the family default."
     )
@@ -34,11 +34,16 @@ class ModelConfig(_Section):
     tiny: bool = Field(False, description="Build a tiny random model from a config in code (demo and tests).")
     tiny_seed: int = Field(0, ge=0, description="Seed of the tiny random model.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
-    quantization: Literal["none", "int8", "nf4"] = Field(
-        "none", description="bitsandbytes quantisation of the frozen transformer (CUDA only)."
+    quantization: Literal["none", "int8", "nf4", "fp8"] = Field(
+        "none", description="Frozen transformer weights: int8/nf4 with bitsandbytes (CUDA only), or fp8 (e4m3, "
+                            "per-row scales, quantised while loading; also runs on a CPU)."
     )
-    task: str = Field("t2v", description="What the LoRA learns: t2v (text to video) or i2v (first frame to video), "
-                                         "as the family supports.")
+    task: str = Field("t2v", description="What the LoRA learns: t2v (text to video), i2v (first frame to video) "
+                                         "or continue (video continuation), as the family supports.")
+    cond_frames: int | None = Field(
+        None, ge=1, le=1025, description="continue task: leading frames of each clip given clean as the video to "
+                                         "continue (fit the frame rule, fewer than data.frames); null = family default."
+    )
     experts: list[str] | None = Field(
         None, description="Two-expert models (Wan 2.2 A14B): which to train, [high], [low] or [high, low]; "
                           "null = all."
@@ -62,6 +67,9 @@ class DataConfig(_Section):
     )
     validation_manifest: str | None = Field(
         None, description="JSONL manifest of held-out clips for the val_loss curve, instead of validation_split."
+    )
+    strict: bool = Field(
+        False, description="Stop on any unusable clip or caption; false = skip it, list it in skipped_clips.jsonl."
     )
 
 
@@ -100,6 +108,23 @@ class MemoryConfig(_Section):
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="Autocast precision; auto = bf16 on a GPU, none on CPU."
+    )
+    text_encoder: Literal["gpu", "cpu", "int8", "fp8"] = Field(
+        "gpu", description="Text encoders while caching: on the GPU, in CPU memory, or on the GPU with int8/fp8 "
+                           "block weights (finetune/memory/encoders.py)."
+    )
+    # Planner fields (finetune/memory/planner.py); train_lora.py reads them before training.
+    vram_gb: float | None = Field(
+        None, gt=0, le=4096, description="Accelerator memory (GiB) the memory planner plans for; null = not planned."
+    )
+    auto: bool = Field(
+        False, description="Apply the memory planner's cheapest overrides that fit memory.vram_gb before training."
+    )
+    blocks_to_swap: int = Field(
+        0, ge=0, le=512, description="Transformer blocks kept in host memory and streamed in per step (block swap)."
+    )
+    activation_offload: bool = Field(
+        False, description="Keep the activations saved for backward in host memory between forward and backward."
     )
 
 
@@ -193,6 +218,7 @@ def family_problems(data: dict) -> list[str]:
     rule, f = fam.frame_rule, dat.get("frames")
     if isinstance(f, int) and f >= 1 and not rule.is_valid(f):
         out.append(f"data.frames={f} must be {rule.describe()} for {fam.name} (try {rule.nearest(f)})")
+    out += _cond_frames_problems(fam, task, model.get("cond_frames"), f)
     for axis in ("height", "width"):
         v = dat.get(axis)
         if isinstance(v, int) and v > 0 and v % fam.spatial_factor:
@@ -217,10 +243,34 @@ def family_problems(data: dict) -> list[str]:
         out.append(f"lora.init_from={init_from!r}: LoRA files are read as .safetensors only")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
-    if model.get("quantization", "none") != "none" and model.get("tiny"):
+    if model.get("quantization", "none") not in ("none", "fp8") and model.get("tiny"):
         out.append(
             f"model.quantization={model['quantization']!r} needs real weights on a GPU (set it to none for tiny models)"
         )
+    if model.get("quantization") == "fp8" and not fam.fp8_ok:
+        out.append(f"model.quantization='fp8': {fam.name}'s transformer cannot be loaded in fp8 yet "
+                   f"(use int8 or nf4 on a GPU, or none)")
+    return out
+
+
+def _cond_frames_problems(fam, task: Any, given: Any, frames: Any) -> list[str]:
+    """model.cond_frames only for video-conditioned tasks; it (or the family default) must fit
+    the frame rule and leave frames to generate."""
+    if not isinstance(task, str) or task not in fam.tasks:
+        return []
+    if fam.task_input(task) != "video":
+        return [f"model.cond_frames={given}: only the continue task takes conditioning frames (remove the key)"] \
+            if given is not None else []
+    if given is not None and not isinstance(given, int):
+        return []
+    n = fam.default_cond_frames if given is None else given
+    where = "model.cond_frames" if given is not None else f"{fam.name}'s default of {n} conditioning frames"
+    out = []
+    if n >= 1 and not fam.frame_rule.is_valid(n):
+        out.append(f"{where}={n} must be {fam.frame_rule.describe()} for {fam.name} (try {fam.frame_rule.nearest(n)})")
+    if isinstance(frames, int) and n >= frames:
+        out.append(f"{where} ({n}) must be fewer than data.frames={frames}: nothing would be left to generate "
+                   f"(set model.cond_frames lower or raise data.frames)")
     return out
 
 
@@ -277,9 +327,17 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+            if not isinstance(node, dict):
+                raise RecipeError("command line", [f"{item!r}: {'.'.join(parts[:i + 1])} was set to a value by an "
+                                                   f"earlier override, so it has no keys to set"])
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise RecipeError("command line", [f"{key.strip()}={raw}: the value is not valid YAML ({problem}); "
+                                               f"quote it, e.g. {key.strip()}='\"{raw}\"'"]) from None
     return out
 
 
@@ -313,5 +371,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(str(path), [f"not valid YAML: {e}"]) from None
-    data = _merge(data, parse_overrides(overrides or []))
+    extra = parse_overrides(overrides or [])
+    data = _merge(data, extra) if isinstance(data, dict) else data  # not a mapping: recipe_from_dict says so
     return recipe_from_dict(data, source=str(path))

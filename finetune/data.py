@@ -33,6 +33,14 @@ def apply_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for names the OS rejects (too long, NUL bytes) rather than raising."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
     """Clips listed in ``manifest``, captions carrying ``trigger``.
 
@@ -47,7 +55,12 @@ def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
         raise DataError(f"data.manifest={manifest}: file not found (python -m data_prep prepare footage/ dataset/ "
                         f"writes dataset/manifest.jsonl; or fix the path)")
     clips, problems = [], []
-    for n, line in enumerate(manifest.read_text().splitlines(), start=1):
+    for n, raw in enumerate(manifest.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"line {n}: not UTF-8 text")
+            continue
         if not line.strip():
             continue
         try:
@@ -60,7 +73,7 @@ def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
             continue
         path = Path(row["path"])
         path = path if path.is_absolute() else manifest.parent / path
-        if not path.is_file():
+        if not _is_file(path):
             problems.append(f"line {n}: clip {path} not found")
             continue
         w, h = row.get("width"), row.get("height")

@@ -26,3 +26,25 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or inf; the last good checkpoint is kept untouched."""
+
+
+class RunLocked(UserError):
+    """Another live run holds the lock on this ``output.dir``."""
+
+
+class AdapterError(UserError):
+    """An adapter file is missing, damaged, not safetensors, or holds no LoRA weights."""
+
+
+class DiskSpaceError(UserError):
+    """Too little free disk space for what is about to be written; raised before writing anything."""
+
+
+class TrainingStopped(UserError):
+    """Training was stopped by SIGINT/SIGTERM after saving a resumable checkpoint.
+
+    ``exit_code`` is 128 + the signal number, the shell's convention for a process ended by a signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

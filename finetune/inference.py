@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from finetune.adapters import read_adapter_file
 from finetune.errors import UserError
 from finetune.export import RunInfo
 from finetune.families import get_family
@@ -42,7 +43,8 @@ class LoraRef:
 
 def base_spec(info: RunInfo, device: torch.device, dtype: torch.dtype) -> ModelSpec:
     return ModelSpec(pretrained=info.base_model, revision=info.revision, tiny=info.tiny, tiny_seed=info.tiny_seed,
-                     dtype=dtype if device.type == "cuda" else torch.float32, task=info.task)
+                     dtype=dtype if device.type == "cuda" else torch.float32, task=info.task,
+                     cond_frames=info.recipe.get("model", {}).get("cond_frames"))
 
 
 def lora_info(ref: LoraRef, family: str | None = None, base_model: str | None = None) -> RunInfo:
@@ -72,7 +74,8 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
               family: str | None = None, base_model: str | None = None) -> tuple[Family, RunInfo]:
     """The base model all ``loras`` were trained on (or that of run folder ``base``); ``family``
     and ``base_model`` stand in for what LoRA files from other tools do not record.
-    Raises UserError if none is given or the adapters disagree on the base model."""
+    Raises UserError if none is given or the adapters disagree on the base model, AdapterError
+    if an adapter file is missing, damaged or not a LoRA."""
     infos = [(ref.run_dir, lora_info(ref, family, base_model)) for ref in loras]
     if base is not None:
         infos.insert(0, (base, RunInfo.read(base)))
@@ -85,6 +88,9 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
         if other != key:
             raise UserError(f"{run_dir} was trained on {other[:4]} but {first_dir} on {key[:4]}: "
                             f"adapters can only be combined on the same base model and task")
+    for run_dir, info in infos[len(infos) - len(loras):]:  # the --lora ones, checked before any weights load
+        for name in ([] if run_dir.is_file() else info.adapter_files().values()):
+            read_adapter_file(run_dir / name)
     family = get_family(first.family).load(base_spec(first, device, dtype), device=device)
     return family, first
 
@@ -146,6 +152,7 @@ class RenderArgs:
     guidance: float = 5.0
     seed: int = 0
     image: Any = None  # i2v: the first frame, a PIL image or a path to one
+    video: Any = None  # continue: the frames to continue, a list of PIL images or a path to a video
 
 
 def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs:
@@ -166,15 +173,31 @@ def complete_args(args: RenderArgs, family: Family, info: RunInfo) -> RenderArgs
             raise UserError(f"{flag} {v} must be a multiple of {family.spatial_factor} for {family.name}")
     if done.steps < family.min_inference_steps:
         raise UserError(f"--steps {done.steps}: {family.name} needs at least {family.min_inference_steps}")
-    if family.task == "t2v" and done.image is not None:
-        raise UserError(f"--image: this adapter was trained for text-to-video (model.task=t2v) and takes no "
-                        f"conditioning image; drop --image, or train with model.task=i2v")
-    if family.task != "t2v" and done.image is None:
-        raise UserError(f"--image PATH is required: this adapter was trained for model.task={family.task} "
-                        f"(the image becomes the first frame)")
+    check_task_input(done, family)
     if isinstance(done.image, (str, Path)):
         done = replace(done, image=load_image(done.image, done.width, done.height))
+    if isinstance(done.video, (str, Path)):
+        done = replace(done, video=load_video(done.video, done.fps, done.width, done.height))
     return done
+
+
+# what each kind of task input is, for messages
+_INPUT_ROLE = {"image": "the image becomes the first frame", "video": "the video's last frames lead the clip"}
+
+
+def check_task_input(args: RenderArgs, family: Family) -> None:
+    """The conditioning the adapter's task needs (family.task_input) must be given, and no other.
+    Raises UserError naming the flag."""
+    need = family.task_input(family.task)
+    for kind in ("image", "video"):
+        if getattr(args, kind) is not None and kind != need:
+            fix = f", or train with model.task={'i2v' if kind == 'image' else 'continue'}" if need is None else \
+                f" and pass --{need} PATH"
+            raise UserError(f"--{kind}: this adapter was trained for model.task={family.task} and takes no "
+                            f"conditioning {kind}; drop --{kind}{fix}")
+    if need is not None and getattr(args, need) is None:
+        raise UserError(f"--{need} PATH is required: this adapter was trained for model.task={family.task} "
+                        f"({_INPUT_ROLE[need]})")
 
 
 def load_image(path: str | Path, width: int, height: int):
@@ -191,6 +214,21 @@ def load_image(path: str | Path, width: int, height: int):
     return ImageOps.fit(img, (width, height), method=Image.Resampling.BICUBIC)
 
 
+def load_video(path: str | Path, fps: float, width: int, height: int) -> list:
+    """Every frame of the video at ``path``, resampled to ``fps``, resized to cover ``width`` x
+    ``height`` and centre-cropped, as RGB PIL images (all in memory: pass the part to continue,
+    not hours of footage). Raises UserError if it is missing or unreadable."""
+    from finetune.errors import DataError
+    from finetune.video import decoded_frame_count, pil_frames, read_clip
+
+    if not Path(path).is_file():
+        raise UserError(f"--video {path}: file not found")
+    try:
+        return pil_frames(read_clip(path, decoded_frame_count(path, fps), fps, height, width))
+    except DataError as e:
+        raise UserError(f"--video {e}") from None
+
+
 def render(family: Family, pipe, args: RenderArgs) -> torch.Tensor:
     """Run the pipeline with complete ``args``. Returns frames [F, H, W, 3] float in [0, 1]."""
     first = next(iter(family.components.modules().values()))
@@ -199,7 +237,9 @@ def render(family: Family, pipe, args: RenderArgs) -> torch.Tensor:
         prompt=args.prompt, negative_prompt=args.negative_prompt or None, num_frames=args.frames, height=args.height,
         width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
         generator=torch.Generator(device=device).manual_seed(args.seed), output_type="pt",
-        **family.pipeline_call_kwargs(args.fps, image=args.image),
+        # video only when given, so families without video tasks need not take the argument
+        **family.pipeline_call_kwargs(args.fps, image=args.image,
+                                      **({"video": args.video} if args.video is not None else {})),
     )
     video = out.frames[0]  # [F, 3, H, W] in [0, 1]
     return video.permute(0, 2, 3, 1).float().cpu()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,12 +22,15 @@ from peft import LoraConfig as PeftLoraConfig
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
+from finetune import skips
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import Clip, aspect_mismatches, load_manifest, split_validation
 from finetune.errors import DataError, TrainingDiverged
-from finetune.export import RunInfo, adapter_file_name, save_adapters, write_text_atomic
+from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
+from finetune.runlock import RunLock
+from finetune.stopping import GracefulStop
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -49,14 +52,16 @@ def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
     dtype = DTYPES[recipe.model.dtype] if device.type == "cuda" else torch.float32
     return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
                      tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization,
-                     task=recipe.model.task)
+                     task=recipe.model.task, cond_frames=recipe.model.cond_frames,
+                     text_encoder=recipe.memory.text_encoder)
 
 
 def cache_key(recipe: Recipe, family: Family) -> CacheKey:
     spec = family.spec
     return CacheKey(family=recipe.model.family, model_id=family.encoders_id(), revision=spec.revision,
                     frames=recipe.data.frames, height=recipe.data.height, width=recipe.data.width, fps=recipe.fps,
-                    task=spec.task)
+                    task=spec.task,
+                    cond_frames=family.cond_frames if family.task_input(spec.task) == "video" else None)
 
 
 def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:
@@ -308,6 +313,9 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> tu
     on. The main process encodes; others reuse."""
     train_clips, held_out = training_and_held_out(recipe)
     clips = train_clips + held_out
+    total, misfits = len(clips), []
+    if recipe.data.buckets and not recipe.data.strict:  # a clip buckets cannot take is skipped, not fatal
+        clips, misfits = skips.bucket_misfits(clips, family.spatial_factor, family.name)
     keys = bucket_keys(recipe, family, clips) if recipe.data.buckets else cache_key(recipe, family)
     cropped = [] if recipe.data.buckets else aspect_mismatches(clips, recipe.data.width, recipe.data.height)
     if cropped:
@@ -322,24 +330,45 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> tu
                                      show_progress=accelerator.is_local_main_process)
     if accelerator.is_main_process:
         print(f"cache: {stats.latents_computed} clips encoded, {stats.latents_reused} reused; "
-              f"{stats.text_computed} prompts encoded, {stats.text_reused} reused")
-        if held_out:
-            print(f"validation: {len(held_out)} of {len(clips)} clips held out from training for val_loss")
-    train_entries, val_entries = entries[:len(train_clips)], entries[len(train_clips):]
+              f"{stats.text_computed} prompts encoded, {stats.text_reused} reused"
+              + (f"; {stats.damaged} damaged entries recomputed" if stats.damaged else ""))
+    skipped = misfits + stats.skipped
+    warning = skips.report_skipped(skipped, total, Path(recipe.output.dir), recipe.data.manifest,
+                                   recipe.data.strict, write=accelerator.is_main_process)
+    if warning:
+        accelerator.print(warning)
+    # build_cache keeps the order of the clips it could use: the held-out ones come last.
+    gone = {id(c) for c, _ in skipped}
+    n_val = sum(id(c) not in gone for c in held_out)
+    if held_out:
+        accelerator.print(f"validation: {n_val} of {len(entries)} clips held out from training for val_loss")
+    train_entries, val_entries = entries[:len(entries) - n_val], entries[len(entries) - n_val:]
     return CachedDataset(train_entries * recipe.data.repeats), (CachedDataset(val_entries) if val_entries else None)
 
 
 def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     """Train a LoRA as ``recipe`` says. ``resume``: None, "latest" or a checkpoint folder.
 
-    Raises: DataError (manifest, clips), CheckpointError (resume), TrainingDiverged (NaN/inf loss).
+    Raises: DataError (manifest, clips), CheckpointError (resume), TrainingDiverged (NaN/inf loss),
+    RunLocked (another run uses output.dir), DiskSpaceError, TrainingStopped (SIGINT/SIGTERM, after
+    saving a checkpoint and the adapter).
     """
+    with ExitStack() as cleanup:  # the run lock and the signal handlers go however training ends
+        return _train(recipe, resume, cleanup)
+
+
+def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResult:
     # 1. Run folder, accelerator, resolved recipe.
     run_dir = Path(recipe.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_ckpt = ckpt.resolve_resume(run_dir, resume) if resume else None
     accelerator = make_accelerator(recipe, run_dir)
     device, world = accelerator.device, accelerator.num_processes
+    if accelerator.is_main_process:
+        cleanup.enter_context(RunLock(run_dir))  # one run per output.dir
+    stop = cleanup.enter_context(GracefulStop())
+    for line in ckpt.check_resume_recipe(start_ckpt, recipe.model_dump(mode="json")) if start_ckpt else []:
+        accelerator.print(line)
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
     accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({device})")
@@ -375,8 +404,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     # 5. Resume: weights, optimizer, scheduler and RNG from the checkpoint; step counter continues.
     start_step = 0
     if start_ckpt is not None:
-        accelerator.load_state(str(start_ckpt))
-        start_step = ckpt.read_step(start_ckpt)
+        start_step = ckpt.load_checkpoint(accelerator, start_ckpt)
         accelerator.print(f"resumed from {start_ckpt} at step {start_step}")
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config={"lr": recipe.optim.lr, "rank": recipe.lora.rank})
@@ -389,6 +417,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     loss_value = float("nan")
+    stopped_at = None
+    stop.install()  # from here a SIGINT/SIGTERM ends the run after the current step, saved
     for step in bar:
         t0 = time.perf_counter()
         loss_value = accumulate_gradients(accelerator, family, transformers, experts, dataset, recipe, step)
@@ -417,6 +447,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             render_samples(accelerator, family, transformers, recipe, done, dataset, base_samples)
         if val_dataset is not None and (done == o.steps or (v.every and done % v.every == 0)):
             log_validation_loss(accelerator, family, transformers, experts, val_dataset, recipe, done)
+        if stop.requested(accelerator) and done < o.steps:
+            stopped_at = ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
+            break
 
     # 7. Final adapters (one file per trained expert) and the run description.
     accelerator.wait_for_everyone()
@@ -427,13 +460,26 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
                        weight_name=adapters[experts[0].attr], recipe=recipe.model_dump(mode="json"),
                        task=spec.task, adapters=adapters)
         save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info,
-                      comfyui_key_maps={e.attr: family_cls.comfyui_key_map(e.attr) for e in experts})
+                      comfyui_key_maps=comfyui_key_maps(family_cls, experts))
+        save_original_format(family, run_dir, info, recipe.lora.alpha / recipe.lora.rank)
     accelerator.end_training()
     for e, t in zip(experts, transformers):
         setattr(family.components, e.attr, accelerator.unwrap_model(t))
+    if stopped_at is not None:
+        raise stop.stopped(accelerator, done, o.steps, stopped_at, [run_dir / a for a in adapters.values()])
     return TrainResult(run_dir=run_dir, adapter=run_dir / adapters[experts[0].attr], steps=o.steps,
                        start_step=start_step, last_loss=loss_value, family=family, dataset=dataset,
                        val_dataset=val_dataset)
+
+
+def comfyui_key_maps(family_cls: type[Family], experts: list[Expert]) -> dict:
+    """Each trained expert's ComfyUI key map; none (with a note) for a family that has no map yet,
+    so a finished run still writes its diffusers adapter."""
+    try:
+        return {e.attr: family_cls.comfyui_key_map(e.attr) for e in experts}
+    except NotImplementedError as e:
+        print(f"note: no ComfyUI file written: {e}")
+        return {}
 
 
 def render_samples(accelerator: Accelerator, family: Family, transformers: list, recipe: Recipe, step: int,
@@ -444,7 +490,7 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
     side by side to TensorBoard as ``samples/base_vs_lora_<k>``. The base render (adapters
     disabled on every trained transformer) is made once per prompt into ``samples/base-<k>.mp4``
     and kept in ``base_samples``. i2v runs condition on ``validation.images``, or on the first
-    frame of the training clips."""
+    frame of the training clips; continuation runs on the first frames of the training clips."""
     from finetune.inference import RenderArgs, render  # inference code only when sampling
     from finetune.video import write_video
 
@@ -456,11 +502,12 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
             t.eval()
         pipe = family.pipeline()
         pipe.set_progress_bar_config(disable=True)  # the training bar is the one to watch
-        images = validation_images(recipe, dataset) if family.task != "t2v" else []
+        kind = family.task_input(family.task)
+        inputs = validation_inputs(recipe, family) if kind else []
         for k, prompt in enumerate(v.prompts):
             args = RenderArgs(prompt=prompt, frames=d.frames, height=d.height, width=d.width, fps=recipe.fps,
                               steps=v.steps, guidance=v.guidance, seed=v.seed,
-                              image=images[k % len(images)] if images else None)
+                              **({kind: inputs[k % len(inputs)]} if inputs else {}))
             out = Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"
             with torch.no_grad(), accelerator.autocast():
                 lora = render(family, pipe, args)
@@ -544,6 +591,19 @@ def log_validation_loss(accelerator: Accelerator, family: Family, transformers: 
         accelerator.log({"val_loss": value}, step=step)
     accelerator.wait_for_everyone()
     return value
+
+
+def validation_inputs(recipe: Recipe, family: Family) -> list:
+    """What each validation render of the family's task conditions on: images for i2v (see
+    :func:`validation_images`); for video-conditioned tasks (continue) the first
+    ``family.cond_frames`` frames of each training clip, as lists of PIL images."""
+    if family.task_input(family.task) == "image":
+        return validation_images(recipe, None)
+    from finetune.video import pil_frames, read_clip
+
+    d, clips = recipe.data, load_manifest(recipe.data.manifest, recipe.data.trigger)
+    return [pil_frames(read_clip(c.path, family.cond_frames, recipe.fps, d.height, d.width))
+            for c in clips[:len(recipe.validation.prompts)]]
 
 
 def validation_images(recipe: Recipe, dataset: CachedDataset | None) -> list:

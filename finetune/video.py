@@ -45,6 +45,16 @@ def read_clip(path: str | Path, frames: int, fps: float, height: int, width: int
     return video / 127.5 - 1.0
 
 
+def pil_frames(video: "torch.Tensor") -> list:
+    """video [3, F, H, W] in [-1, 1] (as from read_clip) -> F RGB PIL images (a video a
+    pipeline conditions on)."""
+    import torch
+    from PIL import Image
+
+    frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    return [Image.fromarray(f) for f in frames]
+
+
 def first_frame(path: str | Path):
     """The first decoded frame of ``path`` as an RGB PIL image (an i2v conditioning image).
     Raises DataError if nothing decodes."""
@@ -54,6 +64,12 @@ def first_frame(path: str | Path):
     if not picked:
         raise DataError(f"{path}: no decodable frame for the conditioning image")
     return Image.fromarray(picked[0])
+
+
+def decoded_frame_count(path: str | Path, fps: float) -> int:
+    """How many frames ``path`` yields resampled to ``fps`` (decodes it once; what
+    ``read_clip(path, n, fps, ...)`` can read at most). Raises DataError if it cannot be opened."""
+    return len(_decode_resampled(Path(path), 10**9, fps))
 
 
 def _decode_resampled(path: Path, frames: int, fps: float) -> list[np.ndarray]:
@@ -127,7 +143,10 @@ class Mp4Writer:
 
     def add(self, rgb: np.ndarray) -> None:
         """rgb: [height, width, 3] uint8."""
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        self.add_frame(av.VideoFrame.from_ndarray(rgb, format="rgb24"))
+
+    def add_frame(self, frame: "av.VideoFrame") -> None:
+        """A frame of the stream's size in any pixel format (yuv420p goes to x264 unconverted)."""
         frame.pts = self.frames_written
         self.frames_written += 1
         for packet in self.stream.encode(frame):

@@ -79,6 +79,17 @@ def write_audio_only(path: Path) -> Path:
     return path
 
 
+def write_unknown_codec(path: Path) -> Path:
+    """An MP4 whose video sample entry names a codec nobody has ('zzz1' in place of 'avc1'): FFmpeg
+    demuxes its packets but has no decoder for them."""
+    full = write_video(path.with_name("_avc1.mp4"), 24)
+    data = full.read_bytes()
+    full.unlink()
+    assert data.count(b"avc1") >= 1
+    path.write_bytes(data.replace(b"avc1", b"zzz1"))
+    return path
+
+
 def write_theora(path: Path, seconds: float = 1.5) -> Path:
     import imageio_ffmpeg
 
@@ -99,6 +110,7 @@ BAD = {
     "truncated.mp4": "truncated",
     "notes.mp4": "not a readable media file",
     "audio_only.mp4": "no video stream",
+    "unknown_codec.mp4": "unsupported codec: no decoder",
 }
 # Files that open but are too short for one clip of the corpus settings.
 TOO_SHORT = {"one_frame.mp4": "too short"}
@@ -124,6 +136,7 @@ def build_corpus(root: Path) -> Path:
     full.unlink()
     (root / "notes.mp4").write_text("these are my notes, not a video\n" * 20)
     write_audio_only(root / "audio_only.mp4")
+    write_unknown_codec(root / "unknown_codec.mp4")
     write_video(root / "one_frame.mp4", 1)
     write_video(root / "plain.mp4", 24)
     (root / "plain.txt").write_text("a textured wall sliding left")
@@ -146,3 +159,27 @@ def copy_synth(dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy(SYNTH, dst / SYNTH.name)
     return dst
+
+
+# Gradual transitions between two real sample clips (2 s each at 24 fps, 160x90): the frames
+# [start, end) of the transition in the output file.
+TRANSITIONS = {"dissolve.mp4": (36, 48), "fade_black.mp4": (36, 60)}
+
+
+def write_transition(path: Path, kind: str) -> Path:
+    """Big Buck Bunny (2 s) then the rocket launch (2 s) joined by an ffmpeg ``xfade`` dissolve of
+    12 frames starting at frame 36 ("dissolve"), or by ``fade`` out to black over frames 36-47 and
+    in from black over 48-59 ("fade"). Made with the imageio-ffmpeg binary."""
+    import imageio_ffmpeg
+
+    prep = "fps=24,scale=160:90,setsar=1,trim=end_frame=48,setpts=PTS-STARTPTS"
+    if kind == "dissolve":
+        graph = f"[0:v]{prep}[a];[1:v]{prep}[b];[a][b]xfade=transition=fade:duration=0.5:offset=1.5,format=yuv420p"
+    elif kind == "fade":
+        graph = f"[0:v]{prep},fade=t=out:s=36:n=12[a];[1:v]{prep},fade=t=in:s=0:n=12[b];[a][b]concat=n=2:v=1,format=yuv420p"
+    else:
+        raise ValueError(f"kind={kind!r} must be 'dissolve' or 'fade'")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(ASSETS / "bigbuckbunny.mp4"),
+           "-i", str(ASSETS / "oa4_launch.webm"), "-filter_complex", graph, "-c:v", "libx264", "-crf", "18", str(path)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return path

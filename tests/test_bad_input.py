@@ -25,7 +25,8 @@ def test_clip_shorter_than_the_recipe(capsys, tmp_path):
     manifest = write_clips(tmp_path / "c", n=1, frames=5, height=32, width=32)
     rc, err = _train(capsys, "wan", manifest, tmp_path / "run")
     assert rc == USER_ERROR_EXIT
-    assert "clip000.mp4: clip too short: 5 frames at 8 fps, the recipe needs data.frames=9" in err
+    assert "no usable clip; 1 of 1 clips: clip000.mp4 (clip too short: 5 frames at 8 fps, the recipe needs " \
+           "data.frames=9" in err
 
 
 def test_frame_count_breaking_the_family_rule(capsys, tmp_path):

@@ -160,3 +160,18 @@ def test_cli_probe_runs_as_a_program_without_torch(corpus, tmp_path):
     assert "mpegps_offset.mpg: 2 shots, cuts at frames [20]" in run.stdout
     help_text = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True).stdout
     assert "exit status:" in help_text and "3  clips were made, but some inputs were skipped" in help_text
+
+
+def test_every_registered_family_gets_its_own_clip_rules():
+    """``--family`` takes any family in the registry; its frame rule and size factor apply."""
+    from data_prep.options import OptionsError, PrepOptions, family_facts, resolve_clip_settings
+    from finetune.families import family_names
+
+    for name in family_names():
+        facts = family_facts(name)
+        frames = facts.frame_rule.nearest(33)
+        side = facts.spatial_factor * 8
+        fps, buckets = resolve_clip_settings(PrepOptions(family=name, frames=frames, size=f"{side}x{side}"), facts)
+        assert fps == facts.default_fps and buckets, name
+        with pytest.raises(OptionsError, match=f"for {name}"):
+            resolve_clip_settings(PrepOptions(family=name, frames=frames + 1, size=f"{side}x{side}"), facts)

@@ -18,6 +18,11 @@ PROMPT = "a red ball bouncing"
 FRAMES = 9  # 4k+1 and 8k+1
 
 
+def clip_frames(cls) -> int:
+    """The tiny clip length of ``cls``: FRAMES, or the longest valid count below it (7 for 6k+1)."""
+    return cls.frame_rule.floor(FRAMES)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models are far too small to gain from intra-op threads, and on a shared 2-core
@@ -54,6 +59,26 @@ def cond_image(cls):
     return Image.fromarray((torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy())
 
 
+def cond_video(cls, frames: int) -> list:
+    """``frames`` fixed frames (PIL) at the tiny clip size: the video a continuation continues."""
+    from PIL import Image
+
+    size = clip_size(cls)
+    gen = torch.Generator().manual_seed(6)
+    pixels = (torch.rand(frames, size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def cond_inputs(fam) -> dict:
+    """What the pipeline call of ``fam``'s task needs besides the prompt (image, video, nothing)."""
+    kind = fam.task_input(fam.task)
+    if kind == "image":
+        return {"image": cond_image(type(fam))}
+    if kind == "video":
+        return {"video": cond_video(type(fam), fam.cond_frames)}
+    return {}
+
+
 def clip_size(cls) -> int:
     """Smallest frame side giving a 2x2 token grid."""
     return 2 * cls.spatial_factor
@@ -88,16 +113,15 @@ def run(fam, pipe, steps: int = 2, **kw) -> torch.Tensor:
     """Frames [1, F, 3, H, W] in [0, 1] from a tiny seeded pipeline call."""
     size = clip_size(type(fam))
     pipe.set_progress_bar_config(disable=True)
-    image = cond_image(type(fam)) if fam.task != "t2v" else None
-    kw = {**fam.pipeline_call_kwargs(type(fam).default_fps, image=image), **kw}
-    return pipe(prompt=PROMPT, num_frames=FRAMES, height=size, width=size, num_inference_steps=steps,
+    kw = {**fam.pipeline_call_kwargs(type(fam).default_fps, **cond_inputs(fam)), **kw}
+    return pipe(prompt=PROMPT, num_frames=clip_frames(type(fam)), height=size, width=size, num_inference_steps=steps,
                 generator=torch.Generator().manual_seed(0), output_type="pt", **kw).frames
 
 
 def random_videos(cls, batch: int = 2) -> torch.Tensor:
     size = clip_size(cls)
     gen = torch.Generator().manual_seed(0)
-    return torch.rand(batch, 3, FRAMES, size, size, generator=gen) * 2 - 1
+    return torch.rand(batch, 3, clip_frames(cls), size, size, generator=gen) * 2 - 1
 
 
 def encoded(fam, videos):
@@ -136,13 +160,17 @@ def test_encode_and_predict_shapes_follow_the_family_rules(name):
     videos = random_videos(cls)
     latents, cond = encoded(fam, videos)
     b, ch, f, h, w = latents.shape
-    assert (b, ch) == (2, transformers_of(fam)[0].config.out_channels)
+    config = transformers_of(fam)[0].config  # Kandinsky 5 calls it out_visual_dim
+    assert (b, ch) == (2, config.get("out_channels", config.get("out_visual_dim")))
     assert all(v.shape[0] == 2 for v in cond.values())
-    assert f == (FRAMES - 1) // cls.frame_rule.temporal_factor + 1
+    assert f == (clip_frames(cls) - 1) // cls.frame_rule.temporal_factor + 1
     vae_factor = videos.shape[-1] // w
     assert videos.shape[-2] == h * vae_factor and cls.spatial_factor % vae_factor == 0
+    vae = fam.components.vae
+    # timestep-conditioned decoders (LTX-Video 0.9.1+) need the decode timestep
+    extra = {"temb": torch.zeros(b)} if getattr(vae.config, "timestep_conditioning", False) else {}
     with torch.no_grad():  # the latent grid is the VAE's: decoding gives the clip's shape back
-        assert fam.components.vae.decode(latents).sample.shape == videos.shape
+        assert vae.decode(latents, **extra).sample.shape == videos.shape
 
     text = fam.encode_prompts([PROMPT, "b"])
     assert "prompt_embeds" in text and text["prompt_embeds"].ndim == 3
@@ -162,9 +190,9 @@ def test_bad_clip_shape_is_rejected_with_a_fix(name):
     fam = load(name)
     size = clip_size(cls)
     with pytest.raises(ValueError, match=r"try \d+"):
-        fam.encode_videos(torch.zeros(1, 3, FRAMES + 1, size, size))
+        fam.encode_videos(torch.zeros(1, 3, clip_frames(cls) + 1, size, size))
     with pytest.raises(ValueError, match=f"multiple of {cls.spatial_factor}"):
-        fam.encode_videos(torch.zeros(1, 3, FRAMES, size + 8, size))
+        fam.encode_videos(torch.zeros(1, 3, clip_frames(cls), size + 8, size))
 
 
 # --- 3. gradients reach every LoRA layer ---

@@ -28,14 +28,6 @@ PROMPTS = ["mystyle, a square", "mystyle, two squares"]
 MAX_BODY = 64 * 2**20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("publish")

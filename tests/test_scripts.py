@@ -77,16 +77,20 @@ def test_accelerate_launch_then_infer(family, manifest, tmp_path):
     assert all((out / f).is_file() for f in info["adapters"].values())
 
     video = tmp_path / "lora.mp4"
-    image = ["--image", str(first_frame_png(manifest, tmp_path))] if task != "t2v" else []
+    from finetune.families import get_family
+
+    kind = get_family(name).task_input(task)  # what the task renders from: None, "image" or "video"
+    given = {"image": str(first_frame_png(manifest, tmp_path)), "video": str(manifest.parent / "clip000.mp4")}
+    inputs = [f"--{kind}", given[kind]] if kind else []
     cmd = [sys.executable, "infer.py", "--lora", f"{out}:0.8", "--prompt", "mystyle, a square", "--steps", "2",
            "--out", str(video)]
-    if task != "t2v":  # an i2v adapter without its image is a named error, not a traceback
+    if kind:  # an i2v / continuation adapter without its input is a named error, not a traceback
         res = run(cmd)
-        assert res.returncode == USER_ERROR_EXIT and "--image PATH is required" in res.stderr, res.stderr[-2000:]
+        assert res.returncode == USER_ERROR_EXIT and f"--{kind} PATH is required" in res.stderr, res.stderr[-2000:]
     else:  # and a t2v one given an image
-        res = run([*cmd, "--image", str(first_frame_png(manifest, tmp_path))])
+        res = run([*cmd, "--image", given["image"]])
         assert res.returncode == USER_ERROR_EXIT and "takes no conditioning image" in res.stderr, res.stderr[-2000:]
-    res = run([*cmd, *image])
+    res = run([*cmd, *inputs])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"video: {video}" in res.stdout
     n, h, w, fps = probe_frames(video)
@@ -131,7 +135,7 @@ def test_two_processes_train_with_gloo(manifest, tmp_path):
                *tiny_args("wan", manifest, out, "optim.steps=4", "checkpoint.every=2")], ACCELERATE_USE_CPU="true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in res.stdout
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["comfyui_lora.safetensors", "pytorch_lora_weights.safetensors"]
     assert (out / "checkpoints" / "step-00000002" / "random_states_1.pkl").is_file()
 
 

@@ -40,6 +40,14 @@ def tiny_t5_tokenizer(model_max_length: int) -> transformers.T5Tokenizer:
     return transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
+def tiny_gemma_tokenizer(model_max_length: int) -> transformers.GemmaTokenizer:
+    """A character-level Gemma tokenizer (BPE, no merges) built in code, no download: the real
+    class and special tokens, one id per printable ASCII character and ``▁``."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab = {t: i for i, t in enumerate([*specials, *_TINY_CHARS, "▁"])}
+    return transformers.GemmaTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
 @torch.no_grad()
 def refill_zero_params(module: torch.nn.Module, std: float = 0.02) -> list[str]:
     """Refill every all-zero parameter of ``module`` with N(0, std) noise, in place.
@@ -76,3 +84,41 @@ def channel_stats(latents: torch.Tensor, eps: float = 1e-6) -> tuple[list[float]
     mean = latents.mean(dim=(0, 2, 3, 4))
     std = latents.std(dim=(0, 2, 3, 4)).clamp_min(eps)
     return mean.tolist(), std.tolist()
+
+
+def _byte_level_alphabet() -> list[str]:
+    from tokenizers import pre_tokenizers
+
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def tiny_llama3_tokenizer(model_max_length: int, special_tokens: tuple[str, ...] = ()) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges (one token per byte) built in code, no download:
+    the same class and byte-level scheme as the Llama-3 tokenizers (``PreTrainedTokenizerFast``),
+    ``<|begin_of_text|>`` prepended, ``<|end_of_text|>`` as end and pad token. ``special_tokens``
+    (chat headers, ``<image>``) become single tokens, as they are in the real vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    vocab = {t: i for i, t in enumerate((bos, eos, *special_tokens))}
+    for c in _byte_level_alphabet():
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, vocab[bos])])
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
+                                               model_max_length=model_max_length)
+    out.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return out
+
+
+def tiny_clip_tokenizer() -> transformers.CLIPTokenizer:
+    """A CLIP BPE tokenizer with no merges (one token per character, with and without the
+    ``</w>`` word end) built in code, no download; same class and special tokens as the real one."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _byte_level_alphabet():
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)

@@ -21,7 +21,8 @@ import torch
 import transformers
 from PIL import Image
 
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._encoders import CLIP_VIT_H_14, UMT5_XXL
+from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -29,7 +30,7 @@ from finetune.families._tiny import (
     tiny_t5_encoder_config,
     tiny_t5_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
 
 # Flow-sigma UniPC as in the Wan diffusers repos' scheduler configs; flow_shift is per model.
@@ -69,6 +70,45 @@ KEY_MAP = KeyMap((
 ))
 
 
+# Full-size configs of the released Wan checkpoints (their ``*/config.json`` values), for the
+# memory planner (encoders in _encoders.py). Sources: Wan2.1-T2V-1.3B transformer as quoted from
+# the checkpoint's config.json in public code (code search, this session); the 14B numbers
+# (40 heads x 128, ffn 13824, 40 layers) and the I2V additions (36 input channels, CLIP image
+# dim 1280, added K/V 5120) are the Wan 2.1 / 2.2 A14B configs as diffusers' converter
+# (scripts/convert_wan_to_diffusers.py) writes them -- not re-read from the hub this session.
+WAN_TRANSFORMER_1_3B = dict(
+    patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+)
+WAN_TRANSFORMER_14B = {**WAN_TRANSFORMER_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+WAN_TRANSFORMER_I2V_14B = {**WAN_TRANSFORMER_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}
+# Wan 2.1 VAE: the AutoencoderKLWan defaults are the released VAE (base_dim 96, z_dim 16,
+# dim_mult [1, 2, 4, 4], 2 res blocks, temporal downsample [F, T, T]). Loaded in float32.
+WAN_VAE_2_1 = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                   temperal_downsample=[False, True, True])
+# Wan 2.2 A14B: each expert has the Wan 2.1 14B layout (T2V: 16 input channels; I2V: 36, and no
+# CLIP image branch). Wan 2.2 TI2V-5B: 24 heads x 128, ffn 14336, 30 layers, 48 latent channels,
+# and its own residual VAE (16x spatial via 2x2 patchify). Not re-read from the hub this session.
+WAN22_TRANSFORMER_I2V_A14B = {**WAN_TRANSFORMER_14B, "in_channels": 36}
+WAN22_TRANSFORMER_5B = {**WAN_TRANSFORMER_1_3B, "num_attention_heads": 24, "ffn_dim": 14336, "in_channels": 48,
+                        "out_channels": 48}
+WAN22_VAE_5B = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                    temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                    patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)
+
+
+def wan_full_size(transformers_: dict[str, dict], vae: dict, image_encoder: bool = False) -> dict[str, FullSize]:
+    """Components of one Wan checkpoint: the given transformer config(s), the VAE (float32, as
+    :meth:`WanBase.load_parts` loads it) and umT5-XXL (+ the CLIP ViT-H/14 of Wan 2.1 I2V)."""
+    out = {name: FullSize(diffusers.WanTransformer3DModel, cfg) for name, cfg in transformers_.items()}
+    out["vae"] = FullSize(diffusers.AutoencoderKLWan, vae, torch.float32)
+    out["text_encoder"] = FullSize(transformers.UMT5EncoderModel, UMT5_XXL)
+    if image_encoder:
+        out["image_encoder"] = FullSize(transformers.CLIPVisionModel, CLIP_VIT_H_14)
+    return out
+
+
 def to_pil(frame: torch.Tensor) -> Image.Image:
     """frame [3, H, W] in [-1, 1] -> RGB PIL image (what a user hands the i2v pipeline)."""
     arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
@@ -95,14 +135,35 @@ class WanBase(Family):
         super().__init__(components, spec)
         self._check_compression()
 
+    # latent channels and VAE spatial factor of the released VAE (planning_inputs)
+    latent_channels: ClassVar[int] = 16
+    vae_spatial: ClassVar[int] = 8
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, C, f, h, w]; umT5 states [1, L, 4096]; for concat i2v the 4 mask + C
+        first-frame channels (and the CLIP ViT-H patch states [1, 257, 1280] where the
+        checkpoint has an image encoder), for first_frame i2v the clean first latent frame."""
+        s = cls.vae_spatial
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // s, width // s
+        c, bf16 = cls.latent_channels, torch.bfloat16
+        cond = {"prompt_embeds": ((1, text_len, 4096), bf16)}
+        if task == "i2v" and cls.i2v_kind == "concat":
+            cond["condition"] = ((1, 4 + c, f, h, w), bf16)
+            if "image_encoder" in next(iter(cls.full_size_configs(task).values())):
+                cond["image_embeds"] = ((1, 257, 1280), bf16)
+        elif task == "i2v":
+            cond["first_latent"] = ((1, c, 1, h, w), bf16)
+        return (1, c, f, h, w), cond
+
     # --- loading ---
     @classmethod
     def load_parts(cls, spec: ModelSpec, transformers_: tuple[str, ...] = ("transformer",)) -> Components:
         """Every component with ``from_pretrained`` from the diffusers repo layout."""
         src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         loaded = {
-            name: diffusers.WanTransformer3DModel.from_pretrained(
-                **src, subfolder=name, torch_dtype=spec.dtype, quantization_config=bnb_quantization_config(spec))
+            name: load_transformer(diffusers.WanTransformer3DModel, spec, subfolder=name)
             for name in transformers_
         }
         # The Wan docs recommend the VAE in float32 for decoding quality, whatever the rest uses.

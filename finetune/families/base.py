@@ -12,8 +12,10 @@ Shapes used throughout:
   cond:    what ``predict`` conditions on: the text tensors plus, for image-to-video, the tensors
            ``encode_conditioning`` made at cache time (all with a leading batch dim)
 
-Tasks: ``t2v`` (text to video) and ``i2v`` (image to video, the clip's first frame as the
-condition); a family lists the ones it supports in :attr:`Family.tasks`.
+Tasks: ``t2v`` (text to video), ``i2v`` (image to video, the clip's first frame as the
+condition) and ``continue`` (video continuation: the clip's first :attr:`Family.cond_frames` frames
+as the condition); a family lists the ones it supports in :attr:`Family.tasks`, and
+:meth:`Family.task_input` says what rendering each one needs besides the prompt.
 
 Experts: a model may have several transformers, each serving a range of noise levels (Wan 2.2
 A14B: ``transformer`` for high noise, ``transformer_2`` for low). :meth:`Family.experts` lists
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from finetune.memory.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
 
 if TYPE_CHECKING:
     from finetune.lora_formats import KeyMap
@@ -68,10 +72,15 @@ class ModelSpec:
     tiny: bool = False
     tiny_seed: int = 0
     dtype: torch.dtype = torch.float32
-    # "none" | "int8" | "nf4": bitsandbytes quantisation of the frozen transformer (CUDA only).
+    # "none" | "int8" | "nf4": bitsandbytes quantisation of the frozen transformer (CUDA only);
+    # "fp8": e4m3 block weights with per-row scales, quantised while loading (finetune/memory/fp8.py).
     quantization: str = "none"
+    # "gpu" | "cpu" | "int8" | "fp8": where/how the text encoders run (finetune/memory/encoders.py).
+    text_encoder: str = "gpu"
     # "t2v" | "i2v" | ...: one of the family's tasks; picks the default checkpoint and pipeline.
     task: str = "t2v"
+    # tasks conditioned on a video (continue): pixel frames of it given clean; None = the family's
+    cond_frames: int | None = None
 
     @property
     def display_id(self) -> str:
@@ -82,7 +91,9 @@ class ModelSpec:
 class Components:
     """The loaded modules of one base model. Encoders may be ``None`` once released.
     ``transformer_2`` is the second expert of two-expert models; ``image_encoder`` and
-    ``image_processor`` the image conditioning of i2v models that take image embeddings."""
+    ``image_processor`` the image conditioning of i2v models that take image embeddings;
+    ``text_encoder_2`` and ``tokenizer_2`` the second text encoder of models that have two
+    (HunyuanVideo-1.5's byT5 glyph encoder)."""
 
     transformer: torch.nn.Module | None
     vae: torch.nn.Module | None
@@ -93,9 +104,11 @@ class Components:
     transformer_2: torch.nn.Module | None = None
     image_encoder: torch.nn.Module | None = None
     image_processor: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
 
     # modules an encoder release drops, in the order encoders_id hashes them
-    ENCODERS = ("vae", "text_encoder", "image_encoder")
+    ENCODERS = ("vae", "text_encoder", "image_encoder", "text_encoder_2")
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Every loaded torch module by attribute name (released ones left out)."""
@@ -131,8 +144,24 @@ class Noised:
     loss_mask: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class FullSize:
+    """One component of a released checkpoint as data, for the memory planner: the class the
+    checkpoint loads into and the values of its ``config.json`` (the model is then built from
+    them on the meta device, never with weights). ``dtype``: the dtype the family loads it in
+    when that is not the recipe's (the Wan VAE in float32); None = the recipe's."""
+
+    cls: type
+    config: dict[str, Any]
+    dtype: torch.dtype | None = None
+
+
 # components.extra key of a tiny build's prompt length
 TEXT_LEN_KEY = "max_sequence_length"
+# components.extra key of a tiny build's default conditioning-video length (continue task)
+COND_FRAMES_KEY = "cond_frames"
+# What rendering a task needs besides the prompt (see Family.task_input).
+TASK_INPUTS: dict[str, str | None] = {"t2v": None, "i2v": "image", "continue": "video"}
 
 
 class Family(ABC):
@@ -161,6 +190,13 @@ class Family(ABC):
     # store under TEXT_LEN_KEY in components.extra (see text_len)
     max_sequence_length: ClassVar[int]
     tiny_max_sequence_length: ClassVar[int] = 64
+    # tasks whose input is a video (continue): how many pixel frames (a valid frame count) of it
+    # condition the clip unless model.cond_frames says otherwise; tiny builds may store a shorter
+    # default under COND_FRAMES_KEY
+    default_cond_frames: ClassVar[int] = 1
+    # whether model.quantization=fp8 can load this family's transformer (its block linears are
+    # nn.Linear and its loader goes through _loading.load_transformer)
+    fp8_ok: ClassVar[bool] = True
 
     def __init__(self, components: Components, spec: ModelSpec):
         self.components = components
@@ -180,16 +216,50 @@ class Family(ABC):
     def task(self) -> str:
         return self.spec.task
 
+    @classmethod
+    def task_input(cls, task: str) -> str | None:
+        """What rendering ``task`` needs besides the prompt: ``"image"`` (the first frame, i2v),
+        ``"video"`` (frames to continue) or None (t2v)."""
+        return TASK_INPUTS.get(task)
+
+    @property
+    def cond_frames(self) -> int:
+        """Pixel frames of the conditioning video of a ``"video"``-input task: ``spec.cond_frames``,
+        else the tiny build's default, else :attr:`default_cond_frames`."""
+        return int(self.spec.cond_frames or self.components.extra.get(COND_FRAMES_KEY, self.default_cond_frames))
+
     def experts(self) -> list[Expert]:
         """The model's trainable transformers with their noise ranges; one full-range expert
         unless the family has several."""
         return [Expert("transformer", "transformer")]
 
+    # --- facts for the memory planner (finetune/memory) ---
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """The released checkpoints of ``task`` as data: checkpoint id -> Components attribute
+        name ("transformer", "transformer_2", "vae", "text_encoder", "text_encoder_2",
+        "image_encoder") -> :class:`FullSize`. The planner builds them on the meta device to count
+        parameters and trace one block, offline. Raises NotImplementedError until a family
+        provides them."""
+        raise NotImplementedError(f"{cls.name}: no full-size configs for the memory planner; implement "
+                                  f"{cls.__name__}.full_size_configs (see finetune/families/wan.py)")
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Shapes of what :meth:`predict` takes for one clip of ``frames`` x ``height`` x ``width``
+        pixels at full size: the latent shape [1, C, f, h, w] and ``cond`` as key -> (shape,
+        dtype), with ``text_len`` text tokens. The planner makes fake tensors of them to trace the
+        transformer. Raises NotImplementedError until a family provides them."""
+        raise NotImplementedError(f"{cls.name}: no planning inputs for the memory planner; implement "
+                                  f"{cls.__name__}.planning_inputs (see finetune/families/_wan.py)")
+
     # --- loading ---
     @classmethod
     def load(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> "Family":
         """Build the family with weights from ``spec``: the real ``from_pretrained`` path or the
-        tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``."""
+        tiny random model. Frozen modules are put in eval mode with ``requires_grad=False``; text
+        encoders are quantised or kept on the CPU as ``spec.text_encoder`` says."""
         if spec.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.tiny_seed)
@@ -198,12 +268,21 @@ class Family(ABC):
                 # Tiny models are built in fp32; cast only when asked for another dtype.
                 if spec.dtype != torch.float32:
                     m.to(spec.dtype)
+            if spec.quantization == "fp8":  # the real path quantises while loading
+                from finetune.memory.fp8 import quantize_fp8
+
+                for name, m in components.modules().items():
+                    if name.startswith("transformer"):
+                        quantize_fp8(m, what=f"model.quantization=fp8: {cls.name} {name}")
         else:
             components = cls.load_pretrained(spec)
         for name, m in components.modules().items():
             m.requires_grad_(False)
             m.eval()
-            if spec.quantization == "none" or not name.startswith("transformer"):
+            if name in TEXT_ENCODERS:
+                prepare_text_encoder(name, m, spec.text_encoder)
+                m.to(text_encoder_device(spec.text_encoder, device))
+            elif spec.quantization in ("none", "fp8") or not name.startswith("transformer"):
                 m.to(device)
         return cls(components, spec)
 
@@ -211,7 +290,8 @@ class Family(ABC):
     @abstractmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         """Load every component with ``from_pretrained(spec.pretrained, subfolder=..., revision=...)``
-        in ``spec.dtype``; quantise the transformer with bitsandbytes if ``spec.quantization`` says so."""
+        in ``spec.dtype``; the transformer through ``_loading.load_transformer``, which quantises it
+        (bitsandbytes int8/nf4, fp8 while loading) if ``spec.quantization`` says so."""
 
     @classmethod
     @abstractmethod
@@ -239,18 +319,22 @@ class Family(ABC):
         """Names the weights that produce cached latents and embeddings. Real weights: the model id
         (its revision is keyed separately). Tiny models: a digest of the encoder weights, so a
         change to a tiny builder never reuses stale cache entries."""
+        # Quantised text encoders give other embeddings than the full-precision ones.
+        mode = self.spec.text_encoder
+        suffix = f"+text_encoder-{mode}" if mode in ("int8", "fp8") else ""
         if not self.spec.tiny:
-            return self.spec.pretrained
+            return self.spec.pretrained + suffix
         h = hashlib.sha256()
         encoders = [getattr(self.components, n) for n in Components.ENCODERS]
         for module in (m for m in encoders if m is not None):
             for name, t in sorted(module.state_dict().items()):
                 h.update(name.encode())
+                t = t.dequantize() if type(t) is not torch.Tensor else t  # torchao fp8/int8 weights
                 h.update(t.detach().float().cpu().numpy().tobytes())
-        return f"{self.spec.display_id}:{h.hexdigest()[:16]}"
+        return f"{self.spec.display_id}:{h.hexdigest()[:16]}{suffix}"
 
     def release_encoders(self) -> None:
-        """Drop the text encoder, VAE and image encoder so their memory is free for training."""
+        """Drop the text encoders, VAE and image encoder so their memory is free for training."""
         for name in Components.ENCODERS:
             setattr(self.components, name, None)
 
@@ -261,11 +345,20 @@ class Family(ABC):
             if m is not None:
                 m.to(device)
 
-    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    def conditioning_uses_captions(self) -> bool:
+        """Whether :meth:`encode_conditioning` needs each clip's caption: models whose image
+        conditioning goes through a text encoder reading image and prompt together (a
+        vision-language model). The cache then passes ``captions`` and keys the entry on them."""
+        return False
+
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor,
+                            captions: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Cache-time conditioning of :attr:`task` for clips ``videos`` [B, 3, F, H, W] in [-1, 1]
         whose latents (from :meth:`encode_videos`) are ``latents`` [B, C, f, h, w]: a dict of
         tensors with batch dim B that :meth:`predict` receives in ``cond``. Image-to-video
-        families build it from the first frame; text-to-video needs nothing."""
+        families build it from the first frame; text-to-video needs nothing. ``captions`` (one
+        per clip) come only when :meth:`conditioning_uses_captions`; tensors returned under a
+        key of :meth:`encode_prompts` replace the caption's image-less ones."""
         return {}
 
     # --- training ---
@@ -329,12 +422,24 @@ class Family(ABC):
         """A diffusers pipeline (``pipeline_class``) over the current components; the encoders
         must not have been released."""
 
-    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
+    def pipeline_call_kwargs(self, fps: float, image: Any = None, video: Any = None) -> dict[str, Any]:
         """Extra keyword arguments this family's pipeline call needs (e.g. LTX ``frame_rate``;
-        the conditioning ``image``, a PIL image, for i2v)."""
-        return {"image": image} if image is not None else {}
+        the conditioning ``image``, a PIL image, for i2v; the ``video`` to continue, a list of
+        PIL frames, for tasks whose :meth:`task_input` is "video"). Generic code passes ``video``
+        only when it has one, so families without video tasks need not accept it."""
+        out = {"image": image} if image is not None else {}
+        if video is not None:
+            out["video"] = video
+        return out
 
     # --- adapters ---
+    def original_lora(self, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor] | None:
+        """``state``, a diffusers-format adapter (``transformer.``-prefixed peft keys) whose LoRA
+        scale is ``scale`` (alpha / rank), in the naming of the model's original code, which the
+        run folder then also holds (export.save_original_format); None where there is none
+        beyond the diffusers format (the default)."""
+        return None
+
     def load_adapter(self, path: str, expert: Expert, adapter_name: str) -> None:
         """Load a diffusers-format LoRA file (``transformer.``-prefixed keys with their
         metadata) into ``expert``'s transformer, at transformer level so it works for pipelines

@@ -15,8 +15,16 @@ import diffusers
 import transformers
 
 from finetune.families import register
-from finetune.families._wan import SCHEDULER_CONFIG, WanBase
-from finetune.families.base import Components, FrameRule, ModelSpec
+from finetune.families._wan import (
+    SCHEDULER_CONFIG,
+    WAN_TRANSFORMER_1_3B,
+    WAN_TRANSFORMER_14B,
+    WAN_TRANSFORMER_I2V_14B,
+    WAN_VAE_2_1,
+    WanBase,
+    wan_full_size,
+)
+from finetune.families.base import Components, FrameRule, FullSize, ModelSpec
 
 
 @register
@@ -31,6 +39,15 @@ class WanFamily(WanBase):
     # 480p-sized or smaller, so 3.0 puts training noise levels where 480p sampling spends its steps.
     train_flow_shift: ClassVar[float] = 3.0
     i2v_kind = "concat"
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """Wan 2.1 T2V 1.3B and 14B; I2V 14B at 480p and 720p (same architecture)."""
+        if task == "i2v":
+            i2v = wan_full_size({"transformer": WAN_TRANSFORMER_I2V_14B}, WAN_VAE_2_1, image_encoder=True)
+            return {"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": i2v, "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": i2v}
+        return {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": wan_full_size({"transformer": WAN_TRANSFORMER_1_3B}, WAN_VAE_2_1),
+                "Wan-AI/Wan2.1-T2V-14B-Diffusers": wan_full_size({"transformer": WAN_TRANSFORMER_14B}, WAN_VAE_2_1)}
 
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:

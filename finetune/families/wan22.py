@@ -15,8 +15,15 @@ from typing import Any, ClassVar
 import diffusers
 
 from finetune.families import register
-from finetune.families._wan import SCHEDULER_CONFIG, WanBase
-from finetune.families.base import Components, Expert, FrameRule, ModelSpec
+from finetune.families._wan import (
+    SCHEDULER_CONFIG,
+    WAN22_TRANSFORMER_I2V_A14B,
+    WAN_TRANSFORMER_14B,
+    WAN_VAE_2_1,
+    WanBase,
+    wan_full_size,
+)
+from finetune.families.base import Components, Expert, FrameRule, FullSize, ModelSpec
 
 BOUNDARY_KEY = "boundary_ratio"  # components.extra key
 
@@ -50,6 +57,12 @@ class Wan22A14BFamily(WanBase):
 
     def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
         return self.task_flow_shift[self.task]
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """Two experts of the Wan 2.1 14B layout (36 input channels for I2V), Wan 2.1 VAE, umT5."""
+        cfg = WAN22_TRANSFORMER_I2V_A14B if task == "i2v" else WAN_TRANSFORMER_14B
+        return {cls.model_id_for(task): wan_full_size({"transformer": cfg, "transformer_2": cfg}, WAN_VAE_2_1)}
 
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:

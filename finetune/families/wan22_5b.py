@@ -15,8 +15,8 @@ from typing import ClassVar
 import diffusers
 
 from finetune.families import register
-from finetune.families._wan import SCHEDULER_CONFIG, WanBase
-from finetune.families.base import Components, FrameRule
+from finetune.families._wan import SCHEDULER_CONFIG, WAN22_TRANSFORMER_5B, WAN22_VAE_5B, WanBase, wan_full_size
+from finetune.families.base import Components, FrameRule, FullSize
 
 
 @register
@@ -31,6 +31,13 @@ class Wan22TI2V5BFamily(WanBase):
     train_flow_shift: ClassVar[float] = 5.0
     i2v_kind = "first_frame"
     expand_timesteps = True
+    latent_channels: ClassVar[int] = 48
+    vae_spatial: ClassVar[int] = 16
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """TI2V-5B (one checkpoint for both tasks): the 5B transformer, the Wan 2.2 VAE, umT5."""
+        return {cls.default_model_id: wan_full_size({"transformer": WAN22_TRANSFORMER_5B}, WAN22_VAE_5B)}
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:

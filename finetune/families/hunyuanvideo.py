@@ -1,0 +1,449 @@
+"""HunyuanVideo (13B) text-to-video and image-to-video behind the family protocol, diffusers format.
+
+Latent space: AutoencoderKLHunyuanVideo, 16 channels, 8x spatial and 4x temporal compression,
+scaled by ``scaling_factor`` (no mean shift). Transformer: HunyuanVideoTransformer3DModel
+(dual-stream then single-stream blocks, (1, 2, 2) patches), conditioned on
+
+  - the hidden states of a Llama-3 LLM (layer -3) over the prompt wrapped in a chat template,
+    with the template tokens cropped off and an attention mask,
+  - the pooled CLIP-L text embedding,
+  - an embedded guidance strength (the models are guidance-distilled): 1000 * g.
+
+Image-to-video (HunyuanVideoImageToVideoPipeline, ``image_condition_type="token_replace"``): the
+first latent frame is the clean latent of the image (its tokens are modulated with timestep 0
+inside the transformer) and is left out of the loss; the text encoder is a Llava model that reads
+the image and the prompt together, so the prompt embeddings of a clip depend on its first frame
+and are built with the caption at cache time (:meth:`encode_conditioning`).
+
+Training follows the community trainers for HunyuanVideo (the official training code is not
+released): rectified flow with target noise - x_0 (diffusion-pipe models/hunyuan_video.py,
+musubi-tuner hv_train_network.py), logit-normal sigmas shifted by the checkpoint's flow shift
+(7.0: musubi-tuner's documented HunyuanVideo setting and the scheduler config), embedded
+guidance 1.0 (diffusion-pipe's default; musubi-tuner's guidance_scale default is 1.0 too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video as t2v_module
+from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video_image2video as i2v_module
+from PIL import Image
+
+from finetune.families import register
+from finetune.families._encoders import CLIP_L_336_VISION, CLIP_L_TEXT, LLAMA3_8B
+from finetune.families._loading import load_transformer
+from finetune.families._tiny import (
+    calibration_videos,
+    refill_zero_params,
+    tiny_clip_tokenizer,
+    tiny_llama3_tokenizer,
+)
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.lora_formats import KeyMap, fused, swapped_halves
+
+# Mirrors scheduler/scheduler_config.json of hunyuanvideo-community/HunyuanVideo: Euler with flow shift 7.
+_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=7.0, use_dynamic_shifting=False, base_image_seq_len=256,
+                         max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+# components.extra key of the prompt template fitted to a tiny tokenizer (real checkpoints use the pipelines')
+TEMPLATE_KEY = "prompt_template"
+# Chat-template pieces that are single tokens in the Llama-3 vocabulary.
+_TEMPLATE_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>", "assistant")
+# What the I2V pipeline conditions on: the image latents replace the first frame's tokens.
+_I2V_KIND = "token_replace"
+
+
+def to_pil(frame: torch.Tensor) -> Image.Image:
+    """frame [3, H, W] in [-1, 1] -> RGB PIL image (what a user hands the i2v pipeline)."""
+    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def fit_template(template: dict[str, Any], tokenizer: Any, image_tokens: int | None = None) -> dict[str, Any]:
+    """``template`` (a pipeline's DEFAULT_PROMPT_TEMPLATE) with its token offsets measured for
+    ``tokenizer``: ``crop_start`` = the tokens before the prompt (``<image>`` counted once), and
+    for i2v where ``<image>`` sits and how many tokens (``image_tokens``) the vision tower puts
+    there. The real checkpoints' values are the pipelines' defaults; tiny tokenizers need their own."""
+    prefix = template["template"].split("{}")[0]
+    ids = tokenizer(prefix)["input_ids"]
+    out = {"template": template["template"], "crop_start": len(ids)}
+    if image_tokens is not None:
+        start = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
+        out.update(image_emb_start=start, image_emb_end=start + image_tokens, image_emb_len=image_tokens)
+    return out
+
+
+def llava_image_tokens(text_encoder: transformers.LlavaForConditionalGeneration) -> int:
+    """Tokens the Llava vision tower puts in place of ``<image>`` (patches, CLS dropped)."""
+    vision = text_encoder.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+# diffusers module name -> name in the original checkpoint (Tencent/HunyuanVideo, hyvideo/modules/
+# models.py, token_refiner.py, embed_layers.py; also ComfyUI's HunyuanVideo model and musubi-tuner),
+# the inverse of diffusers' scripts/convert_hunyuan_video_to_diffusers.py and of its LoRA converter
+# _convert_hunyuan_video_lora_to_diffusers. The original fuses q, k, v (img_attn_qkv, txt_attn_qkv,
+# the refiner's self_attn_qkv) and the single blocks' q, k, v and mlp input (linear1, 1:1:1:4 at
+# mlp_ratio 4); its final adaLN stores shift before scale, diffusers scale before shift.
+_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
+KEY_MAP = KeyMap((
+    fused([f"transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"], "double_blocks.{i}.img_attn_qkv"),
+    fused([f"transformer_blocks.{{i}}.attn.add_{p}_proj" for p in "qkv"], "double_blocks.{i}.txt_attn_qkv"),
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn_proj"),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn_proj"),
+    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
+    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
+    fused([*(f"single_transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"), "single_transformer_blocks.{i}.proj_mlp"],
+          "single_blocks.{i}.linear1", sizes=(1, 1, 1, 4)),
+    ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
+    ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.linear"),
+    fused([f"context_embedder.token_refiner.refiner_blocks.{{i}}.attn.to_{p}" for p in "qkv"],
+          f"{_REFINER}.self_attn_qkv"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.attn.to_out.0", f"{_REFINER}.self_attn_proj"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.0.proj", f"{_REFINER}.mlp.fc1"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.2", f"{_REFINER}.mlp.fc2"),
+    ("context_embedder.token_refiner.refiner_blocks.{i}.norm_out.linear", f"{_REFINER}.adaLN_modulation.1"),
+    ("context_embedder.proj_in", "txt_in.input_embedder"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
+    ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
+    ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
+    ("time_text_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
+    ("time_text_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
+    ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
+    ("time_text_embed.guidance_embedder.linear_2", "guidance_in.mlp.2"),
+    ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+    ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+    ("x_embedder.proj", "img_in.proj"),
+    swapped_halves("norm_out.linear", "final_layer.adaLN_modulation.1"),
+    ("proj_out", "final_layer.linear"),
+))
+
+
+@register
+class HunyuanVideoFamily(Family):
+    name = "hunyuanvideo"
+    frame_rule = FrameRule(4)
+    spatial_factor = 16  # VAE 8 x transformer patch 2
+    # Dual-stream blocks: both streams' attention and MLPs; single-stream blocks: q/k/v, the MLP
+    # input (proj_mlp) and the joint attention+MLP output (proj_out, which also names the final
+    # projection). The token refiner's attention and MLP share the to_q/ff names.
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                            "proj_mlp", "proj_out")
+    default_model_id = "hunyuanvideo-community/HunyuanVideo"
+    pipeline_class = diffusers.HunyuanVideoPipeline
+    tasks = ("t2v", "i2v")
+    task_model_ids: ClassVar[dict[str, str]] = {"i2v": "hunyuanvideo-community/HunyuanVideo-I2V"}
+    task_pipeline_classes: ClassVar[dict[str, type]] = {"i2v": diffusers.HunyuanVideoImageToVideoPipeline}
+    default_fps = 24  # HunyuanVideo is trained on and generates 24 fps video (model card, pipeline docs)
+    # Llama tokens per prompt (after the template is cropped): the pipelines' default.
+    max_sequence_length: ClassVar[int] = 256
+    # Embedded guidance strength during training (module docstring); the pipeline multiplies by 1000 too.
+    train_guidance: ClassVar[float] = 1.0
+    # Every 4th image token kept in the I2V prompt: the pipeline's default for token_replace.
+    image_embed_interleave: ClassVar[int] = 4
+
+    def __init__(self, components: Components, spec: ModelSpec):
+        super().__init__(components, spec)
+        # Read once here, unwrapped: predict() gets the transformer maybe wrapped by DDP/PEFT.
+        config = components.transformer.config
+        self._guidance_embeds = bool(config.guidance_embeds)
+        self._check_checkpoint()
+
+    # --- loading ---
+    @classmethod
+    def load_pretrained(cls, spec: ModelSpec) -> Components:
+        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
+        transformer = load_transformer(diffusers.HunyuanVideoTransformer3DModel, spec)
+        # The HunyuanVideo docs load the VAE in float16/bfloat16 with the rest; keep the spec's dtype.
+        vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
+        text_encoder_2 = transformers.CLIPTextModel.from_pretrained(**src, subfolder="text_encoder_2", dtype=spec.dtype)
+        tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(**src, subfolder="tokenizer_2")
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
+        extra: dict[str, Any] = {}
+        image_processor = None
+        if spec.task == "i2v":
+            text_encoder = transformers.LlavaForConditionalGeneration.from_pretrained(
+                **src, subfolder="text_encoder", dtype=spec.dtype)
+            image_processor = transformers.CLIPImageProcessor.from_pretrained(**src, subfolder="image_processor")
+            default = i2v_module.DEFAULT_PROMPT_TEMPLATE
+            if llava_image_tokens(text_encoder) != default["image_emb_len"]:  # not the real vision tower
+                extra[TEMPLATE_KEY] = fit_template(default, tokenizer, llava_image_tokens(text_encoder))
+        else:
+            text_encoder = transformers.LlamaModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra,
+                          image_processor=image_processor, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """HunyuanVideo 13B: HunyuanVideoTransformer3DModel (20 dual-stream + 40 single-stream
+        blocks, 24 heads x 128), AutoencoderKLHunyuanVideo, Llama-3-8B (I2V: llava-llama-3-8b with
+        its CLIP ViT-L/14-336 tower) and CLIP ViT-L/14 text. The class defaults are the community
+        diffusers repos' configs; I2V adds token_replace. Not re-read from the hub this session
+        (the I2V repo's guidance_embeds is assumed true)."""
+        transformer = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                           num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+                           patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
+                           pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=[16, 56, 56])
+        text_encoder = FullSize(transformers.LlamaModel, LLAMA3_8B)
+        if task == "i2v":
+            transformer["image_condition_type"] = _I2V_KIND
+            text_encoder = FullSize(transformers.LlavaForConditionalGeneration, dict(
+                text_config=LLAMA3_8B, vision_config=CLIP_L_336_VISION, image_token_index=128257,
+                projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2))
+        return {cls.model_id_for(task): {
+            "transformer": FullSize(diffusers.HunyuanVideoTransformer3DModel, transformer),
+            "vae": FullSize(diffusers.AutoencoderKLHunyuanVideo, {}),
+            "text_encoder": text_encoder,
+            "text_encoder_2": FullSize(transformers.CLIPTextModel, CLIP_L_TEXT)}}
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 16, f, h, w] (8x spatial, 4x temporal), Llama states [1, L, 4096] with their
+        mask (I2V: plus the first frame's 576 image tokens pooled 4 to 1) and the pooled CLIP
+        embedding [1, 768]; I2V adds the clean first latent frame."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 8, width // 8
+        length = text_len + (576 // cls.image_embed_interleave if task == "i2v" else 0)
+        cond = {"prompt_embeds": ((1, length, 4096), torch.bfloat16),
+                "prompt_attention_mask": ((1, length), torch.bfloat16),
+                "pooled_prompt_embeds": ((1, 768), torch.bfloat16)}
+        if task == "i2v":
+            cond["first_latent"] = ((1, 16, 1, h, w), torch.bfloat16)
+        return (1, 16, f, h, w), cond
+
+    @classmethod
+    def build_tiny(cls, task: str = "t2v") -> Components:
+        """Same classes as the real model: 2 dual- and 2 single-stream blocks (4 heads x 32),
+        1 refiner block, a VAE with 32 channels per block that keeps the real 8x spatial / 4x
+        temporal compression and 16 latent channels (its scaling factor measured on calibration
+        clips), a 3-layer Llama (d 32) with a byte-level Llama-3-style tokenizer, a 1-layer CLIP
+        text model (d 32) with a CLIP tokenizer, the real scheduler config; for i2v a Llava with a
+        2-layer CLIP vision tower on 32 px images and the token_replace transformer."""
+        text_len = cls.tiny_max_sequence_length
+        tokenizer = tiny_llama3_tokenizer(model_max_length=4096, special_tokens=_TEMPLATE_TOKENS)
+        llama = transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        extra: dict[str, Any] = {TEXT_LEN_KEY: text_len}
+        image_processor = None
+        if task == "i2v":
+            vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=32, patch_size=8)
+            text_encoder = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+                vision_config=vision, text_config=llama, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
+                image_seq_length=(32 // 8) ** 2, pad_token_id=tokenizer.pad_token_id,
+            ))
+            image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                              crop_size={"height": 32, "width": 32})
+            extra[TEMPLATE_KEY] = fit_template(i2v_module.DEFAULT_PROMPT_TEMPLATE, tokenizer,
+                                               llava_image_tokens(text_encoder))
+        else:
+            text_encoder = transformers.LlamaModel(llama)
+            extra[TEMPLATE_KEY] = fit_template(t2v_module.DEFAULT_PROMPT_TEMPLATE, tokenizer)
+        tokenizer_2 = tiny_clip_tokenizer()
+        text_encoder_2 = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer_2), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
+            pad_token_id=tokenizer_2.pad_token_id,
+        ))
+        vae = diffusers.AutoencoderKLHunyuanVideo(block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+                                                  norm_num_groups=8, mid_block_add_attention=False)
+        # The shipped scaling_factor fits the real VAE; measure the tiny one's on posterior
+        # samples (what encode_videos uses) so that scaled latents have unit variance.
+        with torch.no_grad():
+            raw = vae.encode(calibration_videos(frames=9, height=32, width=32)).latent_dist.sample()
+        vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+        transformer = diffusers.HunyuanVideoTransformer3DModel(
+            in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=2,
+            num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+            pooled_projection_dim=32, rope_axes_dim=(8, 12, 12), guidance_embeds=True,
+            image_condition_type=_I2V_KIND if task == "i2v" else None,
+        )
+        refill_zero_params(transformer)  # the refiner's norm biases start at zero
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra,
+                          image_processor=image_processor, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+    # --- encoding ---
+    def prompt_template(self) -> dict[str, Any]:
+        """The chat template the task's pipeline wraps prompts in (fitted to tiny tokenizers)."""
+        default = i2v_module.DEFAULT_PROMPT_TEMPLATE if self.task == "i2v" else t2v_module.DEFAULT_PROMPT_TEMPLATE
+        return self.components.extra.get(TEMPLATE_KEY, default)
+
+    def _text_pipe(self, with_vae: bool = False) -> diffusers.DiffusionPipeline:
+        c = self.components
+        parts = dict(text_encoder=c.text_encoder, tokenizer=c.tokenizer, transformer=None,
+                     vae=c.vae if with_vae else None, scheduler=None, text_encoder_2=c.text_encoder_2,
+                     tokenizer_2=c.tokenizer_2)
+        if self.task == "i2v":
+            parts["image_processor"] = c.image_processor
+        return self.pipeline_class_for(self.task)(**parts)
+
+    def _encode(self, pipe: diffusers.DiffusionPipeline, prompts: list[str], image: Any = None) -> dict[str, torch.Tensor]:
+        device = self.components.text_encoder.device
+        kw = dict(prompt=list(prompts), prompt_template=self.prompt_template(), device=device,
+                  max_sequence_length=self.text_len)
+        if self.task == "i2v":
+            kw.update(image=image, image_embed_interleave=self.image_embed_interleave)
+        embeds, pooled, mask = pipe.encode_prompt(**kw)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """prompts (B strings) -> {"prompt_embeds": [B, L, D], "pooled_prompt_embeds": [B, D2],
+        "prompt_attention_mask": [B, L]} by the task pipeline's own encode_prompt (template,
+        cropping, layer -3, CLIP pooled output). L = :attr:`text_len` for t2v. For i2v the Llava
+        reads a black image here, as the I2V pipeline encodes prompts that come without one; a
+        clip's own embeddings (its first frame and caption together) come from
+        :meth:`encode_conditioning` and replace these. Raises RuntimeError if released."""
+        self.require("encode_prompts", "text_encoder", "text_encoder_2")
+        pipe = self._text_pipe()
+        if self.task == "i2v":
+            black = Image.new("RGB", (64, 64), 0)
+            outs = [self._encode(pipe, [p], black) for p in prompts]  # the pipeline encodes one image per call
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        return self._encode(pipe, prompts)
+
+    @torch.no_grad()
+    def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """videos: [B, 3, F, H, W] in [-1, 1], F = 4k+1, H and W multiples of 16 -> latents
+        [B, 16, (F-1)/4+1, H/8, W/8] times the VAE's scaling_factor (the pipelines divide by it
+        before decoding). Samples the posterior with ``generator``, as the community trainers do.
+        Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
+        vae = self.components.vae
+        self.require("encode_videos", "vae")
+        self.check_videos(videos)
+        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
+        return latents * vae.config.scaling_factor
+
+    def conditioning_uses_captions(self) -> bool:
+        """i2v: the Llava text encoder reads the first frame and the caption together."""
+        return self.task == "i2v"
+
+    @torch.no_grad()
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor,
+                            captions: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """i2v: {"first_latent": [B, 16, 1, h, w]} the image latent the I2V pipeline's own
+        ``prepare_latents`` makes from the first frame (posterior mode x scaling_factor), and with
+        ``captions`` the prompt embeddings of each caption read together with its first frame
+        (``prompt_embeds`` [B, L', D], ``prompt_attention_mask``, ``pooled_prompt_embeds``), which
+        replace the caption's image-less ones. t2v: nothing."""
+        if self.task == "t2v":
+            return {}
+        self.require("encode_conditioning", "vae")
+        vae = self.components.vae
+        b, _, frames, height, width = videos.shape
+        pipe = self._text_pipe(with_vae=True)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(b):  # the pipeline conditions a batch on one image
+            image = videos[i:i + 1, :, 0].to(vae.device, vae.dtype)
+            _, first = pipe.prepare_latents(image, 1, latents.shape[1], height, width, frames, torch.float32,
+                                            vae.device, None, latents[i:i + 1].float(), _I2V_KIND)
+            parts.setdefault("first_latent", []).append(first)
+            if captions is not None:
+                self.require("encode_conditioning", "text_encoder", "text_encoder_2")
+                for k, v in self._encode(pipe, [captions[i]], to_pil(videos[i, :, 0])).items():
+                    parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    # --- training ---
+    def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
+        """The checkpoint's flow shift (scheduler config: 7.0 for HunyuanVideo, musubi-tuner's
+        documented training shift), whatever the latent size."""
+        return float(self.components.scheduler.config.shift)
+
+    def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                               cond: dict[str, torch.Tensor] | None = None) -> Noised:
+        """Rectified flow; for i2v the first latent frame is the clean image latent and left out
+        of the loss, as the I2V pipeline replaces it every step."""
+        if cond and "first_latent" in cond:
+            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
+        return super().noisy_input_and_target(latents, noise, sigmas, cond)
+
+    def predict(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor], fps: float) -> torch.Tensor:
+        """noisy_latents [B, 16, f, h, w] (the clean first frame in place for i2v), timesteps [B]
+        in [0, 1000], cond as from :meth:`encode_prompts` / :meth:`encode_conditioning` -> velocity
+        [B, 16, f, h, w] in the transformer's dtype, called as the pipelines' denoising loops call
+        it, with embedded guidance :attr:`train_guidance`. HunyuanVideo has no frame-rate input."""
+        # The pipelines cast the text tensors and guidance to the transformer dtype; read it from
+        # the spec, since the transformer may be wrapped (DDP, PEFT) or quantised.
+        dtype = self.spec.dtype
+        b = noisy_latents.shape[0]
+        guidance = None
+        if self._guidance_embeds:
+            guidance = torch.full((b,), self.train_guidance, device=noisy_latents.device, dtype=dtype) * 1000.0
+        return transformer(
+            hidden_states=noisy_latents.to(dtype), timestep=timesteps.to(noisy_latents.dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            encoder_attention_mask=cond["prompt_attention_mask"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype), guidance=guidance, return_dict=False,
+        )[0]
+
+    # --- inference ---
+    def pipeline(self) -> diffusers.DiffusionPipeline:
+        """The task's HunyuanVideo pipeline over the current components (the transformer with any
+        LoRA in it). Raises RuntimeError if the encoders were released."""
+        c = self.components
+        self.require("pipeline()", "text_encoder", "text_encoder_2", "vae")
+        parts = dict(text_encoder=c.text_encoder, tokenizer=c.tokenizer, transformer=c.transformer, vae=c.vae,
+                     scheduler=c.scheduler, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2)
+        if self.task == "i2v":
+            parts["image_processor"] = c.image_processor
+        return self.pipeline_class_for(self.task)(**parts)
+
+    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
+        """The training prompt length and template, and the first frame for i2v."""
+        kwargs: dict[str, Any] = {"max_sequence_length": self.text_len, **super().pipeline_call_kwargs(fps, image)}
+        if TEMPLATE_KEY in self.components.extra:
+            kwargs["prompt_template"] = self.components.extra[TEMPLATE_KEY]
+        return kwargs
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original HunyuanVideo names (``double_blocks.{i}.img_attn_qkv`` fusing to_q/to_k/to_v,
+        ``single_blocks.{i}.linear1`` fusing q/k/v and the mlp input, ...)."""
+        return KEY_MAP
+
+    # --- checks ---
+    def _check_checkpoint(self) -> None:
+        """The class-level frame and size rules, and the task's conditioning, must match the
+        loaded checkpoint (a HunyuanVideo 1.5 or I2V-33ch folder, say, would break them)."""
+        c = self.components
+        config = c.transformer.config
+        kind = config.image_condition_type
+        want = _I2V_KIND if self.task == "i2v" else None
+        if kind != want:
+            task_of = {None: "t2v", _I2V_KIND: "i2v"}.get(kind)
+            fix = (f"set model.task={task_of}" if task_of else
+                   f"image_condition_type={kind!r} (HunyuanVideo-I2V-33ch) is not supported")
+            raise ValueError(
+                f"hunyuanvideo: {self.spec.display_id} has image_condition_type={kind!r}, but model.task={self.task} "
+                f"needs {want!r}; {fix}, or use a checkpoint such as {self.model_id_for(self.task)}")
+        if c.vae is None:
+            return
+        found = (c.vae.spatial_compression_ratio * config.patch_size,
+                 c.vae.temporal_compression_ratio * config.patch_size_t)
+        if found != (self.spatial_factor, self.frame_rule.temporal_factor):
+            raise ValueError(
+                f"hunyuanvideo: {self.spec.display_id} compresses {found[0]}x in space and {found[1]}x in time, but "
+                f"the hunyuanvideo family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use "
+                f"a HunyuanVideo checkpoint such as {self.model_id_for(self.task)}"
+            )

@@ -1,0 +1,531 @@
+"""LTX-2 (19B audio-video model; diffusers ``LTX2Pipeline`` / ``LTX2ImageToVideoPipeline``) behind
+the family protocol: video LoRA, text-to-video and image-to-video.
+
+What this file follows, and where it comes from:
+  text         Gemma-3 (``Gemma3ForConditionalGeneration``): the hidden states of every layer,
+               stacked, go through ``LTX2TextConnectors`` (a frozen part of the text path: feature
+               projection + two 1-D transformers, one per stream). Both run at cache time through
+               the pipeline's own ``encode_prompt`` and the connectors' forward; the connectors
+               live in ``Components.text_encoder_2`` so they are released, moved and hashed with
+               the text encoder.
+  latents      AutoencoderKLLTX2Video: 128 channels, 32x space, 8x time, normalised with its
+               latents_mean/std as ``LTX2Pipeline._normalize_latents``; encoded with the posterior
+               mean, as the i2v pipeline encodes its image (``argmax``) and ltx-core's encoder does.
+  positions    the transformer's own ``rope.prepare_video_coords`` at the clip frame rate, as
+               the pipeline builds them.
+  timesteps    official ltx-trainer ``ShiftedLogitNormalTimestepSampler``: sigmoid(N(mu, 1)) with mu
+               linear in the video token count (1024 -> 0.95, 4096 -> 2.05, capped at 4096),
+               stretched between its 0.5th and 99.9th percentiles, mixed with 10% uniform; the
+               family samples it by inverting that mixture's CDF (:meth:`training_sigmas`).
+  target       velocity noise - x_0 (ltx-trainer's ``video_targets``).
+  i2v          same weights; the first latent frame is the clean image latent, its tokens get
+               timestep 0 and no loss (ltx-trainer's first-frame conditioning mask;
+               ``LTX2ImageToVideoPipeline``'s ``conditioning_mask``).
+  audio        the diffusers transformer always runs its audio stream; ltx-trainer's video-only
+               mode disables that modality. The closest diffusers can express is an audio stream
+               that carries nothing: fresh Gaussian noise at sigma 1 (timestep 1000), the state the
+               pipeline's audio is in at its first step. Audio-video LoRA is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import diffusers
+import torch
+import transformers
+from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+from finetune.families import register
+from finetune.families._encoders import GEMMA3_12B_TEXT, GEMMA3_SIGLIP_896
+from finetune.families._loading import check_quantization, load_transformer
+from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_gemma_tokenizer
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.lora_formats import KeyMap
+
+Pipeline = diffusers.LTX2Pipeline
+
+# Mirrors scheduler/scheduler_config.json of the LTX-2 diffusers repo: flow-matching Euler whose
+# shift grows with the video token count (1024 -> 0.95, 4096 -> 2.05) with a terminal stretch.
+_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+    base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
+)
+# ltx-trainer ShiftedLogitNormalTimestepSampler constants.
+_SHIFT_TOKENS = (1024, 4096)
+_SHIFT_MU = (0.95, 2.05)
+_STRETCH_Z = (-2.5758, 3.0902)  # the normal's 0.5th and 99.9th percentiles
+_UNIFORM_P = 0.1
+_REFLECT_EPS = 1e-3  # raw samples below this are reflected around it
+# Video-only runs: the audio stream is pure noise at this timestep (sigma 1).
+_SILENT_AUDIO_T = 1000.0
+
+# Adapted block modules: the video stream's self-attention, text cross-attention and MLP. The
+# audio stream's modules and the cross-modal attentions are left alone: a video-only run gives
+# them no signal (ltx-trainer disables the audio modality there).
+_BLOCK_TARGETS = (
+    *(f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")),
+    "ff.net.0.proj", "ff.net.2",
+)
+
+
+def _key_map() -> KeyMap:
+    """diffusers module name -> name in the original LTX-2 checkpoint (``diffusion_model.*``; also
+    ComfyUI's): the inverse of diffusers' ``_convert_non_diffusers_ltx2_lora_to_diffusers``.
+    Blocks keep their names (the converter renames only q_norm/k_norm, which are not linear)."""
+    block = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+    pairs = [(f"transformer_blocks.{{i}}.{a}.{p}",) * 2 for a in block for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    pairs += [(f"transformer_blocks.{{i}}.{a}.to_gate_logits",) * 2 for a in block]
+    pairs += [(f"transformer_blocks.{{i}}.{f}.{p}",) * 2 for f in ("ff", "audio_ff") for p in ("net.0.proj", "net.2")]
+    renames = {
+        "proj_in": "patchify_proj", "audio_proj_in": "audio_patchify_proj",
+        "time_embed": "adaln_single", "audio_time_embed": "audio_adaln_single",
+        "av_cross_attn_video_scale_shift": "av_ca_video_scale_shift_adaln_single",
+        "av_cross_attn_video_a2v_gate": "av_ca_a2v_gate_adaln_single",
+        "av_cross_attn_audio_scale_shift": "av_ca_audio_scale_shift_adaln_single",
+        "av_cross_attn_audio_v2a_gate": "av_ca_v2a_gate_adaln_single",
+        "prompt_adaln": "prompt_adaln_single", "audio_prompt_adaln": "audio_prompt_adaln_single",
+    }
+    for d, o in renames.items():
+        if d.endswith("proj_in"):
+            pairs.append((d, o))
+            continue
+        pairs += [(f"{d}.{s}", f"{o}.{s}") for s in
+                  ("emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2", "linear")]
+    for same in ("caption_projection", "audio_caption_projection"):
+        pairs += [(f"{same}.linear_1",) * 2, (f"{same}.linear_2",) * 2]
+    pairs += [("proj_out", "proj_out"), ("audio_proj_out", "audio_proj_out")]
+    return KeyMap(tuple(pairs))
+
+
+LTX2_KEY_MAP = _key_map()
+
+
+@register
+class LTX2Family(Family):
+    name = "ltx2"
+    frame_rule = FrameRule(8)
+    spatial_factor = 32  # VAE 32 x transformer patch 1
+    default_lora_targets = _BLOCK_TARGETS
+    # The diffusers-format LTX-2 19B dev checkpoint; image-to-video uses the same weights.
+    default_model_id = "Lightricks/LTX-2"
+    pipeline_class = Pipeline
+    tasks = ("t2v", "i2v")
+    task_pipeline_classes = {"i2v": diffusers.LTX2ImageToVideoPipeline}
+    # ltx-trainer's DEFAULT_FPS and the pipeline's frame_rate default.
+    default_fps = 24
+    # The scheduler's shift_terminal stretch divides by (1 - last sigma): one step is a zero division.
+    min_inference_steps = 2
+    # Gemma tokens per prompt: LTX2Pipeline's max_sequence_length default.
+    max_sequence_length: ClassVar[int] = 1024
+
+    def __init__(self, components: Components, spec: ModelSpec):
+        super().__init__(components, spec)
+        config = components.transformer.config
+        self._patch, self._patch_t = int(config.patch_size), int(config.patch_size_t)
+        self._audio_channels = int(config.audio_in_channels)
+        # Audio latent frames per second: sampling rate / mel hop / the audio VAE's 4x time compression.
+        self._audio_rate = float(config.audio_sampling_rate) / float(config.audio_hop_length) / 4.0
+        self._check_checkpoint()
+
+    # --- loading ---
+    @classmethod
+    def load_pretrained(cls, spec: ModelSpec) -> Components:
+        check_quantization(spec)
+        cls._check_model_index(spec)
+        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
+        transformer = load_transformer(diffusers.LTX2VideoTransformer3DModel, spec)
+        # The LTX-2 model card runs every component in bfloat16.
+        vae = diffusers.AutoencoderKLLTX2Video.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
+        text_encoder = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+            **src, subfolder="text_encoder", dtype=spec.dtype
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
+        connectors = LTX2TextConnectors.from_pretrained(**src, subfolder="connectors", torch_dtype=spec.dtype)
+        audio_vae = diffusers.AutoencoderKLLTX2Audio.from_pretrained(
+            **src, subfolder="audio_vae", torch_dtype=spec.dtype
+        )
+        vocoder = LTX2Vocoder.from_pretrained(**src, subfolder="vocoder", torch_dtype=spec.dtype)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=connectors,
+                          extra={"audio_vae": audio_vae, "vocoder": vocoder})
+
+    # LTX-2 19B, as diffusers' scripts/convert_ltx2_to_diffusers.py (version "2.0") writes the
+    # Lightricks/LTX-2 transformer/, connectors/ and vae/ config.json (quoted from it in public
+    # code, code search, this session). Keys it leaves out keep LTX2VideoTransformer3DModel's /
+    # LTX2TextConnectors' defaults.
+    _TRANSFORMER: ClassVar[dict[str, Any]] = dict(
+        in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+        attention_head_dim=128, cross_attention_dim=4096, vae_scale_factors=[8, 32, 32], pos_embed_max_pos=20,
+        base_height=2048, base_width=2048, audio_in_channels=128, audio_out_channels=128, audio_patch_size=1,
+        audio_patch_size_t=1, audio_num_attention_heads=32, audio_attention_head_dim=64,
+        audio_cross_attention_dim=2048, audio_scale_factor=4, audio_pos_embed_max_pos=20,
+        audio_sampling_rate=16000, audio_hop_length=160, num_layers=48, activation_fn="gelu-approximate",
+        qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=3840,
+        attention_bias=True, attention_out_bias=True, rope_theta=10000.0, rope_double_precision=True,
+        causal_offset=1, timestep_scale_multiplier=1000, cross_attn_timestep_scale_multiplier=1000,
+        rope_type="split")
+    _CONNECTORS: ClassVar[dict[str, Any]] = dict(
+        caption_channels=3840, text_proj_in_factor=49, video_connector_num_attention_heads=30,
+        video_connector_attention_head_dim=128, video_connector_num_layers=2,
+        video_connector_num_learnable_registers=128, audio_connector_num_attention_heads=30,
+        audio_connector_attention_head_dim=128, audio_connector_num_layers=2,
+        audio_connector_num_learnable_registers=128, connector_rope_base_seq_len=4096, rope_theta=10000.0,
+        rope_double_precision=True, causal_temporal_positioning=False, rope_type="split")
+    _VAE: ClassVar[dict[str, Any]] = dict(
+        in_channels=3, out_channels=3, latent_channels=128, block_out_channels=[256, 512, 1024, 2048],
+        decoder_block_out_channels=[256, 512, 1024], layers_per_block=[4, 6, 6, 2, 2],
+        decoder_layers_per_block=[5, 5, 5, 5], spatio_temporal_scaling=[True, True, True, True],
+        decoder_spatio_temporal_scaling=[True, True, True], decoder_inject_noise=[False, False, False, False],
+        downsample_type=["spatial", "temporal", "spatiotemporal", "spatiotemporal"],
+        upsample_residual=[True, True, True], upsample_factor=[2, 2, 2], timestep_conditioning=False,
+        patch_size=4, patch_size_t=1, resnet_norm_eps=1e-6, encoder_causal=True, decoder_causal=False,
+        encoder_spatial_padding_mode="zeros", decoder_spatial_padding_mode="reflect",
+        spatial_compression_ratio=32, temporal_compression_ratio=8)
+
+    @classmethod
+    def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
+        """Lightricks/LTX-2 (both tasks, same weights): the 19B transformer, the video VAE, the
+        whole Gemma-3 12B (load_pretrained loads Gemma3ForConditionalGeneration, vision tower
+        included; _encoders.GEMMA3_12B_TEXT) and the text connectors as text_encoder_2 (where
+        Components keeps them). The audio VAE and vocoder (components.extra) are left out: the
+        planner counts only the Components encoder names, and they run only when rendering."""
+        return {cls.default_model_id: {
+            "transformer": FullSize(diffusers.LTX2VideoTransformer3DModel, dict(cls._TRANSFORMER)),
+            "vae": FullSize(diffusers.AutoencoderKLLTX2Video, dict(cls._VAE)),
+            "text_encoder": FullSize(transformers.Gemma3ForConditionalGeneration, dict(
+                text_config=GEMMA3_12B_TEXT, vision_config=GEMMA3_SIGLIP_896, mm_tokens_per_image=256)),
+            "text_encoder_2": FullSize(LTX2TextConnectors, dict(cls._CONNECTORS))}}
+
+    @classmethod
+    def planning_inputs(cls, task: str, frames: int, height: int, width: int,
+                        text_len: int) -> tuple[tuple[int, ...], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+        """Latents [1, 128, f, h, w] (32x spatial, 8x temporal); what :meth:`encode_prompts` gives:
+        the connectors' video and audio streams [1, L, 3840] each (30 heads x 128) and their
+        binary mask [1, L] (int64); i2v adds the clean first latent frame [1, 128, 1, h, w]. The
+        audio stream's noise is drawn inside :meth:`predict` (no ``audio_noise`` key)."""
+        f, h, w = (frames - 1) // cls.frame_rule.temporal_factor + 1, height // 32, width // 32
+        bf16 = torch.bfloat16
+        cond = {"prompt_embeds": ((1, text_len, 3840), bf16), "audio_prompt_embeds": ((1, text_len, 3840), bf16),
+                "prompt_attention_mask": ((1, text_len), torch.int64)}
+        if task == "i2v":
+            cond["first_latent"] = ((1, 128, 1, h, w), bf16)
+        return (1, 128, f, h, w), cond
+
+    @classmethod
+    def tiny_vae(cls) -> diffusers.AutoencoderKLLTX2Video:
+        """The LTX-2 VAE layout at width 8: patch 4, then spatial, temporal and two spatio-temporal
+        2x downsamples (32x space, 8x time), three 2x upsamplers, 8 latent channels; its latent
+        statistics measured on calibration clips (posterior means, what encode_videos uses)."""
+        vae = diffusers.AutoencoderKLLTX2Video(
+            latent_channels=8, block_out_channels=(8, 16, 32, 64), decoder_block_out_channels=(8, 16, 32),
+            layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, True), decoder_spatio_temporal_scaling=(True, True, True),
+            decoder_inject_noise=(False, False, False, False),
+            downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+            upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=False,
+            patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+            spatial_compression_ratio=32, temporal_compression_ratio=8,
+            # The real decoder pads by reflection, which needs latents at least 2x2; zero padding lets
+            # the tiny model decode the 1x1 latents of the smallest test clips (32x32).
+            decoder_spatial_padding_mode="zeros",
+        )
+        with torch.no_grad():
+            raw = vae.encode(calibration_videos(frames=9, height=64, width=64)).latent_dist.mode()
+            mean, std = channel_stats(raw)
+            vae.latents_mean.copy_(torch.tensor(mean))
+            vae.latents_std.copy_(torch.tensor(std))
+        return vae
+
+    @classmethod
+    def build_tiny(cls, task: str = "t2v") -> Components:
+        """Same classes as the real model: 2-layer Gemma-3 (width 32) with a character tokenizer,
+        1-layer connectors, the LTX-2 VAE layout at width 8 (:meth:`tiny_vae`), a tiny audio VAE and
+        vocoder (the pipeline renders sound too), a 2-layer transformer (video 4 heads x 8, audio
+        2 heads x 8), the real scheduler config. Both tasks share it, as the real checkpoint does."""
+        text_len = cls.tiny_max_sequence_length
+        tokenizer = tiny_gemma_tokenizer(model_max_length=text_len)
+        text_config = dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        vision_config = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=16, patch_size=8)
+        text_encoder = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+            text_config=text_config, vision_config=vision_config, mm_tokens_per_image=4,
+        ))
+        hidden = text_config["hidden_size"]
+        connectors = LTX2TextConnectors(
+            caption_channels=hidden, text_proj_in_factor=text_config["num_hidden_layers"] + 1,
+            video_connector_num_attention_heads=4, video_connector_attention_head_dim=8, video_connector_num_layers=1,
+            video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=4,
+            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=text_len,
+        )
+        vae = cls.tiny_vae()
+        audio_vae = diffusers.AutoencoderKLLTX2Audio(
+            base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None,
+            in_channels=2, resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height",
+            dropout=0.0, mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True,
+            mel_bins=8,
+        )
+        vocoder = LTX2Vocoder(
+            in_channels=2 * 8, hidden_channels=16, out_channels=2, upsample_kernel_sizes=[4, 4],
+            upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+            leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+        )
+        transformer = diffusers.LTX2VideoTransformer3DModel(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
+            attention_head_dim=8, cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4,
+            audio_num_attention_heads=2, audio_attention_head_dim=8, audio_cross_attention_dim=16,
+            num_layers=2, caption_channels=hidden,
+        )
+        refill_zero_params(transformer)
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=connectors,
+                          extra={TEXT_LEN_KEY: text_len, "audio_vae": audio_vae, "vocoder": vocoder})
+
+    # --- encoders beyond Components.ENCODERS: the audio VAE and vocoder (rendering only) ---
+    _AUDIO_PARTS = ("audio_vae", "vocoder")
+
+    def release_encoders(self) -> None:
+        super().release_encoders()
+        for name in self._AUDIO_PARTS:
+            self.components.extra.pop(name, None)
+
+    def move_encoders(self, device: torch.device | str) -> None:
+        super().move_encoders(device)
+        for name in self._AUDIO_PARTS:
+            if (m := self.components.extra.get(name)) is not None:
+                m.to(device)
+
+    # --- encoding ---
+    def _pipe(self, **parts: Any) -> diffusers.DiffusionPipeline:
+        """The task's pipeline over ``parts`` (the rest None), to call its own helpers."""
+        names = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder")
+        return self.pipeline_class_for(self.task)(**{n: parts.get(n) for n in names})
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """prompts (B strings) -> {"prompt_embeds": [B, L, D] (video stream), "audio_prompt_embeds":
+        [B, L, Da], "prompt_attention_mask": [B, L]} with L = :attr:`text_len`: the pipeline's own
+        encode_prompt (Gemma hidden states of every layer), then the connectors as the pipeline
+        calls them. Raises RuntimeError if the text encoder was released."""
+        c = self.components
+        self.require("encode_prompts", "text_encoder", "text_encoder_2")
+        te = c.text_encoder
+        pipe = self._pipe(text_encoder=te, tokenizer=c.tokenizer)
+        embeds, mask, _, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                                max_sequence_length=self.text_len, device=te.device)
+        connectors = c.text_encoder_2
+        video, audio, conn_mask = connectors(embeds.to(connectors.dtype), mask,
+                                             padding_side=getattr(c.tokenizer, "padding_side", "left"))
+        return {"prompt_embeds": video, "audio_prompt_embeds": audio, "prompt_attention_mask": conn_mask}
+
+    @torch.no_grad()
+    def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """videos: [B, 3, F, H, W] in [-1, 1], F = 8k+1, H and W multiples of 32 -> normalised latents
+        [B, 128, (F-1)/8+1, H/32, W/32] (posterior means; ``generator`` is unused). Raises
+        ValueError for a bad shape, RuntimeError if the VAE was released."""
+        vae = self.components.vae
+        self.require("encode_videos", "vae")
+        self.check_videos(videos)
+        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        return Pipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """i2v: {"first_latent": [B, C, 1, h, w]}, the normalised latent of each clip's first frame
+        encoded alone, as LTX2ImageToVideoPipeline.prepare_latents encodes its image. t2v: nothing.
+        Raises RuntimeError if the VAE was released."""
+        if self.task == "t2v":
+            return {}
+        vae = self.components.vae
+        self.require("encode_conditioning", "vae")
+        image = videos[:, :, :1].to(vae.device, vae.dtype)  # [B, 3, 1, H, W]
+        first = vae.encode(image).latent_dist.mode()
+        first = Pipeline._normalize_latents(first, vae.latents_mean, vae.latents_std)
+        return {"first_latent": first.to(latents.dtype)}
+
+    # --- training ---
+    def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                               cond: dict[str, torch.Tensor] | None = None) -> Noised:
+        """Rectified flow, target the velocity noise - x_0 (ltx-trainer); for i2v the first latent
+        frame is the clean image latent and left out of the loss."""
+        if cond and "first_latent" in cond:
+            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
+        return super().noisy_input_and_target(latents, noise, sigmas, cond)
+
+    def audio_frames(self, latent_frames: int, fps: float) -> int:
+        """Audio latent frames of a clip with ``latent_frames`` video latent frames at ``fps``: the
+        pipeline's round(duration x audio latents per second), duration from the pixel frames."""
+        pixel_frames = (latent_frames - 1) * self.frame_rule.temporal_factor + 1
+        return round(pixel_frames / fps * self._audio_rate)
+
+    def video_timesteps(self, shape: tuple[int, ...], timesteps: torch.Tensor, clean_first: bool) -> torch.Tensor:
+        """timesteps [B] -> what the pipelines pass: [B] for t2v; for i2v [B, f*h*w] with 0 on the
+        first latent frame's tokens (LTX2ImageToVideoPipeline: t * (1 - conditioning_mask))."""
+        b, _, f, h, w = shape
+        if not clean_first:
+            return timesteps
+        per_frame = (h // self._patch) * (w // self._patch)
+        mask = torch.ones(1, (f // self._patch_t) * per_frame, device=timesteps.device, dtype=timesteps.dtype)
+        mask[:, :per_frame] = 0
+        return timesteps.view(b, 1) * mask
+
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        fps: float,
+    ) -> torch.Tensor:
+        """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond as from
+        :meth:`encode_prompts` (+ ``first_latent`` for i2v), fps of the clip -> velocity
+        [B, C, f, h, w] of the video stream, in the transformer's dtype.
+
+        Calls the transformer as the pipelines' denoising loop does (packed tokens, rope coordinates
+        at ``fps``, the connector embeddings for both streams, cross-timestep modulation). The audio
+        stream is pure noise at timestep 1000 (see the module docstring); ``cond["audio_noise"]``
+        [B, La, Ca], if given, fixes that noise (tests compare with the pipeline's own)."""
+        b, _, frames, height, width = noisy_latents.shape
+        p, pt = self._patch, self._patch_t
+        grid = (frames // pt, height // p, width // p)
+        dtype = self.spec.dtype
+        device = noisy_latents.device
+        n_audio = self.audio_frames(frames, fps)
+        audio = cond.get("audio_noise")
+        if audio is None:
+            audio = torch.randn(b, n_audio, self._audio_channels, device=device)
+        rope_owner = self.components.transformer
+        video_coords = rope_owner.rope.prepare_video_coords(b, *grid, device, fps=fps)
+        audio_coords = rope_owner.audio_rope.prepare_audio_coords(b, n_audio, device)
+        t = timesteps.to(device).float()
+        silent = torch.full_like(t, _SILENT_AUDIO_T)
+        out = transformer(
+            hidden_states=Pipeline._pack_latents(noisy_latents.to(dtype), p, pt),
+            audio_hidden_states=audio.to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            audio_encoder_hidden_states=cond["audio_prompt_embeds"].to(dtype),
+            timestep=self.video_timesteps(noisy_latents.shape, t, clean_first="first_latent" in cond),
+            audio_timestep=silent,
+            sigma=t,
+            audio_sigma=silent,
+            encoder_attention_mask=cond["prompt_attention_mask"],
+            audio_encoder_attention_mask=cond["prompt_attention_mask"],
+            num_frames=grid[0], height=grid[1], width=grid[2], fps=fps, audio_num_frames=n_audio,
+            video_coords=video_coords, audio_coords=audio_coords, isolate_modalities=False,
+            use_cross_timestep=True, return_dict=False,
+        )[0]
+        return Pipeline._unpack_latents(out, *grid, p, pt)
+
+    def _mu(self, latent_shape: tuple[int, ...]) -> float:
+        _, _, frames, height, width = latent_shape
+        tokens = (frames // self._patch_t) * (height // self._patch) * (width // self._patch)
+        tokens = min(tokens, _SHIFT_TOKENS[1])  # ltx-trainer caps the count (past it the stretch degenerates)
+        (t0, t1), (m0, m1) = _SHIFT_TOKENS, _SHIFT_MU
+        return m0 + (m1 - m0) / (t1 - t0) * (tokens - t0)
+
+    def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
+        """exp(mu), mu of ltx-trainer's shifted logit-normal sampler at this video token count
+        (linear through (1024, 0.95) and (4096, 2.05), count capped at 4096)."""
+        return math.exp(self._mu(latent_shape))
+
+    def training_sigmas(self, u: torch.Tensor, latent_shape: tuple[int, ...], logit_mean: float = 0.0,
+                        logit_std: float = 1.0) -> torch.Tensor:
+        """ltx-trainer's ShiftedLogitNormalTimestepSampler as a quantile function: ``u`` [B] in (0, 1)
+        -> sigmas [B]. Its distribution is 90% s = (sigmoid(mu + std z) - lo) / (hi - lo), reflected
+        below 1e-3 and clipped to [0, 1] (lo, hi: sigmoid at the normal's 0.5th / 99.9th percentiles),
+        and 10% uniform on [1e-3, 1]; the inverse of that mixture's CDF, found by bisection, keeps
+        sigmas monotone in ``u`` as the trainer needs. ``logit_mean`` adds to mu and ``logit_std``
+        is the normal's std (official: 0 and 1)."""
+        mu = self._mu(latent_shape) + logit_mean
+        lo = torch.sigmoid(torch.tensor(mu + _STRETCH_Z[0] * logit_std, dtype=torch.float64))
+        hi = torch.sigmoid(torch.tensor(mu + _STRETCH_Z[1] * logit_std, dtype=torch.float64))
+        f64 = dict(dtype=torch.float64)
+        normal = torch.distributions.Normal(torch.tensor(0.0, **f64), torch.tensor(1.0, **f64))
+
+        eps = _REFLECT_EPS
+
+        def raw_cdf(x: torch.Tensor) -> torch.Tensor:
+            """P(raw <= x), raw = (sigmoid(mu + std z) - lo) / (hi - lo)."""
+            y = lo + x * (hi - lo)
+            inside = normal.cdf((torch.logit(y.clamp(1e-300, 1 - 1e-16)) - mu) / logit_std)
+            return torch.where(y <= 0, torch.zeros_like(x), torch.where(y >= 1, torch.ones_like(x), inside))
+
+        def cdf(s: torch.Tensor) -> torch.Tensor:
+            # raw below eps is reflected to 2 eps - raw, then everything is clipped to [0, 1]
+            stretched = torch.where(s < eps, torch.zeros_like(s), raw_cdf(s) - raw_cdf(2 * eps - s))
+            stretched = torch.where(s >= 1, torch.ones_like(s), stretched)
+            uniform = ((s - eps) / (1 - eps)).clamp(0, 1)
+            return (1 - _UNIFORM_P) * stretched + _UNIFORM_P * uniform
+
+        target = u.double().clamp(1e-7, 1 - 1e-7)
+        a, z = torch.zeros_like(target), torch.ones_like(target)
+        for _ in range(48):
+            mid = (a + z) / 2
+            below = cdf(mid) < target
+            a, z = torch.where(below, mid, a), torch.where(below, z, mid)
+        return ((a + z) / 2).float().to(u.device)
+
+    # --- inference ---
+    def pipeline(self) -> diffusers.DiffusionPipeline:
+        """The task's pipeline over the current components (the transformer with any LoRA in it).
+        Raises RuntimeError if the encoders were released."""
+        c = self.components
+        self.require("pipeline()", "text_encoder", "text_encoder_2", "vae")
+        return self._pipe(scheduler=c.scheduler, vae=c.vae, audio_vae=c.extra.get("audio_vae"),
+                          text_encoder=c.text_encoder, tokenizer=c.tokenizer, connectors=c.text_encoder_2,
+                          transformer=c.transformer, vocoder=c.extra.get("vocoder"))
+
+    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
+        """The clip frame rate (rope time axis and the sound's length), the training prompt length,
+        and for i2v the image."""
+        kwargs: dict[str, Any] = {"frame_rate": fps, "max_sequence_length": self.text_len}
+        return {**kwargs, **super().pipeline_call_kwargs(fps, image)}
+
+    # --- LoRA interchange ---
+    @classmethod
+    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
+        """Original LTX-2 names (``patchify_proj``, ``adaln_single.*``, ``av_ca_*``; blocks as in diffusers)."""
+        return LTX2_KEY_MAP
+
+    # --- checks ---
+    @classmethod
+    def _check_model_index(cls, spec: ModelSpec) -> None:
+        """Before any weights load: the checkpoint's model_index.json must name LTX-2's transformer
+        class. Raises ValueError naming the family for LTX-Video 0.9.x checkpoints."""
+        index = diffusers.DiffusionPipeline.load_config(spec.pretrained, revision=spec.revision)
+        found = (index.get("transformer") or [None, None])[1]
+        if found == "LTX2VideoTransformer3DModel":
+            return
+        hint = ("model.family=ltxv095 (LTX-Video 0.9.5+) or ltx (0.9.0/0.9.1) for it"
+                if found == "LTXVideoTransformer3DModel" else "the family of that model for it")
+        raise ValueError(
+            f"{cls.name}: {spec.pretrained} has a {found} transformer (model_index.json), not LTX-2's "
+            f"LTX2VideoTransformer3DModel; use {hint}, or a checkpoint such as {cls.default_model_id} with {cls.name}"
+        )
+
+    def _check_checkpoint(self) -> None:
+        """The checkpoint must be an LTX-2 one with the class's compression (32x space, 8x time)."""
+        vae = self.components.vae
+        if vae is None:
+            return
+        if not isinstance(vae, diffusers.AutoencoderKLLTX2Video):
+            raise ValueError(
+                f"{self.name}: {self.spec.display_id} has a {type(vae).__name__} VAE, not LTX-2's "
+                f"AutoencoderKLLTX2Video; use model.family=ltx or ltxv095 for LTX-Video 0.9.x, or a checkpoint "
+                f"such as {self.default_model_id} with {self.name}"
+            )
+        found = (vae.spatial_compression_ratio * self._patch, vae.temporal_compression_ratio * self._patch_t)
+        if found != (self.spatial_factor, self.frame_rule.temporal_factor):
+            raise ValueError(
+                f"{self.name}: {self.spec.display_id} compresses {found[0]}x in space and {found[1]}x in time, but the "
+                f"{self.name} family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use a "
+                f"checkpoint such as {self.default_model_id}"
+            )

@@ -1,0 +1,9 @@
+"""Fitting big models in little memory: fp8 frozen weights quantised while loading
+(:mod:`finetune.memory.fp8`), quantised or CPU-resident text encoders for caching
+(:mod:`finetune.memory.encoders`), and the planner that predicts peak memory per phase from the
+real architecture (:mod:`finetune.memory.planner`). Families contribute facts only; the
+machinery lives here."""
+
+from finetune._quiet import quiet_torchao
+
+quiet_torchao()

@@ -1,0 +1,140 @@
+"""Parameter counts from a model's real architecture: the family's full-size config built into its
+real class on the meta device (no weights, no host memory), then counted per dtype, per
+quantisation and per LoRA target.
+
+Bytes per frozen parameter under each ``model.quantization`` (only nn.Linear weights of the
+transformer are quantised, as bitsandbytes and our fp8 do; biases, norms, embeddings and the
+modules a model keeps in float32 stay as they are):
+  none  the load dtype (bf16: 2 B)
+  int8  1 B + one float32 scale per output row (LLM.int8 ``SCB``)
+  nf4   0.5 B + one float32 absmax per block of 64 (diffusers' BitsAndBytesConfig default: no
+        double quantisation)
+  fp8   1 B (e4m3) + one float32 scale per output row
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import torch
+
+from finetune.families.base import FullSize
+
+NF4_BLOCK = 64
+# model.quantization -> (bytes per weight element, bytes of scale per output row, per element)
+QUANT_BYTES: dict[str, tuple[float, float, float]] = {
+    "int8": (1.0, 4.0, 0.0),
+    "nf4": (0.5, 0.0, 4.0 / NF4_BLOCK),
+    "fp8": (1.0, 4.0, 0.0),
+}
+# config keys that count repeated transformer blocks; the trace builds the model with each set to 1
+# (Kandinsky 5 counts its text and visual blocks as num_text_blocks / num_visual_blocks)
+BLOCK_COUNT_KEYS = ("num_layers", "num_single_layers", "depth", "num_text_blocks", "num_visual_blocks")
+
+
+def _freeze(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=32)
+def _build(cls: type, frozen: str) -> torch.nn.Module:
+    config = json.loads(frozen)
+    with torch.device("meta"):
+        if hasattr(cls, "config_class") and hasattr(cls, "_from_config"):  # transformers
+            return cls._from_config(cls.config_class(**config))
+        return cls.from_config(config)
+
+
+def build_meta(full: FullSize, **changes) -> torch.nn.Module:
+    """``full.cls`` built from ``full.config`` (with ``changes``) on the meta device; cached, so
+    treat the result as read-only."""
+    return _build(full.cls, _freeze({**full.config, **changes}))
+
+
+def keeps_fp32(model: torch.nn.Module, name: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``from_pretrained`` in ``dtype`` keeps parameter ``name`` in float32: diffusers
+    keeps ``_keep_in_fp32_modules`` for any half dtype (Wan's time embedder and norms);
+    transformers keeps ``_keep_in_fp32_modules_strict`` for any half dtype and
+    ``_keep_in_fp32_modules`` for float16 only (T5's ``wo``)."""
+    if dtype == torch.float32:
+        return False
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if not hasattr(model, "config_class") or dtype == torch.float16:
+        keep += getattr(model, "_keep_in_fp32_modules", None) or []
+    parts = name.split(".")
+    return any(k in parts or name.startswith(k + ".") for k in keep)
+
+
+def param_dtype(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if keeps_fp32(model, name, dtype) else dtype
+
+
+def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantization: str = "none",
+                 prefix: str = "") -> int:
+    """Bytes of the frozen parameters of ``model`` (those under ``prefix``) loaded in ``dtype`` and
+    quantised as ``quantization`` (module docstring). Floating buffers count in the load dtype
+    too (loading casts them); integer buffers as they are."""
+    total = 0.0
+    quantised: set[str] = set()
+    if quantization != "none":
+        per_el, per_row, per_el_scale = QUANT_BYTES[quantization]
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith(prefix) and not keeps_fp32(model, name, dtype):
+                out_f, in_f = m.weight.shape
+                total += out_f * in_f * (per_el + per_el_scale) + out_f * per_row
+                quantised.add(f"{name}.weight")
+    for name, p in model.named_parameters():
+        if name.startswith(prefix) and name not in quantised:
+            total += p.numel() * torch.empty((), dtype=param_dtype(model, name, dtype)).element_size()
+    for name, b in model.named_buffers():
+        if name.startswith(prefix):  # floating buffers are cast with the model, as loading does
+            buf_dtype = param_dtype(model, name, dtype) if b.is_floating_point() else b.dtype
+            total += b.numel() * torch.empty((), dtype=buf_dtype).element_size()
+    return int(total)
+
+
+def matches_target(name: str, targets: list[str] | tuple[str, ...]) -> bool:
+    """PEFT's rule for a list of target names: the module name equals one or ends with ``.<target>``."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_param_count(model: torch.nn.Module, targets: list[str] | tuple[str, ...], rank: int,
+                     prefix: str = "") -> int:
+    """LoRA parameters PEFT adds: r x (in + out) per targeted nn.Linear (under ``prefix``)."""
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith(prefix) and matches_target(name, targets))
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The repeated blocks of a transformer: per ModuleList name, how many and the bytes of one
+    (frozen, as loaded)."""
+
+    counts: dict[str, int]
+    bytes_each: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def largest(self) -> int:
+        return max(self.bytes_each.values(), default=0)
+
+
+def block_lists(model: torch.nn.Module) -> dict[str, int]:
+    """Top-level nn.ModuleLists of ``model`` with their lengths (the repeated blocks)."""
+    return {n: len(m) for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList)}
+
+
+def blocks_of(full: FullSize, dtype: torch.dtype, quantization: str) -> Blocks:
+    """The block lists that the config's block-count keys set (those that shrink to one block
+    when the keys are 1), with the frozen bytes of one block of each."""
+    model = build_meta(full)
+    ones = {k: 1 for k in BLOCK_COUNT_KEYS if isinstance(full.config.get(k), int) and full.config[k] > 1}
+    small = block_lists(build_meta(full, **ones)) if ones else {}
+    counts = {n: c for n, c in block_lists(model).items() if small.get(n) == 1 and c > 1}
+    each = {n: weight_bytes(model, dtype, quantization, prefix=f"{n}.0.") for n in counts}
+    return Blocks(counts, each)

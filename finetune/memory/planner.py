@@ -1,0 +1,446 @@
+"""The memory planner: peak accelerator memory of a recipe per phase, predicted before any weight
+loads, and the cheapest settings that make it fit a card.
+
+Every count comes from the real architecture (finetune/memory/architecture.py: the family's
+full-size configs built on the meta device) and from a trace of the real transformer
+(finetune/memory/trace.py); nothing here is a table of model sizes.
+
+Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
+  caching     text encoder(s), image encoder and VAE weights + the VAE's encode working memory
+              (an estimate, not a trace: 3 feature maps of its first convolution's width over
+              1 + temporal factor frames, the chunk causal video VAEs encode at a time, at the
+              resolution after the VAE's own pixel patchify if it has one)
+  training    frozen transformer weights as loaded (dtype, quantisation, block swap; both experts
+              unless ``memory.offload_idle_expert``), LoRA parameters (fp32, 4 B), their
+              gradients (fp32, 4 B, one expert at a time), optimizer state (AdamW: 8 B/param,
+              AdamW8bit: 2 B/param), activations and workspace (:func:`activation_bytes`)
+  validation  only with ``validation.prompts``: the training weights and LoRA plus every
+              encoder (the trainer moves them back for rendering) and one block's activations
+              per classifier-free-guidance branch
+Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace, allocator slack).
+
+Block swap (``memory.blocks_to_swap: N``): N blocks live in host memory; one block's weights
+plus one prefetch buffer stay resident. Activation offload (``memory.activation_offload``):
+what each block keeps for backward goes to host memory; two blocks' worth stay resident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from finetune.config import Recipe, _merge, parse_overrides, recipe_from_dict
+from finetune.errors import UserError
+from finetune.families.base import Components, Family, FullSize, ModelSpec
+from finetune.memory.architecture import blocks_of, build_meta, lora_param_count, weight_bytes
+from finetune.memory.trace import Trace, trace_transformer
+
+GIB = 2 ** 30
+RUNTIME_OVERHEAD = int(0.5 * GIB)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTIM_BYTES = {"adamw": 8, "adamw8bit": 2}
+LORA_BYTES = 4  # fp32 masters, and fp32 gradients
+# Settings the planner may choose that the trainer does not run yet (train_lora refuses them):
+# key -> whether a value of it needs what is missing. Drop an entry when its feature lands.
+NOT_IMPLEMENTED = {
+    "memory.blocks_to_swap": lambda v: v != 0,
+    "memory.activation_offload": lambda v: v is True,
+}
+
+
+class PlannerError(UserError):
+    """The planner cannot plan this recipe (tiny model, unknown checkpoint, bad card size)."""
+
+
+class InvalidVram(PlannerError):
+    """The card size given is not a positive number of GiB."""
+
+
+class DoesNotFit(PlannerError):
+    """Even with every memory setting on, the recipe does not fit the card; names the closest
+    setting and its predicted peak."""
+
+
+class NotImplementedYet(UserError):
+    """A memory setting the planner plans with but the trainer does not run yet."""
+
+
+@dataclass
+class Phase:
+    """One phase's resident bytes by item (label -> bytes) and its peak."""
+
+    name: str
+    items: list[tuple[str, int]] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def peak(self) -> int:
+        return sum(b for _, b in self.items)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    checkpoint: str
+    tokens: int
+    phases: list[Phase]
+    vram_gb: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.phases)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: p.peak).name
+
+    def fits(self, vram_gb: float) -> bool:
+        return self.peak <= vram_gb * GIB
+
+
+# ---------------------------------------------------------------------------- counting
+
+
+def check_vram(vram_gb: Any, where: str = "--vram") -> float:
+    """``vram_gb`` as a float; raises InvalidVram unless it is a positive number."""
+    try:
+        value = float(vram_gb)
+    except (TypeError, ValueError):
+        raise InvalidVram(f"{where}={vram_gb!r}: give the card's memory in GiB, e.g. {where.lstrip('-')} 16") from None
+    if not value > 0 or value != value:
+        raise InvalidVram(f"{where}={vram_gb!r}: the card's memory must be a positive number of GiB (e.g. 16 or 24)")
+    return value
+
+
+def checkpoint_parts(recipe: Recipe) -> tuple[type[Family], str, dict[str, FullSize]]:
+    """The family, checkpoint id and full-size components of ``recipe``. Raises PlannerError for
+    tiny models and checkpoints the family has no configs for."""
+    fam = recipe.family_cls()
+    if recipe.model.tiny:
+        raise PlannerError("model.tiny=true: the planner plans released checkpoints; tiny models fit anywhere "
+                           "(remove --plan, or plan a recipe with model.tiny=false)")
+    known = fam.full_size_configs(recipe.model.task)
+    ckpt = recipe.pretrained
+    if ckpt not in known:
+        raise PlannerError(f"model.pretrained={ckpt!r}: no full-size config for it in {fam.name} "
+                           f"(task {recipe.model.task}); the planner knows {', '.join(sorted(known))}")
+    return fam, ckpt, known[ckpt]
+
+
+def activation_bytes(trace: Trace, counts: dict[str, int], checkpointing: bool, offload: bool) -> tuple[int, int]:
+    """(activations, workspace) of one training step for one clip, from ``trace``.
+
+    With gradient checkpointing each block keeps only its input until backward recomputes it:
+    sum of n_k x input_k, plus one block's saved bytes (the recompute); without it every block
+    keeps everything: sum of n_k x saved_k. Offload moves the per-block part to host memory,
+    leaving two blocks of it (the one in use and the prefetch). Workspace: the gradient of a
+    block's input and output plus the largest single saved tensor, live during its backward."""
+    kinds = [k for k in counts if k in trace.saved]
+    per_block = trace.inputs if checkpointing else trace.saved
+    kept = sum(counts[k] * per_block[k] for k in kinds)
+    if offload:
+        kept = 2 * max((per_block[k] for k in kinds), default=0)
+    recompute = max((trace.saved[k] for k in kinds), default=0) if checkpointing else 0
+    workspace = 2 * max((trace.inputs[k] for k in kinds), default=0) + max((trace.largest[k] for k in kinds), default=0)
+    return kept + recompute + trace.outside, workspace
+
+
+def _vae_working(vae: torch.nn.Module, frames: int, height: int, width: int, temporal: int, dtype: torch.dtype) -> int:
+    """Encode working memory estimate (module docstring)."""
+    conv = next((m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))), None)
+    width_c = conv.out_channels if conv is not None else 128
+    size = torch.empty((), dtype=dtype).element_size()
+    patch = getattr(vae.config, "patch_size", None)  # VAEs that patchify pixels first convolve at 1/patch
+    area = height * width // (patch * patch if isinstance(patch, int) and patch > 1 else 1)
+    return 3 * width_c * min(frames, temporal + 1) * area * size
+
+
+def _dtype_of(part: FullSize, dtype: torch.dtype) -> torch.dtype:
+    return part.dtype or dtype
+
+
+def _label(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
+    """Predict every phase of ``recipe`` (module docstring). Loads no weights; raises PlannerError."""
+    fam, ckpt, parts = checkpoint_parts(recipe)
+    d = recipe.data
+    trace = trace_transformer(fam, ckpt, recipe.model.task, d.frames, d.height, d.width, recipe.fps)
+    cache, enc_bytes, vae_work = caching_phase(recipe, d.frames)
+    train = training_phase(recipe, trace)
+    phases = [cache, train]
+    v = recipe.validation
+    if v.prompts:  # everything resident at once while rendering
+        val = Phase("validation")
+        val.items += [it for it in train.items if "frozen weights" in it[0] or it[0].startswith("LoRA param")]
+        val.items += [(f"{n} ({_label(_dtype_of(parts[n], DTYPES[recipe.model.dtype]))})", b)
+                      for n, b in enc_bytes.items()]
+        branches = 2 if v.guidance > 1 else 1
+        denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
+        val.items.append((f"denoising activations ({branches} guidance branch{'es' if branches > 1 else ''}) "
+                          f"/ VAE decode", max(denoise, vae_work)))
+        val.items.append(("runtime overhead", RUNTIME_OVERHEAD))
+        phases.append(val)
+    latent, _ = fam.planning_inputs(recipe.model.task, d.frames, d.height, d.width, fam.max_sequence_length)
+    tokens = latent[2] * latent[3] * latent[4] // _patch_area(parts["transformer"])
+    return Plan(recipe, ckpt, tokens, phases, vram_gb)
+
+
+def training_phase(recipe: Recipe, trace: Trace) -> Phase:
+    """Resident frozen transformer weights, the trained experts' LoRA, gradients and optimizer
+    state, activations and workspace of one step (module docstring)."""
+    fam, ckpt, parts = checkpoint_parts(recipe)
+    dtype, o, mem, quant = DTYPES[recipe.model.dtype], recipe.optim, recipe.memory, recipe.model.quantization
+    names = [n for n in ("transformer", "transformer_2") if n in parts]
+    trained = [e.attr for e in _experts(fam, ckpt, recipe.model.task)
+               if recipe.model.experts is None or e.name in recipe.model.experts]
+    on_card = trained[:1] if (mem.offload_idle_expert and len(names) > 1) else names
+    train = Phase("training")
+    blocks = blocks_of(parts["transformer"], dtype, quant)
+    for n in on_card:
+        wb = weight_bytes(build_meta(parts[n]), dtype, quant)
+        swap = min(mem.blocks_to_swap, blocks.total)
+        if swap:  # N blocks leave; one block plus one prefetch buffer stay
+            wb -= swap * sum(blocks.counts[k] * blocks.bytes_each[k] for k in blocks.counts) // blocks.total
+            wb += 2 * blocks.largest
+        label = f"{n} frozen weights ({quant if quant != 'none' else _label(dtype)}"
+        train.items.append((label + (f", {swap} blocks swapped)" if swap else ")"), wb))
+    lora_each = {n: lora_param_count(build_meta(parts[n]), recipe.lora_targets, recipe.lora.rank) for n in trained}
+    lora_params = sum(lora_each.values())
+    train.items += [
+        (f"LoRA parameters (r={recipe.lora.rank}, {lora_params / 1e6:.1f}M, fp32)", lora_params * LORA_BYTES),
+        ("LoRA gradients (fp32, one expert)", max(lora_each.values()) * LORA_BYTES),
+        (f"optimizer state ({o.optimizer})", lora_params * OPTIM_BYTES[o.optimizer]),
+    ]
+    acts, work = activation_bytes(trace, blocks.counts, mem.gradient_checkpointing, mem.activation_offload)
+    ckpt_note = "checkpointed" if mem.gradient_checkpointing else "no checkpointing"
+    train.items += [(f"activations ({ckpt_note}{', offloaded' if mem.activation_offload else ''})",
+                     acts * o.batch_size),
+                    ("backward workspace", work * o.batch_size),
+                    ("runtime overhead", RUNTIME_OVERHEAD)]
+    return train
+
+
+def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], int]:
+    """The caching phase of ``recipe`` at ``frames`` frames: (phase, encoder bytes by name,
+    VAE working bytes)."""
+    fam, _, parts = checkpoint_parts(recipe)
+    dtype, d = DTYPES[recipe.model.dtype], recipe.data
+    cache = Phase("caching")
+    encoders = [n for n in ("text_encoder", "text_encoder_2", "image_encoder", "vae") if n in parts]
+    # memory.text_encoder: text encoders on the card in the load dtype, in CPU memory (nothing on
+    # the card), or with int8/fp8 block weights (1 byte + a per-row scale, as the transformer's)
+    mode = recipe.memory.text_encoder
+    enc_bytes, labels = {}, {}
+    for n in encoders:
+        label = _label(_dtype_of(parts[n], dtype))
+        if n.startswith("text_encoder") and mode == "cpu":
+            enc_bytes[n], labels[n] = 0, "in CPU memory"
+        elif n.startswith("text_encoder") and mode in ("int8", "fp8"):
+            enc_bytes[n], labels[n] = weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype), mode), mode
+        else:
+            enc_bytes[n], labels[n] = weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype)), label
+    for n in encoders:
+        cache.items.append((f"{n} ({labels[n]})", enc_bytes[n]))
+    vae_work = 0
+    if "vae" in parts:
+        vae_work = _vae_working(build_meta(parts["vae"]), frames, d.height, d.width, fam.frame_rule.temporal_factor,
+                                _dtype_of(parts["vae"], dtype))
+        cache.items.append(("VAE encode working memory (estimate)", vae_work))
+    cache.items.append(("runtime overhead", RUNTIME_OVERHEAD))
+    return cache, enc_bytes, vae_work
+
+
+def _patch_area(part: FullSize) -> int:
+    """Latent positions per token: the transformer's patch sizes (ints or [t, h, w])."""
+    cfg = part.config
+    p = cfg.get("patch_size", 1)
+    if isinstance(p, (list, tuple)):
+        return int(p[0] * p[1] * p[2])
+    return int(p) * int(p) * int(cfg.get("patch_size_t") or 1)
+
+
+def _experts(fam: type[Family], checkpoint: str, task: str) -> list:
+    """``fam``'s experts without loading it: their names, attributes and ranges do not depend on
+    weights, so a bare instance with empty components answers :meth:`Family.experts`."""
+    probe = object.__new__(fam)
+    probe.components = Components(None, None, None, None, None)
+    probe.spec = ModelSpec(pretrained=checkpoint, task=task)
+    return probe.experts()
+
+
+# ---------------------------------------------------------------------------- search
+
+
+def _with(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    items = [f"{k}={v if not isinstance(v, bool) else str(v).lower()}" for k, v in overrides.items()]
+    return recipe_from_dict(_merge(recipe.model_dump(mode="json"), parse_overrides(items)), source="planner")
+
+
+def _current(recipe: Recipe, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def _stages(recipe: Recipe) -> list[tuple[str, Any]]:
+    """The fixed order of cost: each (key, value) is added to all before it."""
+    out: list[tuple[str, Any]] = [("memory.gradient_checkpointing", True), ("optim.optimizer", "adamw8bit")]
+    if recipe.model.quantization == "none":  # int8/nf4 already store weights in <= 1 B
+        out.append(("model.quantization", "fp8"))
+    return out
+
+
+def _min_swap(recipe: Recipe, base: dict[str, Any], vram_gb: float) -> tuple[dict[str, Any], Plan]:
+    """``base`` plus the fewest blocks_to_swap that fit (or the most there are)."""
+    fam, _, parts = checkpoint_parts(recipe)
+    total = blocks_of(parts["transformer"], DTYPES[recipe.model.dtype], recipe.model.quantization).total
+    lo, hi = 0, max(total - 1, 0)
+    best = None
+    while lo <= hi:  # peak falls as N grows (past N = 2), so bisect on "fits"
+        mid = (lo + hi) // 2
+        trial = {**base, "memory.blocks_to_swap": mid} if mid else dict(base)
+        plan = plan_recipe(_with(recipe, trial), vram_gb)
+        if plan.fits(vram_gb):
+            best, hi = (trial, plan), mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        trial = {**base, "memory.blocks_to_swap": max(total - 1, 0)}
+        best = (trial, plan_recipe(_with(recipe, trial), vram_gb))
+    return best
+
+
+def _changed(recipe: Recipe, overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if _current(recipe, k) != v}
+
+
+def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
+    """The plan of ``recipe`` with the cheapest overrides that fit ``vram_gb`` GiB (in
+    ``plan.overrides``, only keys that change; empty if it fits as it is). Order of cost: for a
+    caching phase that does not fit, the text encoder in fp8 or on the CPU first; then gradient
+    checkpointing, AdamW8bit, fp8 weights, the fewest swapped blocks, activation
+    offload, then fewer frames (with a warning). Deterministic. Raises DoesNotFit naming the
+    closest setting and its peak, InvalidVram for a bad size."""
+    vram_gb = check_vram(vram_gb)
+    plan = plan_recipe(recipe, vram_gb)
+    if plan.fits(vram_gb):
+        return plan
+    base: dict[str, Any] = {}
+    if recipe.memory.text_encoder == "gpu" and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
+        # the encoders alone are too big: the first lever is where the text encoder runs (on the
+        # CPU, the closest setting, when even fp8 does not fit)
+        fits = [m for m in ("fp8", "cpu")
+                if caching_phase(_with(recipe, {"memory.text_encoder": m}), 1)[0].peak <= vram_gb * GIB]
+        base["memory.text_encoder"] = fits[0] if fits else "cpu"
+    cache = caching_phase(_with(recipe, base), 1)[0]
+    if cache.peak > vram_gb * GIB:  # no training setting changes the encoders
+        biggest = max(cache.items, key=lambda it: it[1])
+        closest = ", ".join(f"{k}={_fmt(v)}" for k, v in _changed(recipe, base).items()) or "the recipe as it is"
+        raise DoesNotFit(f"{recipe.model.family} {plan.checkpoint}: the caching phase alone needs "
+                         f"{cache.peak / GIB:.2f} GiB (its largest part: {biggest[0]}, {biggest[1] / GIB:.2f} GiB), "
+                         f"more than {vram_gb:g} GiB, with any training setting; the closest is {closest}, "
+                         f"predicted peak {cache.peak / GIB:.2f} GiB (caching). Encode on a larger card (the cache "
+                         f"is reused)")
+    for key, value in _stages(recipe):
+        base[key] = value
+        trial = _changed(recipe, base)
+        plan = plan_recipe(_with(recipe, trial), vram_gb)
+        if plan.fits(vram_gb):
+            plan.overrides = trial
+            return plan
+    for offload in (False, True):
+        if offload:
+            base["memory.activation_offload"] = True
+        trial, plan = _min_swap(recipe, _changed(recipe, base), vram_gb)
+        if plan.fits(vram_gb):
+            plan.overrides = _changed(recipe, trial)
+            return plan
+    rule, frames = recipe.family_cls().frame_rule, recipe.data.frames
+    floor = (recipe.model.cond_frames or 0) + rule.temporal_factor if recipe.model.task == "continue" else 1
+    while frames - rule.temporal_factor >= max(floor, 1):
+        frames -= rule.temporal_factor
+        trial, plan = _min_swap(recipe, {**_changed(recipe, base), "data.frames": frames}, vram_gb)
+        if plan.fits(vram_gb):
+            plan.overrides = _changed(recipe, trial)
+            plan.warnings.append(f"data.frames lowered from {recipe.data.frames} to {frames} to fit {vram_gb:g} GiB: "
+                                 f"the LoRA sees shorter clips than the recipe asks for")
+            return plan
+    closest = ", ".join(f"{k}={_fmt(v)}" for k, v in _changed(recipe, trial).items())
+    raise DoesNotFit(f"{recipe.model.family} {plan.checkpoint}: does not fit {vram_gb:g} GiB even with every memory "
+                     f"setting on; the closest is {closest or 'the recipe as it is'}, predicted peak "
+                     f"{plan.peak / GIB:.2f} GiB ({plan.peak_phase}). Use a larger card, a smaller size "
+                     f"(data.height/data.width) or a smaller checkpoint")
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _fmt(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def format_plan(plan: Plan, source: str = "") -> str:
+    """The plan as a readable table (GiB), its peak, fit, overrides and warnings."""
+    r, d = plan.recipe, plan.recipe.data
+    head = (f"memory plan{' for ' + source if source else ''}: {r.model.family} {plan.checkpoint} ({r.model.task}), "
+            f"{d.frames} frames x {d.height}x{d.width}, batch {r.optim.batch_size}, {plan.tokens:,} video tokens")
+    width = max(len(label) for p in plan.phases for label, _ in p.items) + 2
+    lines = [head, f"  {'phase':<12}{'item':<{width}}{'GiB':>8}"]
+    for p in plan.phases:
+        for i, (label, b) in enumerate(p.items):
+            lines.append(f"  {p.name if i == 0 else '':<12}{label:<{width}}{b / GIB:>8.2f}")
+        lines.append(f"  {'':<12}{'= phase peak':<{width}}{p.peak / GIB:>8.2f}")
+    lines.append(f"predicted peak: {plan.peak / GIB:.2f} GiB ({plan.peak_phase})")
+    if plan.vram_gb:
+        spare = plan.vram_gb - plan.peak / GIB
+        lines.append(f"card: {plan.vram_gb:g} GiB -> " + (f"fits ({spare:.2f} GiB to spare)" if spare >= 0
+                                                           else f"does not fit ({-spare:.2f} GiB over)"))
+    if plan.overrides:
+        lines.append("overrides to add (the cheapest that fit):")
+        lines += [f"  {k}={_fmt(v)}" for k, v in plan.overrides.items()]
+        pending = [f"{k}={_fmt(v)}" for k, v in plan.overrides.items()
+                   if k in NOT_IMPLEMENTED and NOT_IMPLEMENTED[k](v)]
+        if pending:
+            lines.append(f"  note: {', '.join(pending)}: planned with (fp8 as 1 B/weight + a float32 scale per "
+                         f"row) but not run by the trainer yet")
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """``recipe`` with ``overrides`` (dotted key -> value) applied and validated."""
+    return _with(recipe, overrides) if overrides else recipe
+
+
+def check_implemented(recipe: Recipe) -> None:
+    """Raise NotImplementedYet for memory settings the trainer does not run yet."""
+    bad = [f"{k}={_fmt(_current(recipe, k))}" for k, needs in NOT_IMPLEMENTED.items() if needs(_current(recipe, k))]
+    if bad:
+        raise NotImplementedYet(f"{', '.join(bad)}: planned by the memory planner but not implemented by the trainer "
+                                f"yet; remove {'it' if len(bad) == 1 else 'them'} (or plan with a larger --vram)")
+
+
+def run_planner(recipe: Recipe, source: str, vram: Any = None, apply: bool = False) -> Recipe:
+    """``train_lora.py`` glue: print the plan of ``recipe`` for ``vram`` GiB (else
+    ``memory.vram_gb``; no card = just the table). With ``apply`` (``memory.auto``) return the
+    recipe with the chosen overrides; otherwise return it unchanged. Raises PlannerError."""
+    if vram is None and recipe.memory.vram_gb is None:
+        if apply:
+            raise PlannerError(f"{source}: memory.auto=true needs memory.vram_gb (or --vram): the card's memory in GiB")
+        print(format_plan(plan_recipe(recipe), source))
+        return recipe
+    vram_gb = check_vram(vram if vram is not None else recipe.memory.vram_gb,
+                         "--vram" if vram is not None else "memory.vram_gb")
+    as_is = plan_recipe(recipe, vram_gb)
+    print(format_plan(as_is, source))
+    if as_is.fits(vram_gb):
+        return recipe
+    plan = choose_overrides(recipe, vram_gb)  # raises DoesNotFit after the table is out
+    print(f"\nwith the overrides:\n{format_plan(plan, source)}")
+    return apply_overrides(recipe, plan.overrides) if apply else recipe
