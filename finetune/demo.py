@@ -1,16 +1,16 @@
 """The embedded demo (``make demo``): a style learned in pixels, offline, on a CPU.
 
 1. data_prep: split the sample footage at its shot cuts, cut 9-frame 32x32 clips, caption them
-   with the trigger word; then give every clip a strong sepia grade (ffmpeg's
-   ``colorchannelmixer`` through a PyAV filter graph): the style to learn;
+   with the trigger word; then grade every clip black and white (ffmpeg's ``colorchannelmixer``
+   with the luma weights in every row, through a PyAV filter graph): the style to learn;
 2. train a LoRA on the graded clips (a fifth held out for the val_loss curve) on top of a tiny
    Wan that was pretrained on the same footage (``assets/tiny-wan-base``, loaded with
    ``from_pretrained``; ``python -m finetune.tiny_base`` made it), so it renders footage-like
    video in natural colours;
 3. render one prompt with the same seed without and with the LoRA, side by side (mp4 and a PNG
-   strip of frames), and measure the grade on both renders and on the style clips: warmth, the
-   mean of red minus blue. The demo fails unless the LoRA render moves at least halfway from
-   the base render's value toward the style clips'.
+   strip of frames), and measure the grade on both renders and on the style clips: the mean
+   saturation. The demo fails unless the LoRA render moves at least halfway from the base
+   render's value toward the style clips'.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ FOOTAGE = ("synth_lavfi.mp4", "bigbuckbunny.mp4", "oa4_launch.webm")
 RECIPE = ROOT / "recipes" / "tiny" / "wan-demo.yaml"
 BASE_MODEL = ROOT / "assets" / "tiny-wan-base"
 PROMPT = "mystyle, bigbuckbunny"
-# Sepia as the classic matrix (rows: output R, G, B from input R, G, B), ffmpeg's colorchannelmixer.
-SEPIA = "rr=.393:rg=.769:rb=.189:gr=.349:gg=.686:gb=.168:br=.272:bg=.534:bb=.131"
+# Black and white as ffmpeg's colorchannelmixer matrix (rows: output R, G, B from input R, G, B):
+# every output channel the Rec. 601 luma. (A sepia grade was the first choice, but the tiny VAE
+# cannot hold a warm tint on a grey picture: its decoded sepia clips come back nearly neutral,
+# so no LoRA on it could render sepia. It keeps grey pictures grey.)
+MONO = "rr=.299:rg=.587:rb=.114:gr=.299:gg=.587:gb=.114:br=.299:bg=.587:bb=.114"
 MIN_SHARE = 0.5  # the LoRA render must move at least this share of the way to the style clips
 
 
@@ -52,7 +55,7 @@ def prepare_clips(out: Path, frames: int, size: int, fps: float, clips_per_shot:
     return out / "dataset"
 
 
-def grade_video(src: Path, dst: Path, filter_args: str = SEPIA) -> Path:
+def grade_video(src: Path, dst: Path, filter_args: str = MONO) -> Path:
     """Re-encode ``src`` to ``dst`` through ffmpeg's colorchannelmixer (a PyAV filter graph),
     same frames and rate."""
     import av
@@ -96,14 +99,14 @@ def grade_dataset(dataset: Path, out: Path) -> Path:
 
 
 def warmth(frames: np.ndarray) -> float:
-    """Mean of red minus blue over all pixels, frames [..., 3] in [0, 1]: about 0 for natural
-    footage, clearly positive for sepia."""
+    """Mean of red minus blue over all pixels, frames [..., 3] in [0, 1] (printed beside
+    saturation, not checked): 0 for black and white."""
     frames = np.asarray(frames, dtype=np.float64)
     return float((frames[..., 0] - frames[..., 2]).mean())
 
 
 def saturation(frames: np.ndarray) -> float:
-    """Mean HSV saturation, frames [..., 3] in [0, 1] (printed beside warmth, not checked)."""
+    """Mean HSV saturation, frames [..., 3] in [0, 1]: the style statistic, 0 for black and white."""
     frames = np.asarray(frames, dtype=np.float64)
     hi, lo = frames.max(-1), frames.min(-1)
     return float(np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-8), 0.0).mean())
@@ -136,11 +139,11 @@ def style_clip_frames(manifest: Path, frames: int, fps: float, size: int) -> np.
 
 
 def print_table(rows: dict[str, np.ndarray], check: StyleCheck) -> None:
-    print(f"\n{'':24}{'warmth (R-B)':>14}{'saturation':>12}")
+    print(f"\n{'':24}{'saturation':>12}{'warmth (R-B)':>14}")
     for name, frames in rows.items():
-        print(f"{name:24}{warmth(frames):>14.3f}{saturation(frames):>12.3f}")
+        print(f"{name:24}{saturation(frames):>12.3f}{warmth(frames):>14.3f}")
     verdict = "ok" if check.passed else f"FAILED (needs {MIN_SHARE:.0%})"
-    print(f"the LoRA render moved {check.share:.0%} of the way from the base render to the style clips: {verdict}")
+    print(f"saturation: the LoRA render moved {check.share:.0%} of the way from the base render to the style clips: {verdict}")
 
 
 # ---------------------------------------------------------------------------- pictures
@@ -193,7 +196,7 @@ def run(out: Path, steps: int, clips_per_shot: int, base_model: Path = BASE_MODE
     recipe = load_recipe(RECIPE, [f"model.pretrained={base_model}"])
     d, size = recipe.data, recipe.data.width
     print(f"== 1/3 data_prep: {', '.join(FOOTAGE)} -> clips of {d.frames} frames, {size}x{size} at {recipe.fps:g} fps, "
-          f"then a sepia grade")
+          f"then a black-and-white grade")
     dataset = prepare_clips(out, d.frames, size, recipe.fps, clips_per_shot)
     manifest = grade_dataset(dataset, out / "style")
 
@@ -208,7 +211,7 @@ def run(out: Path, steps: int, clips_per_shot: int, base_model: Path = BASE_MODE
     v = recipe.validation
     base, lora, fps = render_pair(result.run_dir, v.steps, v.seed)
     style = style_clip_frames(manifest, d.frames, recipe.fps, size)
-    check = StyleCheck(base=warmth(base), lora=warmth(lora), style=warmth(style))
+    check = StyleCheck(base=saturation(base), lora=saturation(lora), style=saturation(style))
     from finetune.trainer import side_by_side
 
     pair = side_by_side(torch.from_numpy(base), torch.from_numpy(lora)).numpy()

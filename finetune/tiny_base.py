@@ -7,7 +7,8 @@ the Wan UniPC scheduler) on the sample footage in ``tests/assets`` on a CPU, in 
 
 1. the VAE (8x spatial, 4x temporal, 16 latent channels, wider than the tiny random one so that
    32x32 frames come back recognisably), as an image autoencoder: L1 reconstruction of the
-   posterior mean + a small KL term on single frames of the footage. Its temporal layers are set by hand instead of trained
+   posterior mean + a small KL term on single frames of the footage, randomly colour-graded
+   (:func:`colour_jitter`) so that it can also encode the demo's black-and-white clips. Its temporal layers are set by hand instead of trained
    (the causal convolutions see only the current frame, the temporal downsampler keeps the last
    frame of each pair and the upsampler repeats frames), because backpropagating through the
    VAE's frame-by-frame video path costs about ten times more per sample, too much for a CPU
@@ -115,12 +116,38 @@ def decode_unclamped(vae: diffusers.AutoencoderKLWan, z: torch.Tensor) -> torch.
     return vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=[0], first_chunk=True)
 
 
+def colour_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x [B, 3, ...] in [-1, 1], three quarters of the samples re-graded at random, clamped: a
+    third of those made black and white, a third put through a random channel mixer (each output channel a positive mix of the inputs, rows
+    summing to 0.8-1.4, blended with the identity by a random amount: sepia and other classic
+    grades are such mixers), a third pulled toward their grey and tinted. The footage alone
+    has natural colours only, and a VAE that never saw a grade cannot encode one: decoded sepia
+    clips came back in natural colours (warmth -0.04 against the clips' 0.19), so no LoRA could
+    render them. A real video VAE has seen every kind of colour; the transformer here sees only
+    the natural footage."""
+    b = x.shape[0]
+    rgb = ((x + 1) / 2).movedim(1, -1)  # [B, ..., 3]
+    view = (b,) + (1,) * (rgb.ndim - 2)
+    w = torch.rand(b, 3, 3, generator=gen)
+    mixer = w / w.sum(-1, keepdim=True) * (0.8 + 0.6 * torch.rand(b, 3, 1, generator=gen))
+    blend = torch.rand(b, 1, 1, generator=gen)
+    mixer = blend * mixer + (1 - blend) * torch.eye(3)
+    mixed = torch.einsum("b...j,bij->b...i", rgb, mixer)
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True)
+    grey = torch.rand(view + (1,), generator=gen)
+    tint = 0.7 + 0.6 * torch.rand((b,) + (1,) * (rgb.ndim - 2) + (3,), generator=gen)
+    tinted = ((1 - grey) * rgb + grey * luma) * tint
+    kind = torch.randint(4, view + (1,), generator=gen)  # 0 as it is, 1 mixer, 2 grey + tint, 3 grey
+    out = torch.where(kind == 1, mixed, torch.where(kind == 2, tinted, torch.where(kind == 3, luma.expand_as(rgb), rgb)))
+    return (out.clamp(0, 1) * 2 - 1).movedim(-1, 1)
+
+
 def train_vae(vae, clips: torch.Tensor, steps: int, seed: int, minutes: float, batch: int = 16, lr: float = 2e-3,
               kl_weight: float = 1e-6) -> tuple[float, int]:
     """clips [N, 3, 1, H, W] in [-1, 1] (single frames: the spatial weights only, the temporal
     ones stay as :func:`make_framewise` set them, the first time slice being the only one a
     single frame reaches). Adam on L1 reconstruction of the posterior mean + ``kl_weight`` * KL,
-    random flips; returns
+    random flips and colour grades (:func:`colour_jitter`); returns
     the last 50 steps' mean L1 and the steps done (fewer than ``steps`` if ``minutes`` ran out)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -133,6 +160,7 @@ def train_vae(vae, clips: torch.Tensor, steps: int, seed: int, minutes: float, b
         x = clips[torch.randint(len(clips), (batch,), generator=gen)]
         if torch.rand(1, generator=gen) < 0.5:
             x = x.flip(-1)
+        x = colour_jitter(x, gen)
         post = vae.encode(x).latent_dist
         # Decoded from the posterior mean, as the trainer encodes: a sampled latent buries the
         # untrained encoder's small signal in unit noise and nothing is learned in a CPU budget.
@@ -207,26 +235,35 @@ def footage_clips(every: int) -> tuple[torch.Tensor, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--transformer-steps", type=int, default=3000)
-    parser.add_argument("--vae-minutes", type=float, default=15, help="stop the VAE stage early after this long")
-    parser.add_argument("--transformer-minutes", type=float, default=10, help="the same for the transformer stage")
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--transformer-steps", type=int, default=2000)
+    parser.add_argument("--vae-minutes", type=float, default=60, help="stop the VAE stage early after this long")
+    parser.add_argument("--transformer-minutes", type=float, default=60, help="the same for the transformer stage")
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-half-size", action="store_true",
+                        help="train the VAE on 16x16 frames (cheaper per step, but it then works at that scale only)")
+    parser.add_argument("--vae-init", type=Path, default=None,
+                        help="start the VAE from this saved AutoencoderKLWan folder (an earlier stage's vae/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     parts = build_untrained(args.seed)
+    if args.vae_init is not None:
+        parts["vae"].load_state_dict(diffusers.AutoencoderKLWan.from_pretrained(args.vae_init).state_dict())
 
     print("== 1/3 footage", flush=True)
     clips, captions = footage_clips(every=2)
 
     print(f"== 2/3 VAE on frames of {len(clips)} windows, {args.vae_steps} steps", flush=True)
-    # Half-size frames: a quarter of the cost per step, so ten times the steps in the CPU budget;
-    # the convolutions then run on the full-size frames unchanged.
+    # Full-size frames: a VAE trained on half-size ones reconstructs 32x32 frames three times
+    # worse (L1 0.34 against 0.10 on its own scale), as its filters learned one scale only.
     frames = clips[:, :, ::4].transpose(1, 2).reshape(-1, 3, 1, SIZE, SIZE)
-    frames = torch.nn.functional.avg_pool3d(frames, (1, 2, 2))
-    vae_l1, args.vae_done = train_vae(parts["vae"], frames, args.vae_steps, args.seed, args.vae_minutes)
+    if args.vae_half_size:
+        frames = torch.nn.functional.avg_pool3d(frames, (1, 2, 2))
+    vae_l1, args.vae_done = train_vae(parts["vae"], frames, args.vae_steps, args.seed, args.vae_minutes,
+                                      lr=args.vae_lr)
     with torch.no_grad():
         raw = torch.cat([parts["vae"].encode(c).latent_dist.mode() for c in clips.split(32)])
     mean, std = channel_stats(raw)
@@ -277,8 +314,9 @@ full step count); this run did {args.vae_done} VAE steps and {args.transformer_d
 re-run reproduces these weights only if it gets exactly as far.
 
 - VAE (`AutoencoderKLWan`, base_dim 8, dim_mult [1, 2, 2, 2], z_dim 16; 8x spatial, 4x temporal):
-  {args.vae_done} Adam steps (of a {args.vae_steps}-step cosine schedule), batch 16, lr 2e-3 cosine, L1 (of the decoded posterior mean) + 1e-6 KL on single frames at half size (16x16)
-  (every 4th frame of {n_clips} 9-frame windows at about 8 fps), random horizontal flips; temporal
+  {args.vae_done} Adam steps (of a {args.vae_steps}-step cosine schedule), batch 16, lr 2e-3 cosine, L1 (of the decoded posterior mean) + 1e-6 KL on single 32x32 frames
+  (every 4th frame of {n_clips} 9-frame windows at about 8 fps), random horizontal flips and random colour grades
+  (black and white, channel mixers, tints: `colour_jitter`, so it can encode a graded clip); temporal
   weights set by hand (frame by frame: `make_framewise` in `finetune/tiny_base.py`); final L1 {vae_l1:.4f} (pixels in [-1, 1]). latents_mean/std are
   the per-channel statistics of the posterior modes of those windows.
 - Transformer (`WanTransformer3DModel`, 2 layers, 4 heads x 32, ffn 256, patch (1, 2, 2)):

@@ -70,3 +70,20 @@ def test_val_loss_on_held_out_clips_and_base_vs_lora_samples_in_tensorboard(tmp_
     assert (images[0].width, images[0].height) == (2 * 32 + 2, 32)
     assert images[0].encoded_image_string[:6] == b"GIF89a"  # animated: TensorBoard plays it as a video
     assert (result.run_dir / "samples" / "base-0.mp4").is_file()
+
+
+def test_a_skipped_training_clip_does_not_shift_the_held_out_ones(tmp_path, monkeypatch):
+    """build_cache drops clips it cannot use; the held-out entries must still be the held-out clips'."""
+    from finetune.cache import latent_fingerprint
+
+    manifest = write_clips(tmp_path / "clips", n=4, frames=9, height=32, width=32)
+    recipe = tiny_recipe("wan", manifest, tmp_path / "run", "optim.steps=1", "checkpoint.every=0",
+                         "data.validation_split=0.25")
+    train_clips, held = trainer.training_and_held_out(recipe)
+    train_clips[0].path.write_bytes(b"not a video")  # a training clip that cannot be decoded
+    keys, build = [], trainer.build_cache
+    monkeypatch.setattr(trainer, "build_cache", lambda family, clips, key, *a, **k: keys.append(key) or
+                        build(family, clips, key, *a, **k))
+    result = trainer.train(recipe)
+    assert len(result.dataset) == 2 and len(result.val_dataset) == 1
+    assert result.val_dataset.entries[0].latents.stem == latent_fingerprint(held[0], keys[0])
