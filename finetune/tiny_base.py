@@ -235,7 +235,7 @@ def footage_clips(every: int) -> tuple[torch.Tensor, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--transformer-steps", type=int, default=2000)
     parser.add_argument("--vae-minutes", type=float, default=60, help="stop the VAE stage early after this long")
     parser.add_argument("--transformer-minutes", type=float, default=60, help="the same for the transformer stage")
@@ -309,9 +309,10 @@ Made with (torch {torch.__version__}, diffusers {diffusers.__version__}, CPU, {a
 
     {command}
 
-Each stage stops early when its time cap runs out (the learning-rate schedule is set for the
-full step count); this run did {args.vae_done} VAE steps and {args.transformer_done} transformer steps, so a
-re-run reproduces these weights only if it gets exactly as far.
+Each stage would stop early if its time cap ran out (the learning-rate schedule is set for the
+full step count); this run did {args.vae_done} of {args.vae_steps} VAE steps and {args.transformer_done} of {args.transformer_steps} transformer steps; a re-run
+that does as many, with the same versions, reproduces these weights up to floating-point
+differences between machines.
 
 - VAE (`AutoencoderKLWan`, base_dim 8, dim_mult [1, 2, 2, 2], z_dim 16; 8x spatial, 4x temporal):
   {args.vae_done} Adam steps (of a {args.vae_steps}-step cosine schedule), batch 16, lr 2e-3 cosine, L1 (of the decoded posterior mean) + 1e-6 KL on single 32x32 frames
