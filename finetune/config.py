@@ -61,6 +61,13 @@ class DataConfig(_Section):
     buckets: bool = Field(
         False, description="Train each clip at its own size from the manifest (aspect buckets); needs batch_size 1."
     )
+    validation_split: float = Field(
+        0.0, ge=0.0, le=0.5, description="Fraction of the manifest's clips held out from training (picked with "
+        "optim.seed) for the val_loss curve; 0 = none."
+    )
+    validation_manifest: str | None = Field(
+        None, description="JSONL manifest of held-out clips for the val_loss curve, instead of validation_split."
+    )
     strict: bool = Field(
         False, description="Stop on any unusable clip or caption; false = skip it, list it in skipped_clips.jsonl."
     )
@@ -144,7 +151,8 @@ class CacheConfig(_Section):
 
 class ValidationConfig(_Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered as samples during training.")
-    every: int = Field(0, ge=0, description="Render samples every N steps; 0 = only at the end (if prompts).")
+    every: int = Field(0, ge=0, description="Render samples and compute val_loss every N steps; 0 = only at the "
+                                            "end (samples if prompts, val_loss if held-out clips).")
     steps: int = Field(30, ge=1, le=500, description="Inference steps for samples.")
     guidance: float = Field(5.0, ge=0.0, le=30.0, description="Classifier-free guidance scale for samples.")
     seed: int = Field(0, ge=0, description="Seed of the samples.")
@@ -241,6 +249,10 @@ def family_problems(data: dict) -> list[str]:
     if dat.get("buckets") is True and isinstance(optim.get("batch_size"), int) and optim["batch_size"] > 1:
         out.append(f"data.buckets=true trains clips of different sizes, so optim.batch_size={optim['batch_size']} "
                    f"must be 1 (raise optim.grad_accum instead)")
+    split, val_manifest = dat.get("validation_split"), dat.get("validation_manifest")
+    if isinstance(split, (int, float)) and split > 0 and val_manifest:
+        out.append(f"data.validation_split={split} and data.validation_manifest={val_manifest!r}: held-out clips come "
+                   f"from one or the other (set validation_split: 0 to use the manifest)")
     init_from = lora.get("init_from")
     init_path = Path(init_from) if isinstance(init_from, str) else None
     if init_path and not (init_path.is_file() or (init_path / "video_lora.json").is_file()):

@@ -85,3 +85,20 @@ def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
     if not clips:
         raise DataError(f"{manifest}: no clips listed (one JSON object per line with 'path' and 'caption')")
     return clips
+
+
+def split_validation(clips: list[Clip], fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:
+    """(training clips, held-out clips): ``round(fraction * len(clips))`` clips, at least one when
+    ``fraction`` > 0, picked by a permutation seeded with ``seed`` (the same split every run and
+    on every process), both lists in manifest order. Raises DataError if nothing would be left to
+    train on."""
+    if fraction <= 0:
+        return list(clips), []
+    n_val = max(1, round(fraction * len(clips)))
+    if n_val >= len(clips):
+        raise DataError(f"data.validation_split={fraction:g} holds out {n_val} of {len(clips)} clips, leaving none to "
+                        f"train on; add clips, or lower data.validation_split")
+    import torch  # the manifest reader itself stays torch-free
+
+    held = set(torch.randperm(len(clips), generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
+    return [c for i, c in enumerate(clips) if i not in held], [c for i, c in enumerate(clips) if i in held]

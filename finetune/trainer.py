@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from finetune import checkpoint as ckpt
 from finetune import skips
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
-from finetune.data import Clip, aspect_mismatches, load_manifest
+from finetune.data import Clip, aspect_mismatches, load_manifest, split_validation
 from finetune.errors import DataError, TrainingDiverged
 from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
@@ -45,6 +45,7 @@ class TrainResult:
     last_loss: float
     family: Family  # encoders released; components.transformer is the unwrapped, adapted model
     dataset: CachedDataset
+    val_dataset: CachedDataset | None = None  # held-out clips (data.validation_split / validation_manifest)
 
 
 def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
@@ -305,9 +306,22 @@ def bucket_keys(recipe: Recipe, family: Family, clips: list[Clip]) -> list[Cache
     return [replace(base, width=c.size[0], height=c.size[1]) for c in clips]
 
 
-def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> CachedDataset:
-    """Manifest -> cached latents and text embeddings. The main process encodes; others reuse."""
+def training_and_held_out(recipe: Recipe) -> tuple[list[Clip], list[Clip]]:
+    """The clips to train on and those held out for val_loss (``data.validation_manifest``, or a
+    seeded ``data.validation_split`` of the manifest). Raises DataError (manifests, split)."""
     clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    if recipe.data.validation_manifest:
+        return clips, load_manifest(recipe.data.validation_manifest, recipe.data.trigger)
+    return split_validation(clips, recipe.data.validation_split, recipe.optim.seed)
+
+
+def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> tuple[CachedDataset,
+                                                                                    CachedDataset | None]:
+    """Manifests -> cached latents and text embeddings of the training clips and of the held-out
+    ones (None if there are none): held-out clips are encoded like the others but never trained
+    on. The main process encodes; others reuse."""
+    train_clips, held_out = training_and_held_out(recipe)
+    clips = train_clips + held_out
     total, misfits = len(clips), []
     if recipe.data.buckets and not recipe.data.strict:  # a clip buckets cannot take is skipped, not fatal
         clips, misfits = skips.bucket_misfits(clips, family.spatial_factor, family.name)
@@ -327,11 +341,18 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> Ca
         print(f"cache: {stats.latents_computed} clips encoded, {stats.latents_reused} reused; "
               f"{stats.text_computed} prompts encoded, {stats.text_reused} reused"
               + (f"; {stats.damaged} damaged entries recomputed" if stats.damaged else ""))
-    warning = skips.report_skipped(misfits + stats.skipped, total, Path(recipe.output.dir), recipe.data.manifest,
+    skipped = misfits + stats.skipped
+    warning = skips.report_skipped(skipped, total, Path(recipe.output.dir), recipe.data.manifest,
                                    recipe.data.strict, write=accelerator.is_main_process)
     if warning:
         accelerator.print(warning)
-    return CachedDataset(entries * recipe.data.repeats)
+    # build_cache keeps the order of the clips it could use: the held-out ones come last.
+    gone = {id(c) for c, _ in skipped}
+    n_val = sum(id(c) not in gone for c in held_out)
+    if held_out:
+        accelerator.print(f"validation: {n_val} of {len(entries)} clips held out from training for val_loss")
+    train_entries, val_entries = entries[:len(entries) - n_val], entries[len(entries) - n_val:]
+    return CachedDataset(train_entries * recipe.data.repeats), (CachedDataset(val_entries) if val_entries else None)
 
 
 def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
@@ -369,7 +390,7 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
 
     # 3. Data: manifest -> cache; then the encoders leave accelerator memory (kept in RAM only
     #    when validation samples will need them).
-    dataset = prepare_data(recipe, family, accelerator)
+    dataset, val_dataset = prepare_data(recipe, family, accelerator)
     if recipe.validation.prompts:
         family.move_encoders("cpu")
     else:
@@ -401,8 +422,11 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config={"lr": recipe.optim.lr, "rank": recipe.lora.rank})
 
-    # 6. The loop.
+    # 6. The loop (val_loss on the held-out clips before the first step, and with the samples).
     o = recipe.optim
+    base_samples: dict[int, torch.Tensor] = {}  # base-model renders of the validation prompts, made once
+    if val_dataset is not None and start_step == 0:
+        log_validation_loss(accelerator, family, transformers, experts, val_dataset, recipe, 0)
     bar = tqdm(range(start_step, o.steps), initial=start_step, total=o.steps, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     loss_value = float("nan")
@@ -433,7 +457,9 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
             ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
         v = recipe.validation
         if v.prompts and (done == o.steps or (v.every and done % v.every == 0)):
-            render_samples(accelerator, family, transformers, recipe, done, dataset)
+            render_samples(accelerator, family, transformers, recipe, done, dataset, base_samples)
+        if val_dataset is not None and (done == o.steps or (v.every and done % v.every == 0)):
+            log_validation_loss(accelerator, family, transformers, experts, val_dataset, recipe, done)
         if stop.requested(accelerator) and done < o.steps:
             stopped_at = ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
             break
@@ -455,7 +481,8 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
     if stopped_at is not None:
         raise stop.stopped(accelerator, done, o.steps, stopped_at, [run_dir / a for a in adapters.values()])
     return TrainResult(run_dir=run_dir, adapter=run_dir / adapters[experts[0].attr], steps=o.steps,
-                       start_step=start_step, last_loss=loss_value, family=family, dataset=dataset)
+                       start_step=start_step, last_loss=loss_value, family=family, dataset=dataset,
+                       val_dataset=val_dataset)
 
 
 def comfyui_key_maps(family_cls: type[Family], experts: list[Expert]) -> dict:
@@ -469,14 +496,19 @@ def comfyui_key_maps(family_cls: type[Family], experts: list[Expert]) -> dict:
 
 
 def render_samples(accelerator: Accelerator, family: Family, transformers: list, recipe: Recipe, step: int,
-                   dataset: CachedDataset | None = None) -> list[Path]:
+                   dataset: CachedDataset | None = None, base_samples: dict[int, torch.Tensor] | None = None
+                   ) -> list[Path]:
     """Render each validation prompt with the adapters as trained so far into
-    ``<run>/samples/step-<step>-<k>.mp4`` (main process; the others wait). i2v runs condition on
-    ``validation.images``, or on the first frame of the training clips; continuation runs on the
-    first frames of the training clips. Each model is on the device only while it runs, and every
-    module is back where it was afterwards (finetune/memory/render.py)."""
-    from finetune.inference import RenderArgs, render_to_file  # inference code only when sampling
+    ``<run>/samples/step-<step>-<k>.mp4`` (main process; the others wait), and log base | LoRA
+    side by side to TensorBoard as ``samples/base_vs_lora_<k>``. The base render (adapters
+    disabled on every trained transformer) is made once per prompt into ``samples/base-<k>.mp4``
+    and kept in ``base_samples``. i2v runs condition on ``validation.images``, or on the first
+    frame of the training clips; continuation runs on the first frames of the training clips.
+    Each model is on the device only while it runs, and every module is back where it was
+    afterwards (finetune/memory/render.py); a model's sound goes into its mp4."""
+    from finetune.inference import RenderArgs, render_with_audio  # inference code only when sampling
     from finetune.memory.render import idle_offloaded
+    from finetune.video import write_video
 
     paths = []
     if accelerator.is_main_process:
@@ -484,6 +516,7 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
         for t in transformers:
             t.eval()
         pipe = family.pipeline()
+        pipe.set_progress_bar_config(disable=True)  # the training bar is the one to watch
         kind = family.task_input(family.task)
         inputs = validation_inputs(recipe, family) if kind else []
         with idle_offloaded(family, pipe, accelerator.device):
@@ -493,11 +526,86 @@ def render_samples(accelerator: Accelerator, family: Family, transformers: list,
                                   **({kind: inputs[k % len(inputs)]} if inputs else {}))
                 out = Path(recipe.output.dir) / "samples" / f"step-{step:08d}-{k}.mp4"
                 with torch.no_grad(), accelerator.autocast():
-                    paths.append(render_to_file(family, pipe, args, out))
+                    lora, sound = render_with_audio(family, pipe, args)
+                    if base_samples is not None and k not in base_samples:
+                        with adapters_disabled([accelerator.unwrap_model(t) for t in transformers]):
+                            base_samples[k], base_sound = render_with_audio(family, pipe, args)
+                        write_video(base_samples[k], out.with_name(f"base-{k}.mp4"), args.fps, audio=base_sound)
+                paths.append(write_video(lora, out, args.fps, audio=sound))
+                if base_samples is not None:
+                    log_video(accelerator, f"samples/base_vs_lora_{k}", side_by_side(base_samples[k], lora), step,
+                              args.fps)
         for t in transformers:
             t.train()
     accelerator.wait_for_everyone()
     return paths
+
+
+@contextmanager
+def adapters_disabled(models: list):
+    """Run the base model: every adapter of ``models`` (the trained transformers) off, then on again."""
+    for m in models:
+        m.disable_adapters()
+    try:
+        yield
+    finally:
+        for m in models:
+            m.enable_adapters()
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """Two videos [F, H, W, 3] in [0, 1] -> [F, H, 2W + gap, 3], a white bar between them."""
+    bar = torch.ones(left.shape[0], left.shape[1], gap, 3)
+    return torch.cat([left.float().cpu(), bar, right.float().cpu()], dim=2)
+
+
+def log_video(accelerator: Accelerator, tag: str, frames: torch.Tensor, step: int, fps: float) -> None:
+    """``frames`` [F, H, W, 3] in [0, 1] to TensorBoard as an animated GIF image summary, which
+    TensorBoard plays as a video. Written with PIL because torch's ``add_video`` needs moviepy
+    only to make that GIF, a dependency for nothing else."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    arr = (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    images = [Image.fromarray(np.ascontiguousarray(f)) for f in arr]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    image = Summary.Image(height=arr.shape[1], width=arr.shape[2], colorspace=3, encoded_image_string=buf.getvalue())
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)  # add_video's path
+
+
+def validation_loss(accelerator: Accelerator, family: Family, models: list, experts: list[Expert],
+                    dataset: CachedDataset, recipe: Recipe) -> float:
+    """Denoising loss on the held-out clips at fixed noise and timesteps: ``fixed_timestep_loss``
+    of each clip (batch of one, so clips of any bucket size mix), each trained expert over its
+    share of the noise levels, averaged. ``models``: the unwrapped transformers, ``experts``' order."""
+    losses = []
+    for model, expert in zip(models, experts):
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        for i in range(len(dataset)):
+            batch = {k: v.to(device) for k, v in collate([dataset[i]]).items()}
+            with accelerator.autocast():
+                losses.append(fixed_timestep_loss(family, model, batch, recipe.fps, expert=expert, recipe=recipe))
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def log_validation_loss(accelerator: Accelerator, family: Family, transformers: list, experts: list[Expert],
+                        dataset: CachedDataset, recipe: Recipe, step: int) -> float | None:
+    """Compute ``val_loss`` on the main process and log it at ``step``; the others wait."""
+    value = None
+    if accelerator.is_main_process:
+        value = validation_loss(accelerator, family, [accelerator.unwrap_model(t) for t in transformers], experts,
+                                dataset, recipe)
+        accelerator.log({"val_loss": value}, step=step)
+    accelerator.wait_for_everyone()
+    return value
 
 
 def validation_inputs(recipe: Recipe, family: Family) -> list:

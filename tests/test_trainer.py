@@ -129,7 +129,8 @@ def test_validation_samples_are_rendered_during_training(clips, tmp_path):
                          "validation.steps=2")
     trainer.train(recipe)
     samples = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
-    assert samples == ["step-00000002-0.mp4", "step-00000002-1.mp4", "step-00000004-0.mp4", "step-00000004-1.mp4"]
+    assert samples == ["base-0.mp4", "base-1.mp4",  # the base model's renders, made once
+                       "step-00000002-0.mp4", "step-00000002-1.mp4", "step-00000004-0.mp4", "step-00000004-1.mp4"]
     assert probe_frames(tmp_path / "run" / "samples" / samples[0])[:3] == (9, 32, 32)
 
 
