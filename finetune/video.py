@@ -57,6 +57,11 @@ def pil_frames(video: "torch.Tensor") -> list:
     return [Image.fromarray(f) for f in frames]
 
 
+def pil_image(frame: "torch.Tensor"):
+    """frame [3, H, W] in [-1, 1] -> an RGB PIL image (an i2v pipeline's conditioning image)."""
+    return pil_frames(frame.unsqueeze(1))[0]
+
+
 def first_frame(path: str | Path):
     """The first decoded frame of ``path`` as an RGB PIL image (an i2v conditioning image).
     Raises DataError if nothing decodes."""

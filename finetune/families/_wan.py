@@ -16,10 +16,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import diffusers
-import numpy as np
 import torch
 import transformers
-from PIL import Image
 
 from finetune.families._encoders import CLIP_VIT_H_14, UMT5_XXL
 from finetune.families._loading import load_transformer
@@ -32,6 +30,7 @@ from finetune.families._tiny import (
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
+from finetune.video import pil_image
 
 # Flow-sigma UniPC as in the Wan diffusers repos' scheduler configs; flow_shift is per model.
 SCHEDULER_CONFIG = dict(
@@ -109,10 +108,6 @@ def wan_full_size(transformers_: dict[str, dict], vae: dict, image_encoder: bool
     return out
 
 
-def to_pil(frame: torch.Tensor) -> Image.Image:
-    """frame [3, H, W] in [-1, 1] -> RGB PIL image (what a user hands the i2v pipeline)."""
-    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 class WanBase(Family):
@@ -275,7 +270,7 @@ class WanBase(Family):
             key = "first_latent" if self.i2v_kind == "first_frame" else "condition"
             parts.setdefault(key, []).append(out[1])
             if self.components.image_encoder is not None:
-                embeds = pipe.encode_image(to_pil(videos[i, :, 0]), vae.device)
+                embeds = pipe.encode_image(pil_image(videos[i, :, 0]), vae.device)
                 parts.setdefault("image_embeds", []).append(embeds)
         return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -359,12 +354,8 @@ class WanBase(Family):
         patch = (c.transformer or c.transformer_2).config.patch_size
         spatial = c.vae.config.scale_factor_spatial * patch[1]
         temporal = c.vae.config.scale_factor_temporal * patch[0]
-        if (spatial, temporal) != (self.spatial_factor, self.frame_rule.temporal_factor):
-            raise ValueError(
-                f"{self.name}: {self.spec.display_id} compresses {spatial}x in space and {temporal}x in time, but the "
-                f"{self.name} family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use a "
-                f"checkpoint such as {self.model_id_for(self.task)}{self.wrong_family_hint(spatial)}"
-            )
+        self.check_compression(spatial, temporal, f"use a checkpoint such as {self.model_id_for(self.task)}"
+                                                  f"{self.wrong_family_hint(spatial)}")
 
     def wrong_family_hint(self, spatial: int) -> str:
         """Which family a checkpoint with this compression belongs to, for the error above."""

@@ -544,6 +544,20 @@ class Family(ABC):
             raise RuntimeError(f"{self.name}: {what} needs the {' and '.join(gone)}, but release_encoders() dropped "
                                f"{'them' if len(gone) > 1 else 'it'}; do this before releasing the encoders")
 
+    def check_compression(self, spatial: int, temporal: int, fix: str | None = None) -> None:
+        """Raise ValueError unless the loaded checkpoint compresses ``spatial``x in space and
+        ``temporal``x in time (VAE x transformer patch), as :attr:`spatial_factor` and
+        :attr:`frame_rule` assume: another checkpoint would silently break the frame and size rules.
+        ``fix`` says what to use instead (default: this task's default checkpoint)."""
+        if (spatial, temporal) == (self.spatial_factor, self.frame_rule.temporal_factor):
+            return
+        raise ValueError(
+            f"{self.name}: {self.spec.display_id} compresses {spatial}x in space and {temporal}x in time, but the "
+            f"{self.name} family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x "
+            f"({self.frame_rule.describe()} frames); "
+            f"{fix or f'use a checkpoint such as {self.model_id_for(self.task)}'}"
+        )
+
     def check_videos(self, videos: torch.Tensor) -> None:
         """Raise ValueError unless videos is [B, 3, F, H, W] with F, H, W fitting the family rules."""
         if videos.ndim != 5 or videos.shape[1] != 3:

@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import diffusers
-import numpy as np
 import torch
 import transformers
 from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video as t2v_module
@@ -36,6 +35,7 @@ from PIL import Image
 
 from finetune.families import register
 from finetune.families._encoders import CLIP_L_336_VISION, CLIP_L_TEXT, LLAMA3_8B
+from finetune.families._hunyuan import SHARED_PAIRS
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
@@ -45,6 +45,7 @@ from finetune.families._tiny import (
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap, fused, swapped_halves
+from finetune.video import pil_image
 
 # Mirrors scheduler/scheduler_config.json of hunyuanvideo-community/HunyuanVideo: Euler with flow shift 7.
 _SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=7.0, use_dynamic_shifting=False, base_image_seq_len=256,
@@ -57,10 +58,6 @@ _TEMPLATE_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<
 _I2V_KIND = "token_replace"
 
 
-def to_pil(frame: torch.Tensor) -> Image.Image:
-    """frame [3, H, W] in [-1, 1] -> RGB PIL image (what a user hands the i2v pipeline)."""
-    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 def fit_template(template: dict[str, Any], tokenizer: Any, image_tokens: int | None = None) -> dict[str, Any]:
@@ -89,33 +86,16 @@ def llava_image_tokens(text_encoder: transformers.LlavaForConditionalGeneration)
 # _convert_hunyuan_video_lora_to_diffusers. The original fuses q, k, v (img_attn_qkv, txt_attn_qkv,
 # the refiner's self_attn_qkv) and the single blocks' q, k, v and mlp input (linear1, 1:1:1:4 at
 # mlp_ratio 4); its final adaLN stores shift before scale, diffusers scale before shift.
-_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
 KEY_MAP = KeyMap((
     fused([f"transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"], "double_blocks.{i}.img_attn_qkv"),
     fused([f"transformer_blocks.{{i}}.attn.add_{p}_proj" for p in "qkv"], "double_blocks.{i}.txt_attn_qkv"),
     ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn_proj"),
     ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn_proj"),
-    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
-    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
-    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
-    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
-    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
-    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
+    *SHARED_PAIRS,  # double-block modulation and MLPs, token refiner, text embedders (_hunyuan.py)
     fused([*(f"single_transformer_blocks.{{i}}.attn.to_{p}" for p in "qkv"), "single_transformer_blocks.{i}.proj_mlp"],
           "single_blocks.{i}.linear1", sizes=(1, 1, 1, 4)),
     ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
     ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.linear"),
-    fused([f"context_embedder.token_refiner.refiner_blocks.{{i}}.attn.to_{p}" for p in "qkv"],
-          f"{_REFINER}.self_attn_qkv"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.attn.to_out.0", f"{_REFINER}.self_attn_proj"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.0.proj", f"{_REFINER}.mlp.fc1"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.2", f"{_REFINER}.mlp.fc2"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.norm_out.linear", f"{_REFINER}.adaLN_modulation.1"),
-    ("context_embedder.proj_in", "txt_in.input_embedder"),
-    ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
-    ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
-    ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
-    ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
     ("time_text_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
     ("time_text_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
     ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
@@ -358,7 +338,7 @@ class HunyuanVideoFamily(Family):
             parts.setdefault("first_latent", []).append(first)
             if captions is not None:
                 self.require("encode_conditioning", "text_encoder", "text_encoder_2")
-                for k, v in self._encode(pipe, [captions[i]], to_pil(videos[i, :, 0])).items():
+                for k, v in self._encode(pipe, [captions[i]], pil_image(videos[i, :, 0])).items():
                     parts.setdefault(k, []).append(v)
         return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -439,11 +419,6 @@ class HunyuanVideoFamily(Family):
                 f"needs {want!r}; {fix}, or use a checkpoint such as {self.model_id_for(self.task)}")
         if c.vae is None:
             return
-        found = (c.vae.spatial_compression_ratio * config.patch_size,
-                 c.vae.temporal_compression_ratio * config.patch_size_t)
-        if found != (self.spatial_factor, self.frame_rule.temporal_factor):
-            raise ValueError(
-                f"hunyuanvideo: {self.spec.display_id} compresses {found[0]}x in space and {found[1]}x in time, but "
-                f"the hunyuanvideo family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use "
-                f"a HunyuanVideo checkpoint such as {self.model_id_for(self.task)}"
-            )
+        self.check_compression(c.vae.spatial_compression_ratio * config.patch_size,
+                               c.vae.temporal_compression_ratio * config.patch_size_t,
+                               f"use a HunyuanVideo checkpoint such as {self.model_id_for(self.task)}")

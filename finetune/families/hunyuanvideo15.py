@@ -31,19 +31,19 @@ import inspect
 from typing import Any, ClassVar, Iterator
 
 import diffusers
-import numpy as np
 import tokenizers
 import torch
 import transformers
 from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
-from PIL import Image
 
 from finetune.families import register
 from finetune.families._encoders import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
+from finetune.families._hunyuan import SHARED_PAIRS
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
-from finetune.lora_formats import KeyMap, embedding, fused, swapped_halves
+from finetune.lora_formats import KeyMap, embedding, swapped_halves
+from finetune.video import pil_image
 
 # components.extra keys: the CFG guider, and the tiny builds' shorter text/image token counts
 GUIDER_KEY = "guider"
@@ -123,29 +123,12 @@ class HunyuanVideo15ImageToVideoPipeline(diffusers.HunyuanVideo15ImageToVideoPip
 # hyvideo/models/transformers/hunyuanvideo_1_5_transformer.py and modules/), the inverse of diffusers'
 # scripts/convert_hunyuan_video1_5_to_diffusers.py. The double blocks keep q, k, v apart; the token
 # refiner fuses them (self_attn_qkv), and the final adaLN stores shift before scale (diffusers swaps).
-_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
 KEY_MAP = KeyMap((
     *((f"transformer_blocks.{{i}}.attn.{d}", f"double_blocks.{{i}}.{o}") for d, o in (
         ("to_q", "img_attn_q"), ("to_k", "img_attn_k"), ("to_v", "img_attn_v"), ("to_out.0", "img_attn_proj"),
         ("add_q_proj", "txt_attn_q"), ("add_k_proj", "txt_attn_k"), ("add_v_proj", "txt_attn_v"),
         ("to_add_out", "txt_attn_proj"))),
-    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
-    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
-    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
-    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
-    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
-    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
-    fused([f"context_embedder.token_refiner.refiner_blocks.{{i}}.attn.to_{p}" for p in "qkv"],
-          f"{_REFINER}.self_attn_qkv"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.attn.to_out.0", f"{_REFINER}.self_attn_proj"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.0.proj", f"{_REFINER}.mlp.fc1"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.ff.net.2", f"{_REFINER}.mlp.fc2"),
-    ("context_embedder.token_refiner.refiner_blocks.{i}.norm_out.linear", f"{_REFINER}.adaLN_modulation.1"),
-    ("context_embedder.proj_in", "txt_in.input_embedder"),
-    ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
-    ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
-    ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
-    ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
+    *SHARED_PAIRS,  # double-block modulation and MLPs, token refiner, text embedders (_hunyuan.py)
     ("context_embedder_2.linear_1", "byt5_in.fc1"),
     ("context_embedder_2.linear_2", "byt5_in.fc2"),
     ("context_embedder_2.linear_3", "byt5_in.fc3"),
@@ -162,10 +145,6 @@ KEY_MAP = KeyMap((
 ))
 
 
-def _to_pil(frame: torch.Tensor) -> Image.Image:
-    """frame [3, H, W] in [-1, 1] -> RGB PIL image (what a user hands the i2v pipeline)."""
-    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(arr))
 
 
 @register
@@ -406,7 +385,7 @@ class HunyuanVideo15Family(Family):
         )
         conditions, embeds = [], []
         for i in range(b):  # the pipeline conditions a batch on one image
-            image = _to_pil(videos[i, :, 0])
+            image = pil_image(videos[i, :, 0])
             cond, mask = pipe.prepare_cond_latents_and_mask(
                 latents[i:i + 1].to(c.vae.device), image, 1, height, width, torch.float32, c.vae.device)
             conditions.append(torch.cat([cond, mask], dim=1))
@@ -492,11 +471,7 @@ class HunyuanVideo15Family(Family):
         spatial = c.vae.spatial_compression_ratio * config.patch_size
         temporal = c.vae.temporal_compression_ratio * config.patch_size_t
         fix = f"use a HunyuanVideo-1.5 checkpoint such as {self.model_id_for(self.task)}"
-        if (spatial, temporal) != (self.spatial_factor, self.frame_rule.temporal_factor):
-            raise ValueError(
-                f"{self.name}: {self.spec.display_id} compresses {spatial}x in space and {temporal}x in time, but the "
-                f"{self.name} family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; {fix}"
-            )
+        self.check_compression(spatial, temporal, fix)
         latent = c.vae.config.latent_channels
         if config.in_channels != 2 * latent + 1 or config.out_channels != latent:
             raise ValueError(

@@ -42,6 +42,7 @@ from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_clip_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap
+from finetune.video import pil_image
 
 # components.extra key: where a tiny build's system prompt ends (the real tokenizer's is 128)
 CROP_KEY = "prompt_template_encode_start_idx"
@@ -106,12 +107,6 @@ class RopeInModelDtypeProcessor(Kandinsky5AttnProcessor):
         return (rope * pairs).sum(dim=-1).reshape(x.shape).to(x.dtype)
 
 
-def _to_pil(frame: torch.Tensor) -> Any:
-    """frame [3, H, W] in [-1, 1] -> RGB PIL image (what a user hands the i2v pipeline)."""
-    from PIL import Image
-
-    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr.copy())
 
 
 @register
@@ -336,7 +331,7 @@ class Kandinsky5Family(Family):
         firsts = []
         for i in range(b):  # the pipeline conditions a batch on one image
             gen = torch.Generator(c.vae.device).manual_seed(0)
-            out = pipe.prepare_latents(_to_pil(videos[i, :, 0]), 1, ch, height, width, frames, torch.float32,
+            out = pipe.prepare_latents(pil_image(videos[i, :, 0]), 1, ch, height, width, frames, torch.float32,
                                        c.vae.device, gen)
             firsts.append(out[:, :1, :, :, :ch].permute(0, 4, 1, 2, 3))  # [1, 1, h, w, C] -> [1, C, 1, h, w]
         return {"first_latent": torch.cat(firsts)}
@@ -421,12 +416,7 @@ class Kandinsky5Family(Family):
         if c.vae is not None:
             spatial = c.vae.config.spatial_compression_ratio * config.patch_size[1]
             temporal = c.vae.config.temporal_compression_ratio * config.patch_size[0]
-            if (spatial, temporal) != (self.spatial_factor, self.frame_rule.temporal_factor):
-                raise ValueError(
-                    f"{self.name}: {self.spec.display_id} compresses {spatial}x in space and {temporal}x in time, but "
-                    f"the {self.name} family assumes {self.spatial_factor}x and "
-                    f"{self.frame_rule.temporal_factor}x; {fix}"
-                )
+            self.check_compression(spatial, temporal, fix)
             latent = c.vae.config.latent_channels
             if (config.in_visual_dim, config.out_visual_dim) != (latent, latent):
                 raise ValueError(

@@ -674,10 +674,6 @@ class LTX2Family(Family):
                 f"AutoencoderKLLTX2Video; use model.family=ltx or ltxv095 for LTX-Video 0.9.x, or a checkpoint "
                 f"such as {self.default_model_id} with {self.name}"
             )
-        found = (vae.spatial_compression_ratio * self._patch, vae.temporal_compression_ratio * self._patch_t)
-        if found != (self.spatial_factor, self.frame_rule.temporal_factor):
-            raise ValueError(
-                f"{self.name}: {self.spec.display_id} compresses {found[0]}x in space and {found[1]}x in time, but the "
-                f"{self.name} family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x; use a "
-                f"checkpoint such as {self.default_model_id}"
-            )
+        self.check_compression(vae.spatial_compression_ratio * self._patch,
+                               vae.temporal_compression_ratio * self._patch_t,
+                               f"use a checkpoint such as {self.default_model_id}")

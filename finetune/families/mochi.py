@@ -255,10 +255,5 @@ class MochiFamily(Family):
         if c.vae is None:
             return
         patch = int(c.transformer.config.patch_size)
-        found = (c.vae.spatial_compression_ratio * patch, c.vae.temporal_compression_ratio)
-        if found != (self.spatial_factor, self.frame_rule.temporal_factor):
-            raise ValueError(
-                f"mochi: {self.spec.display_id} compresses {found[0]}x in space and {found[1]}x in time, but the "
-                f"mochi family assumes {self.spatial_factor}x and {self.frame_rule.temporal_factor}x (6k+1 frames); "
-                f"use a Mochi 1 checkpoint such as {self.default_model_id}"
-            )
+        self.check_compression(c.vae.spatial_compression_ratio * patch, c.vae.temporal_compression_ratio,
+                               f"use a Mochi 1 checkpoint such as {self.default_model_id}")
