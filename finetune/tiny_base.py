@@ -239,19 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transformer-steps", type=int, default=2000)
     parser.add_argument("--vae-minutes", type=float, default=60, help="stop the VAE stage early after this long")
     parser.add_argument("--transformer-minutes", type=float, default=60, help="the same for the transformer stage")
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--vae-half-size", action="store_true",
-                        help="train the VAE on 16x16 frames (cheaper per step, but it then works at that scale only)")
-    parser.add_argument("--vae-init", type=Path, default=None,
-                        help="start the VAE from this saved AutoencoderKLWan folder (an earlier stage's vae/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     parts = build_untrained(args.seed)
-    if args.vae_init is not None:
-        parts["vae"].load_state_dict(diffusers.AutoencoderKLWan.from_pretrained(args.vae_init).state_dict())
 
     print("== 1/3 footage", flush=True)
     clips, captions = footage_clips(every=2)
@@ -260,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     # Full-size frames: a VAE trained on half-size ones reconstructs 32x32 frames three times
     # worse (L1 0.34 against 0.10 on its own scale), as its filters learned one scale only.
     frames = clips[:, :, ::4].transpose(1, 2).reshape(-1, 3, 1, SIZE, SIZE)
-    if args.vae_half_size:
-        frames = torch.nn.functional.avg_pool3d(frames, (1, 2, 2))
-    vae_l1, args.vae_done = train_vae(parts["vae"], frames, args.vae_steps, args.seed, args.vae_minutes,
-                                      lr=args.vae_lr)
+    vae_l1, args.vae_done = train_vae(parts["vae"], frames, args.vae_steps, args.seed, args.vae_minutes)
     with torch.no_grad():
         raw = torch.cat([parts["vae"].encode(c).latent_dist.mode() for c in clips.split(32)])
     mean, std = channel_stats(raw)
