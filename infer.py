@@ -40,18 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="on a GPU; CPU uses fp32")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="weights and computation; auto = bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--out", type=Path, default=Path("out.mp4"))
     args = p.parse_args(argv)
 
     import torch  # heavy imports after argument parsing
 
     from finetune.inference import LoraRef, RenderArgs, apply_loras, complete_args, load_base, render_to_file
-    from finetune.trainer import DTYPES
+    from finetune.trainer import compute_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loras = [LoraRef.parse(s) for s in args.lora]
-    family, info = load_base(loras, args.base, device, DTYPES[args.dtype], family=args.family,
+    family, info = load_base(loras, args.base, device, compute_dtype(args.dtype, device), family=args.family,
                              base_model=args.base_model)
     pipe = family.pipeline()
     apply_loras(family, loras, merge=args.merge or args.save_merged is not None)

@@ -33,7 +33,15 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     tiny: bool = Field(False, description="Build a tiny random model from a config in code (demo and tests).")
     tiny_seed: int = Field(0, ge=0, description="Seed of the tiny random model.")
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Dtype of the frozen base weights and of the computation (autocast); auto = bf16 on a "
+                            "GPU, fp32 on a CPU. An explicit bf16 or fp16 is used on a CPU too."
+    )
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained", description="pretrained = the checkpoint's weights; random = every component built from its "
+                                  "full-size config with random values through the same loading path (no download; "
+                                  "for measuring memory and speed: the adapter it writes is not usable)."
+    )
     quantization: Literal["none", "int8", "nf4", "fp8"] = Field(
         "none", description="Frozen transformer weights: int8/nf4 with bitsandbytes (CUDA only), or fp8 (e4m3, "
                             "per-row scales, quantised while loading; also runs on a CPU)."
@@ -97,6 +105,10 @@ class OptimConfig(_Section):
     scheduler: Literal["constant", "cosine"] = Field("constant", description="LR shape after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    max_bad_steps: int = Field(
+        3, ge=1, le=1000, description="A step whose loss or gradient norm is not finite is skipped with a warning; "
+                                      "this many in a row stop the run (the last checkpoint is kept)."
+    )
     steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     batch_size: int = Field(1, ge=1, le=64, description="Clips per process per micro-batch.")
     grad_accum: int = Field(1, ge=1, le=256, description="Micro-batches accumulated per optimizer step.")
@@ -111,7 +123,8 @@ class MemoryConfig(_Section):
         False, description="Two-expert models: keep the expert a step does not train in CPU memory."
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
-        "auto", description="Autocast precision; auto = bf16 on a GPU, none on CPU."
+        "auto", description="Autocast precision; auto = bf16 on a GPU, and on a CPU the dtype model.dtype resolves "
+                            "to (none for fp32)."
     )
     text_encoder: Literal["gpu", "cpu", "int8", "fp8"] = Field(
         "gpu", description="Text encoders while caching: on the GPU, in CPU memory, or on the GPU with int8/fp8 "
@@ -261,6 +274,12 @@ def family_problems(data: dict) -> list[str]:
         out.append(f"lora.init_from={init_from!r}: LoRA files are read as .safetensors only")
     if lora.get("targets") == []:
         out.append("lora.targets=[] adapts nothing (remove the key to use the family defaults)")
+    if model.get("weights") == "random" and model.get("tiny"):
+        out.append("model.weights='random' builds the full-size model from its config, model.tiny=true a tiny one "
+                   "(set one of them)")
+    if model.get("weights") == "random" and model.get("quantization") in ("int8", "nf4"):
+        out.append(f"model.weights='random' quantises while loading with fp8 only; int8/nf4 load through "
+                   f"bitsandbytes from the checkpoint's files (use model.quantization=fp8 or none)")
     if model.get("quantization", "none") not in ("none", "fp8") and model.get("tiny"):
         out.append(
             f"model.quantization={model['quantization']!r} needs real weights on a GPU (set it to none for tiny models)"

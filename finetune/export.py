@@ -54,6 +54,14 @@ class RunInfo:
     task: str = "t2v"
     # Components attribute ("transformer", "transformer_2") -> adapter file in the run folder
     adapters: dict | None = None
+    # "random": trained on random full-size weights (model.weights=random) to measure memory and
+    # speed; the adapter fits no real model, so publishing refuses it
+    weights: str = "pretrained"
+
+    @property
+    def usable(self) -> bool:
+        """Whether the adapter was trained on real (or tiny test) weights, not random full-size ones."""
+        return self.weights != "random"
 
     def adapter_files(self) -> dict[str, str]:
         return dict(self.adapters) if self.adapters else {"transformer": self.weight_name}

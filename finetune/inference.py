@@ -43,8 +43,8 @@ class LoraRef:
 
 def base_spec(info: RunInfo, device: torch.device, dtype: torch.dtype) -> ModelSpec:
     return ModelSpec(pretrained=info.base_model, revision=info.revision, tiny=info.tiny, tiny_seed=info.tiny_seed,
-                     dtype=dtype if device.type == "cuda" else torch.float32, task=info.task,
-                     cond_frames=info.recipe.get("model", {}).get("cond_frames"))
+                     dtype=dtype, task=info.task, cond_frames=info.recipe.get("model", {}).get("cond_frames"),
+                     weights=info.weights)
 
 
 def lora_info(ref: LoraRef, family: str | None = None, base_model: str | None = None) -> RunInfo:
@@ -82,15 +82,20 @@ def load_base(loras: list[LoraRef], base: Path | None, device: torch.device, dty
     if not infos:
         raise UserError("nothing to render with: pass --lora RUN_DIR[:scale] (repeatable) or --base RUN_DIR")
     first_dir, first = infos[0]
-    key = (first.family, first.base_model, first.revision, first.task, first.tiny_seed if first.tiny else None)
+    key = (first.family, first.base_model, first.revision, first.task, first.tiny_seed if first.tiny else None,
+           first.weights)
     for run_dir, info in infos[1:]:
-        other = (info.family, info.base_model, info.revision, info.task, info.tiny_seed if info.tiny else None)
+        other = (info.family, info.base_model, info.revision, info.task, info.tiny_seed if info.tiny else None,
+                 info.weights)
         if other != key:
             raise UserError(f"{run_dir} was trained on {other[:4]} but {first_dir} on {key[:4]}: "
                             f"adapters can only be combined on the same base model and task")
     for run_dir, info in infos[len(infos) - len(loras):]:  # the --lora ones, checked before any weights load
         for name in ([] if run_dir.is_file() else info.adapter_files().values()):
             read_adapter_file(run_dir / name)
+    if not first.usable:
+        print(f"note: {first_dir} was trained on random full-size weights (model.weights=random); rendering with "
+              f"random weights too, which measures speed and memory but shows nothing real")
     family = get_family(first.family).load(base_spec(first, device, dtype), device=device)
     return family, first
 

@@ -71,6 +71,10 @@ def check_run(run_dir: Path) -> RunInfo:
         info = RunInfo.read(run_dir)
     except UserError as e:
         raise PublishError(f"{e}; only finished runs can be published") from None
+    if not info.usable:
+        raise PublishError(f"{run_dir}: trained with model.weights=random (random full-size weights, to measure memory "
+                           f"and speed), so its adapter fits no real model and is not published; train with "
+                           f"model.weights=pretrained")
     missing = [n for n in (info.weight_name, RECIPE) if not (run_dir / n).is_file()]
     if missing:
         raise PublishError(f"{run_dir}: not a finished run folder ({', '.join(missing)} missing); "

@@ -48,13 +48,24 @@ class TrainResult:
     val_dataset: CachedDataset | None = None  # held-out clips (data.validation_split / validation_manifest)
 
 
+def compute_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``model.dtype`` on ``device``: ``auto`` is bf16 on a GPU and fp32 elsewhere (half precision
+    on a CPU is slow); an explicit dtype is used wherever it runs."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def _label(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
 def model_spec(recipe: Recipe, device: torch.device) -> ModelSpec:
-    # Half precision on a CPU is slow and poorly supported; frozen weights stay fp32 there.
-    dtype = DTYPES[recipe.model.dtype] if device.type == "cuda" else torch.float32
     return ModelSpec(pretrained=recipe.pretrained, revision=recipe.model.revision, tiny=recipe.model.tiny,
-                     tiny_seed=recipe.model.tiny_seed, dtype=dtype, quantization=recipe.model.quantization,
-                     task=recipe.model.task, cond_frames=recipe.model.cond_frames,
-                     text_encoder=recipe.memory.text_encoder, vae_tiling=recipe.memory.vae_tiling)
+                     tiny_seed=recipe.model.tiny_seed, dtype=compute_dtype(recipe.model.dtype, device),
+                     quantization=recipe.model.quantization, task=recipe.model.task,
+                     cond_frames=recipe.model.cond_frames, text_encoder=recipe.memory.text_encoder,
+                     vae_tiling=recipe.memory.vae_tiling, weights=recipe.model.weights)
 
 
 def cache_key(recipe: Recipe, family: Family) -> CacheKey:
@@ -282,10 +293,19 @@ def accumulate_gradients(accelerator: Accelerator, family: Family, transformers:
     return accelerator.reduce(total, reduction="mean").item()
 
 
-def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+def mixed_precision(recipe: Recipe, device_type: str) -> str:
+    """``memory.mixed_precision`` resolved: ``auto`` autocasts to bf16 on a GPU, and on a CPU to the
+    half dtype ``model.dtype`` asks for (none for fp32)."""
     mp = recipe.memory.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
+    if mp != "auto":
+        return mp
+    if device_type == "cuda":
+        return "bf16"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(recipe.model.dtype, device_type), "no")
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    mp = mixed_precision(recipe, "cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(
         mixed_precision=mp, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -380,7 +400,9 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
         accelerator.print(line)
     if accelerator.is_main_process:
         write_text_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-    accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({device})")
+    compute = {"bf16": "bf16", "fp16": "fp16"}.get(accelerator.mixed_precision,
+                                                   _label(compute_dtype(recipe.model.dtype, device)))
+    accelerator.print(f"training on {world} process{'es' if world > 1 else ''} ({device.type}, {compute})")
 
     # 2. Base model through the family protocol.
     family_cls = recipe.family_cls()
@@ -431,19 +453,19 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
                disable=not accelerator.is_local_main_process)
     loss_value = float("nan")
     stopped_at = None
+    bad_in_row = 0
+    names = {id(p): f"{e.attr}.{n}" for e, m in zip(experts, models) for n, p in m.named_parameters() if p.requires_grad}
     stop.install()  # from here a SIGINT/SIGTERM ends the run after the current step, saved
     for step in bar:
         t0 = time.perf_counter()
         loss_value = accumulate_gradients(accelerator, family, transformers, experts, dataset, recipe, step)
-        if not math.isfinite(loss_value):
-            last = ckpt.list_checkpoints(run_dir)
-            raise TrainingDiverged(
-                f"loss is {loss_value} at step {step + 1}; stopped without saving. "
-                f"Last good checkpoint: {last[-1] if last else 'none'} (untouched). "
-                f"Lower optim.lr (now {o.lr:g}) or keep optim.max_grad_norm > 0, then --resume latest."
-            )
-        grad_norm = _clip(accelerator, params, o.max_grad_norm)
-        optimizer.step()
+        grad_norm = _clip(accelerator, params, o.max_grad_norm) if math.isfinite(loss_value) else float("nan")
+        if math.isfinite(grad_norm) or accelerator.scaler is not None:  # fp16: the grad scaler skips inf steps
+            optimizer.step()
+            bad_in_row = 0
+        else:  # skip the update: the weights, and so any checkpoint made from them, stay good
+            bad_in_row += 1
+            check_bad_steps(bad_in_row, step, loss_value, params, names, o, run_dir, accelerator)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -471,7 +493,7 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
         info = RunInfo(family=recipe.model.family, base_model=spec.pretrained, revision=spec.revision,
                        tiny=spec.tiny, tiny_seed=spec.tiny_seed, trigger=recipe.data.trigger, steps=o.steps,
                        weight_name=adapters[experts[0].attr], recipe=recipe.model_dump(mode="json"),
-                       task=spec.task, adapters=adapters)
+                       task=spec.task, adapters=adapters, weights=spec.weights)
         save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info,
                       comfyui_key_maps=comfyui_key_maps(family_cls, experts))
         save_original_format(family, run_dir, info, recipe.lora.alpha / recipe.lora.rank)
@@ -632,6 +654,33 @@ def validation_images(recipe: Recipe, dataset: CachedDataset | None) -> list:
         return [Image.open(p).convert("RGB") for p in recipe.validation.images]
     clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
     return [first_frame(c.path) for c in clips[:len(recipe.validation.prompts)]]
+
+
+def first_bad_gradient(params: list[torch.nn.Parameter], names: dict[int, str]) -> str:
+    """The name of the first parameter whose gradient has a NaN or infinity ("none" if all are finite)."""
+    for p in params:
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return names.get(id(p), "an unnamed parameter")
+    return "none"
+
+
+def check_bad_steps(bad_in_row: int, step: int, loss: float, params: list[torch.nn.Parameter],
+                    names: dict[int, str], o, run_dir: Path, accelerator: Accelerator) -> None:
+    """A step with a non-finite loss or gradient norm was skipped: warn, naming the step and the first
+    parameter with a non-finite gradient; raise TrainingDiverged once ``optim.max_bad_steps`` came
+    in a row (nothing is saved then; the last checkpoint stays as it was)."""
+    where = first_bad_gradient(params, names)
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"the gradient of {where} is not finite"
+    if bad_in_row < o.max_bad_steps:
+        accelerator.print(f"warning: step {step + 1} skipped: {what} (first non-finite gradient: {where}); "
+                          f"{bad_in_row} of optim.max_bad_steps={o.max_bad_steps} in a row")
+        return
+    last = ckpt.list_checkpoints(run_dir)
+    raise TrainingDiverged(
+        f"{what} at step {step + 1}: {bad_in_row} bad steps in a row (optim.max_bad_steps={o.max_bad_steps}); "
+        f"stopped without saving. Last good checkpoint: {last[-1] if last else 'none'} (untouched). "
+        f"Lower optim.lr (now {o.lr:g}) or keep optim.max_grad_norm > 0, then --resume latest."
+    )
 
 
 def _clip(accelerator: Accelerator, params: list[torch.nn.Parameter], max_norm: float) -> float:

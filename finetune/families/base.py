@@ -89,10 +89,15 @@ class ModelSpec:
     cond_frames: int | None = None
     # "auto" | "on" | "off": tiled VAE encode/decode (finetune/memory/vae.py)
     vae_tiling: str = "auto"
+    # "pretrained" | "random": the checkpoint's weights, or random values of the full-size configs
+    # (Family.load_random) through the same tensor-by-tensor loading; for measuring memory and speed
+    weights: str = "pretrained"
 
     @property
     def display_id(self) -> str:
-        return f"tiny-random(seed={self.tiny_seed})" if self.tiny else self.pretrained
+        if self.tiny:
+            return f"tiny-random(seed={self.tiny_seed})"
+        return f"{self.pretrained} (random weights)" if self.weights == "random" else self.pretrained
 
 
 @dataclass
@@ -186,6 +191,17 @@ TEXT_LEN_KEY = "max_sequence_length"
 COND_FRAMES_KEY = "cond_frames"
 # What rendering a task needs besides the prompt (see Family.task_input).
 TASK_INPUTS: dict[str, str | None] = {"t2v": None, "i2v": "image", "continue": "video"}
+
+
+def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters and buffers to ``dtype`` in place, keeping in float32 what
+    ``from_pretrained`` keeps there (``_keep_in_fp32_modules``: Kandinsky 5's time embeddings and
+    modulation, Wan's time embedder and norms), so a built model computes as a loaded one does."""
+    from finetune.memory.architecture import keeps_fp32  # imported here: the memory package imports this module
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if keeps_fp32(model, name, dtype) else dtype)
 
 
 class Family(ABC):
@@ -316,7 +332,7 @@ class Family(ABC):
             for m in components.modules().values():
                 # Tiny models are built in fp32; cast only when asked for another dtype.
                 if spec.dtype != torch.float32:
-                    m.to(spec.dtype)
+                    cast_as_loaded(m, spec.dtype)
             if spec.quantization == "fp8":  # the real path quantises while loading
                 from finetune.memory.fp8 import quantize_fp8
 
@@ -386,8 +402,8 @@ class Family(ABC):
         # Quantised text encoders give other embeddings than the full-precision ones.
         mode = self.spec.text_encoder
         suffix = f"+text_encoder-{mode}" if mode in ("int8", "fp8") else ""
-        if not self.spec.tiny:
-            return self.spec.pretrained + suffix
+        if not self.spec.tiny:  # random weights encode differently: never share their cache entries
+            return self.spec.pretrained + ("+random-weights" if self.spec.weights == "random" else "") + suffix
         h = hashlib.sha256()
         encoders = [getattr(self.components, n) for n in Components.ENCODERS]
         for module in (m for m in encoders if m is not None):

@@ -331,9 +331,10 @@ class Kandinsky5Family(Family):
         firsts = []
         for i in range(b):  # the pipeline conditions a batch on one image
             gen = torch.Generator(c.vae.device).manual_seed(0)
-            out = pipe.prepare_latents(pil_image(videos[i, :, 0]), 1, ch, height, width, frames, torch.float32,
+            # in the VAE's dtype, as the pipeline's call does (it passes the model dtype)
+            out = pipe.prepare_latents(pil_image(videos[i, :, 0]), 1, ch, height, width, frames, c.vae.dtype,
                                        c.vae.device, gen)
-            firsts.append(out[:, :1, :, :, :ch].permute(0, 4, 1, 2, 3))  # [1, 1, h, w, C] -> [1, C, 1, h, w]
+            firsts.append(out[:, :1, :, :, :ch].permute(0, 4, 1, 2, 3).float())  # [1, 1, h, w, C] -> [1, C, 1, h, w]
         return {"first_latent": torch.cat(firsts)}
 
     # --- training ---

@@ -56,7 +56,8 @@ from finetune.memory.vae import tile_size as vae_tile_size
 
 GIB = 2 ** 30
 RUNTIME_OVERHEAD = int(0.5 * GIB)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# the planner plans GPU runs, where model.dtype=auto is bf16
+DTYPES = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIM_BYTES = {"adamw": 8, "adamw8bit": 2}
 LORA_BYTES = 4  # fp32 masters, and fp32 gradients
 # Settings the planner may choose that the trainer does not run yet (train_lora refuses them):
