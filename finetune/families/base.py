@@ -193,6 +193,23 @@ COND_FRAMES_KEY = "cond_frames"
 TASK_INPUTS: dict[str, str | None] = {"t2v": None, "i2v": "image", "continue": "video"}
 
 
+def _fit_image_processor(components: "Components") -> None:
+    """Resize a tiny build's image processor to the image size of the full-size vision model that
+    reads its images (the image encoder, or a vision-language text encoder's vision tower)."""
+    proc = components.image_processor
+    if proc is None:
+        return
+    for m in (components.image_encoder, components.text_encoder):
+        config = getattr(m, "config", None)
+        size = getattr(config, "image_size", None) or getattr(getattr(config, "vision_config", None), "image_size", None)
+        if isinstance(size, int):
+            for attr in ("size", "crop_size"):
+                value = getattr(proc, attr, None)
+                if isinstance(value, dict):
+                    setattr(proc, attr, {k: size for k in value})
+            return
+
+
 def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast ``model``'s floating parameters and buffers to ``dtype`` in place, keeping in float32 what
     ``from_pretrained`` keeps there (``_keep_in_fp32_modules``: Kandinsky 5's time embeddings and
@@ -339,6 +356,8 @@ class Family(ABC):
                 for name, m in components.modules().items():
                     if name.startswith("transformer"):
                         quantize_fp8(m, what=f"model.quantization=fp8: {cls.name} {name}")
+        elif spec.weights == "random":
+            components = cls.load_random(spec)
         else:
             components = cls.load_pretrained(spec)
         for name, m in components.modules().items():
@@ -360,6 +379,57 @@ class Family(ABC):
         """Load every component with ``from_pretrained(spec.pretrained, subfolder=..., revision=...)``
         in ``spec.dtype``; the transformer through ``_loading.load_transformer``, which quantises it
         (bitsandbytes int8/nf4, fp8 while loading) if ``spec.quantization`` says so."""
+
+    # components.extra keys by which a tiny build shrinks the family's facts (prompt length, ...);
+    # a random full-size build (load_random) drops them, so the real values apply
+    tiny_extras: ClassVar[tuple[str, ...]] = (TEXT_LEN_KEY, COND_FRAMES_KEY)
+
+    @classmethod
+    def load_random(cls, spec: ModelSpec) -> Components:
+        """``model.weights: random``: every component of ``spec.pretrained`` that
+        :meth:`full_size_configs` lists, built from its full-size config with random values and
+        loaded tensor by tensor as real weights load (``_loading.random_module``: the load dtype,
+        float32 where ``from_pretrained`` keeps it, the transformers' block linears quantised to fp8
+        while loading for ``model.quantization=fp8``); the parts without weights (tokenizers,
+        scheduler, image processors, guider) from the tiny build, whose tokens index any vocabulary,
+        with image processors resized to the full-size image encoder and :attr:`tiny_extras`
+        dropped. Raises UserError for a checkpoint without full-size configs."""
+        from finetune.errors import UserError
+        from finetune.families._loading import random_module
+
+        known = cls.full_size_configs(spec.task)
+        parts = known.get(spec.pretrained)
+        if parts is None:
+            raise UserError(f"model.weights=random: no full-size config of {spec.pretrained!r} in {cls.name} "
+                            f"(task {spec.task}); known: {', '.join(sorted(known))}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.tiny_seed)
+            components = cls.build_tiny(spec.task)
+        for key in cls.tiny_extras:
+            components.extra.pop(key, None)
+        for name, full in parts.items():
+            quant = spec.quantization if name.startswith("transformer") else "none"
+            module = random_module(full, full.dtype or spec.dtype, quant)
+            if hasattr(components, name):
+                setattr(components, name, module)
+            else:  # components the family keeps in extra (LTX-2's audio VAE)
+                components.extra[name] = module
+        tiny = [n for n, m in [*components.modules().items(), *components.extra.items()]
+                if isinstance(m, torch.nn.Module) and n not in parts]
+        if tiny:
+            raise UserError(f"model.weights=random: {cls.name} has no full-size config for {', '.join(tiny)} of "
+                            f"{spec.pretrained}; add {'them' if len(tiny) > 1 else 'it'} to "
+                            f"{cls.__name__}.full_size_configs")
+        cls.fit_random_parts(components)
+        return components
+
+    @classmethod
+    def fit_random_parts(cls, components: Components) -> None:
+        """Fit a tiny build's parts without weights to the full-size modules :meth:`load_random`
+        put beside them (in place). Default: image processors resized to the vision model's image
+        size. Families whose other parts depend on module sizes (a prompt template counting image
+        tokens) extend it."""
+        _fit_image_processor(components)
 
     @classmethod
     @abstractmethod

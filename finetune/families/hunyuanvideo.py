@@ -203,6 +203,14 @@ class HunyuanVideoFamily(Family):
         return (1, 16, f, h, w), cond
 
     @classmethod
+    def fit_random_parts(cls, components: Components) -> None:
+        """i2v: the prompt template's image-token span measured for the full-size vision tower."""
+        super().fit_random_parts(components)
+        if isinstance(components.text_encoder, transformers.LlavaForConditionalGeneration):
+            components.extra[TEMPLATE_KEY] = fit_template(i2v_module.DEFAULT_PROMPT_TEMPLATE, components.tokenizer,
+                                                          llava_image_tokens(components.text_encoder))
+
+    @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:
         """Same classes as the real model: 2 dual- and 2 single-stream blocks (4 heads x 32),
         1 refiner block, a VAE with 32 channels per block that keeps the real 8x spatial / 4x

@@ -170,6 +170,7 @@ class HunyuanVideo15Family(Family):
     default_fps = 24  # the model card and the official scripts write 24 fps videos
     # Qwen tokens per prompt after the system prompt is cropped: the pipelines' tokenizer_max_length.
     max_sequence_length: ClassVar[int] = 1000
+    tiny_extras: ClassVar[tuple[str, ...]] = (*Family.tiny_extras, BYT5_LEN_KEY, VISION_TOKENS_KEY)
     byt5_max_length: ClassVar[int] = 256  # the pipelines' tokenizer_2_max_length
     vision_num_tokens: ClassVar[int] = 729  # SigLIP 384 px / 14 px patches = 27 x 27: vision_num_semantic_tokens
     # train.py: --train_timestep_shift 3.0 (sampling uses flow_shift 5/7/9 from the scheduler config)

@@ -237,16 +237,18 @@ class LTX2Family(Family):
         """Lightricks/LTX-2 (both tasks, same weights): the 19B transformer, the video VAE, the
         whole Gemma-3 12B (load_pretrained loads Gemma3ForConditionalGeneration, vision tower
         included; _encoders.GEMMA3_12B_TEXT), the text connectors as text_encoder_2 (where
-        Components keeps them) and the audio VAE (components.extra; the planner counts it for
-        ``data.audio: true``, whose caching encodes sound). The vocoder is left out: it runs only
-        when rendering."""
+        Components keeps them), the audio VAE (components.extra; the planner counts it for
+        ``data.audio: true``, whose caching encodes sound) and the vocoder at its class defaults
+        (components.extra; renders only, so the planner does not count it; model.weights=random
+        builds it)."""
         return {cls.default_model_id: {
             "transformer": FullSize(diffusers.LTX2VideoTransformer3DModel, dict(cls._TRANSFORMER)),
             "vae": FullSize(diffusers.AutoencoderKLLTX2Video, dict(cls._VAE)),
             "text_encoder": FullSize(transformers.Gemma3ForConditionalGeneration, dict(
                 text_config=GEMMA3_12B_TEXT, vision_config=GEMMA3_SIGLIP_896, mm_tokens_per_image=256)),
             "text_encoder_2": FullSize(LTX2TextConnectors, dict(cls._CONNECTORS)),
-            "audio_vae": FullSize(diffusers.AutoencoderKLLTX2Audio, dict(cls._AUDIO_VAE))}}
+            "audio_vae": FullSize(diffusers.AutoencoderKLLTX2Audio, dict(cls._AUDIO_VAE)),
+            "vocoder": FullSize(LTX2Vocoder, {})}}
 
     @classmethod
     def planning_inputs(cls, task: str, frames: int, height: int, width: int,

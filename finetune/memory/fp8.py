@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -134,23 +134,40 @@ def load_fp8_pretrained(cls: Any, pretrained: str, subfolder: str | None, dtype:
     if not targets:
         raise Fp8Unsupported(f"{cls.__name__} has no nn.Linear layers in repeated blocks to store in fp8 "
                              f"(set model.quantization=none)")
-    keep_fp32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
-    unexpected = []
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if not _place(model, key, f.get_tensor(key), targets, keep_fp32, dtype):
-                    unexpected.append(key)
-    missing = [n for n, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not fit {cls.__name__}: {len(missing)} missing keys "
-                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+
+    def tensors():
+        for file in weight_files(folder):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+
+    fill(model, tensors(), dtype, targets, what=str(folder))
     model.register_to_config(_name_or_path=pretrained)
     return model.eval().requires_grad_(False)
 
 
-def _place(model: torch.nn.Module, key: str, tensor: torch.Tensor, targets: set[str], keep_fp32: tuple[str, ...],
-           dtype: torch.dtype) -> bool:
+def fill(model: torch.nn.Module, tensors, dtype: torch.dtype, targets: set[str], what: str,
+         keep_fp32: Callable[[str], bool] | None = None) -> None:
+    """Load ``tensors`` (an iterable of (key, tensor), one at a time: a checkpoint's, or random ones)
+    into ``model``, built with its parameters on the meta device: each cast to ``dtype``, or to
+    float32 where ``keep_fp32(key)`` (default: diffusers' rule, a key through one of the model's
+    ``_keep_in_fp32_modules``), the weights of the ``targets`` linears quantised to fp8 as they
+    arrive. Raises ValueError naming missing or unexpected keys (``what``: the source)."""
+    if keep_fp32 is None:
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+        def keep_fp32(key: str) -> bool:
+            return any(m in key.split(".") for m in keep)
+
+    unexpected = [key for key, tensor in tensors if not _place(model, key, tensor, targets, keep_fp32, dtype)]
+    missing = [n for n, p in (*model.named_parameters(), *model.named_buffers()) if p.is_meta]
+    if missing or unexpected:
+        raise ValueError(f"{what}: checkpoint does not fit {type(model).__name__}: {len(missing)} missing keys "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+
+
+def _place(model: torch.nn.Module, key: str, tensor: torch.Tensor, targets: set[str],
+           keep_fp32: Callable[[str], bool], dtype: torch.dtype) -> bool:
     """Put checkpoint tensor ``key`` into ``model``, quantising it if it is a target linear's
     weight; False if the model has no such tensor."""
     module_name, _, attr = key.rpartition(".")
@@ -159,8 +176,7 @@ def _place(model: torch.nn.Module, key: str, tensor: torch.Tensor, targets: set[
     except AttributeError:
         return False
     if tensor.is_floating_point():
-        fp32 = any(m in key.split(".") for m in keep_fp32)
-        tensor = tensor.to(torch.float32 if fp32 else dtype)
+        tensor = tensor.to(torch.float32 if keep_fp32(key) else dtype)
     if attr in module._parameters:
         module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
         if attr == "weight" and module_name in targets:
