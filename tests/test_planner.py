@@ -27,6 +27,9 @@ WAN_14B = "recipes/wan/t2v-14b_24gb.yaml"
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(ROOT)
+    # plans are for a training machine, not this one: host memory is checked against 256 GiB
+    # unless a test says otherwise
+    monkeypatch.setattr(planner, "machine_memory_gb", lambda: 256.0)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -185,7 +188,7 @@ def test_swapped_blocks_are_the_last_ones_and_two_stay_on_the_card():
     each = planner.blocks_of(parts["transformer"], torch.bfloat16, "none").bytes_each["blocks"]
 
     def frozen(n: int) -> int:
-        phase, _, _ = planner.training_phase(load_recipe(WAN_14B, ["model.quantization=none", "data.frames=5",
+        phase, _ = planner.training_phase(load_recipe(WAN_14B, ["model.quantization=none", "data.frames=5",
                                                                    f"memory.blocks_to_swap={n}"]))
         return next(b for label, b in phase.items if "frozen weights" in label)
 
@@ -289,3 +292,46 @@ def test_the_audio_video_recipe_fits_its_card_with_its_sound():
     plan = planner.plan_recipe(load_recipe(AV_24GB))
     assert plan.recipe.data.audio and plan.stream_tokens["audio"] > 0
     assert plan.fits(24)
+
+
+def test_a_plan_fits_only_with_its_margin_left_free(capsys):
+    recipe = "recipes/wan/t2v-1.3b_24gb.yaml"
+    plan = planner.plan_recipe(load_recipe(recipe))
+    card = (plan.peak + planner.GIB // 2) / planner.GIB  # half a GiB above the peak: less than 6% of it
+    assert not plan.fits(card) and plan.margin(card) == int(0.06 * card * planner.GIB)
+    assert planner.plan_recipe(load_recipe(recipe, ["memory.margin_gb=0.25"])).fits(card)
+    assert train_lora.main(["--plan", "--recipe", recipe, "--vram", "24"]) == 0
+    assert "margin: 1.44 GiB (6% of the card" in capsys.readouterr().out
+
+
+def test_a_4_bit_recipe_swaps_blocks_in_fp8_never_in_nf4():
+    """Block swap streams fp8 weights, not bitsandbytes ones: an nf4 recipe that needs swapped
+    blocks gets model.quantization=fp8 with them, and the trainer runs what is proposed."""
+    recipe = load_recipe(WAN_14B, ["data.frames=81"])
+    assert recipe.model.quantization == "nf4"
+    plan = planner.choose_overrides(recipe, 16)
+    assert plan.overrides.get("memory.blocks_to_swap", 0) > 0
+    assert plan.overrides["model.quantization"] == "fp8"
+    planner.check_implemented(planner.apply_overrides(recipe, plan.overrides))
+
+
+@pytest.mark.parametrize("recipe,vram", [("recipes/wan/i2v-14b_16gb.yaml", 12), ("recipes/hunyuanvideo15/t2v-480p_16gb.yaml", 16),
+                                         ("recipes/ltx/t2v-2b_16gb.yaml", 8), ("recipes/wan22/t2v-a14b_24gb.yaml", 24)])
+def test_every_proposal_replans_as_fitting_and_runs(recipe, vram):
+    """What --plan proposes, applied to the recipe: validated, runnable (check_implemented, the block
+    count), and planned again it fits with the margin."""
+    base = load_recipe(recipe)
+    plan = planner.choose_overrides(base, vram)
+    applied = planner.apply_overrides(base, plan.overrides)
+    planner.check_implemented(applied)
+    planner.check_blocks_to_swap(applied)
+    again = planner.plan_recipe(applied, vram)
+    assert again.fits(vram) and again.peak == plan.peak
+
+
+def test_host_memory_beyond_the_machine_is_a_named_error():
+    recipe = load_recipe(WAN_14B, ["model.quantization=fp8", "memory.blocks_to_swap=30",
+                                   "memory.activation_offload=true", "memory.host_gb=8"])
+    with pytest.raises(planner.HostMemoryShort, match=r"keeps \d+\.\d GiB in host memory .*swapped blocks.*"
+                                                     r"memory.host_gb"):
+        planner.run_planner(recipe, WAN_14B, vram=48)

@@ -59,7 +59,7 @@ from finetune.errors import UserError
 from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.memory.architecture import blocks_of, build_meta, lora_param_count, weight_bytes
 from finetune.memory.blockswap import BlockSwapError
-from finetune.memory.trace import StepSettings, step_peak
+from finetune.memory.trace import StepEstimate, StepSettings, step_peak
 from finetune.memory.vae import tile_size as vae_tile_size
 
 GIB = 2 ** 30
@@ -129,6 +129,7 @@ class Plan:
     stream_tokens: dict[str, int] = field(default_factory=dict)  # audio-video runs: tokens per further stream
     host: list[tuple[str, int]] = field(default_factory=list)  # what the run keeps in host memory, by item
     flops: int = 0  # traced FLOPs of one training step (forward, recomputation, backward)
+    model_flops: int = 0  # the same without the recomputation (what MFU counts)
 
     @property
     def peak(self) -> int:
@@ -210,9 +211,9 @@ def step_settings(recipe: Recipe, train: bool = True, batch: int | None = None) 
                         audio=recipe.data.audio, train=train, batch=batch or recipe.optim.batch_size)
 
 
-def traced_step(recipe: Recipe, train: bool = True, batch: int | None = None) -> tuple[int, int, int]:
-    """(device peak, offloaded host bytes, FLOPs) of ``recipe``'s traced step (``train`` False: one
-    denoising forward of ``batch`` clips, as a render runs it)."""
+def traced_step(recipe: Recipe, train: bool = True, batch: int | None = None) -> StepEstimate:
+    """``recipe``'s traced step (``train`` False: one denoising forward of ``batch`` clips, as a
+    render runs it)."""
     fam, ckpt, _ = checkpoint_parts(recipe)
     d = recipe.data
     return step_peak(fam, ckpt, recipe.model.task, d.frames, d.height, d.width, recipe.fps,
@@ -247,7 +248,7 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
     check_blocks_to_swap(recipe)
     d = recipe.data
     cache, enc_bytes, vae_work = caching_phase(recipe, d.frames)
-    train, offloaded, flops = training_phase(recipe)
+    train, step = training_phase(recipe)
     phases = [cache, train]
     v = recipe.validation
     if v.prompts:
@@ -256,7 +257,7 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
     tokens = latent[2] * latent[3] * latent[4] // _patch_area(parts["transformer"])
     streams = fam.planning_streams(recipe.model.task, d.frames, d.height, d.width, recipe.fps) if d.audio else {}
     return Plan(recipe, ckpt, tokens, phases, vram_gb, stream_tokens={n: s[1] for n, s in streams.items()},
-                host=host_items(recipe, enc_bytes, offloaded), flops=flops)
+                host=host_items(recipe, enc_bytes, step.offloaded), flops=step.flops, model_flops=step.model_flops)
 
 
 def host_items(recipe: Recipe, enc_bytes: dict[str, int], offloaded: int) -> list[tuple[str, int]]:
@@ -306,7 +307,7 @@ def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], va
     fam, _, parts = checkpoint_parts(recipe)
     dtype, quant, v = DTYPES[recipe.model.dtype], recipe.model.quantization, recipe.validation
     branches = 2 if v.guidance > 1 else 1
-    denoise, _, _ = traced_step(recipe, train=False, batch=branches)
+    denoise = traced_step(recipe, train=False, batch=branches).peak
     lora = next(b for label, b in train.items if label.startswith("LoRA param"))
     stages = {n: b for n, b in enc_bytes.items() if n != "vae" and b}
     for n in (n for n in ("transformer", "transformer_2") if n in parts):
@@ -322,10 +323,9 @@ def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], va
     return val
 
 
-def training_phase(recipe: Recipe) -> tuple[Phase, int, int]:
+def training_phase(recipe: Recipe) -> tuple[Phase, StepEstimate]:
     """Resident frozen transformer weights, the trained experts' LoRA, gradients and optimizer
-    state, and the traced live peak of one step (module docstring); with the offloaded host bytes
-    and the FLOPs of the traced step."""
+    state, and the traced live peak of one step (module docstring); with the traced step."""
     fam, ckpt, parts = checkpoint_parts(recipe)
     dtype, o, mem, quant = DTYPES[recipe.model.dtype], recipe.optim, recipe.memory, recipe.model.quantization
     names = [n for n in ("transformer", "transformer_2") if n in parts]
@@ -349,12 +349,12 @@ def training_phase(recipe: Recipe) -> tuple[Phase, int, int]:
         ("LoRA gradients (fp32, one expert)", max(lora_each.values()) * LORA_BYTES),
         (f"optimizer state ({o.optimizer})", lora_params * OPTIM_BYTES[o.optimizer]),
     ]
-    peak, offloaded, flops = traced_step(recipe)
+    step = traced_step(recipe)
     how = "checkpointed" if mem.gradient_checkpointing else "no checkpointing"
     train.items += [(f"activations and temporaries (traced live peak; {how}"
-                     f"{', offloaded' if mem.activation_offload else ''})", peak),
+                     f"{', offloaded' if mem.activation_offload else ''})", step.peak),
                     ("runtime overhead", RUNTIME_OVERHEAD)]
-    return train, offloaded, flops
+    return train, step
 
 
 def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], int]:
@@ -570,7 +570,8 @@ def format_plan(plan: Plan, source: str = "") -> str:
         lines.append(f"host memory: {plan.host_bytes / GIB:.2f} GiB ("
                      + ", ".join(f"{label} {b / GIB:.2f}" for label, b in plan.host) + ")")
     if plan.flops:
-        lines.append(f"step FLOPs (traced, forward + recomputation + backward): {plan.flops / 1e12:,.1f} TFLOP")
+        lines.append(f"step FLOPs (traced): {plan.flops / 1e12:,.1f} TFLOP as run, {plan.model_flops / 1e12:,.1f} "
+                     f"without the recomputation")
     if plan.overrides:
         lines.append("overrides to add (the cheapest that fit):")
         lines += [f"  {k}={_fmt(v)}" for k, v in plan.overrides.items()]

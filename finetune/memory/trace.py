@@ -44,6 +44,7 @@ import functools
 import math
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -447,7 +448,8 @@ def _traced_model(full: FullSize, counts: dict[str, int], s: StepSettings,
         p.data = p.data.to(torch.float32 if keeps_fp32(model, name, s.dtype) else s.dtype)
     model.requires_grad_(False)
     fp8_names = fp8_layer_names(model) if s.quantization == "fp8" else []
-    lora = _add_lora(model, s) if s.targets else []
+    with torch.device("meta"):  # peft makes its layers on the default device before moving them
+        lora = _add_lora(model, s) if s.targets else []
     if mode is not None:
         with mode:
             model.to_empty(device="cpu")
@@ -556,15 +558,25 @@ def _trace(fam: type[Family], checkpoint: str, task: str, frames: int, height: i
     return StepTrace(counts, live.peak, offload.host_peak, flops.total, forward_flops, kept, kept_host, block_flops)
 
 
+class StepEstimate(NamedTuple):
+    """One step of the whole transformer (:func:`step_peak`): device ``peak`` and ``offloaded`` host
+    bytes, ``flops`` as run and ``model_flops`` (recomputation left out: the work MFU counts)."""
+
+    peak: int
+    offloaded: int
+    flops: int
+    model_flops: int
+
+
 def step_peak(fam: type[Family], checkpoint: str, task: str, frames: int, height: int, width: int, fps: float,
-              s: StepSettings, blocks: dict[str, int] | None = None) -> tuple[int, int, int]:
-    """(device peak, offloaded host peak, FLOPs) of one step of the whole transformer, from one trace
-    at 2 blocks per block list (1 where the model has 1): each further block of a list adds what
-    the list's second block added while forward ran (the peak comes at the turn from forward to
-    backward or in the first recomputations, when every block's kept inputs are alive), and its
-    forward's FLOPs times the traced step's ratio of all its FLOPs to its forward's (recomputation
-    and a backward that computes no gradient for frozen weights included, as they ran). ``blocks``:
-    other block counts per key than the checkpoint's."""
+              s: StepSettings, blocks: dict[str, int] | None = None) -> StepEstimate:
+    """One step of the whole transformer, from one trace at 2 blocks per block list (1 where the
+    model has 1): each further block of a list adds what the list's second block added while
+    forward ran (the peak comes at the turn from forward to backward or in the first
+    recomputations, when every block's kept inputs are alive), and its forward's FLOPs times the
+    traced step's ratio of all its FLOPs to its forward's (recomputation and a backward that
+    computes no gradient for frozen weights included, as they ran). ``blocks``: other block counts
+    per key than the checkpoint's."""
     full = fam.full_size_configs(task)[checkpoint]["transformer"]
     keys = {**block_keys(full), **(blocks or {})}
     traced = {k: min(2, n) for k, n in keys.items()}
@@ -573,10 +585,13 @@ def step_peak(fam: type[Family], checkpoint: str, task: str, frames: int, height
     small_lists = block_lists(build_meta(full, **traced))
     peak, host, flops = base.peak, base.offloaded, base.flops
     passes = base.flops / base.forward_flops if base.forward_flops else 1.0
+    recomputed = 0
     for name, n in full_lists.items():
         extra = n - small_lists.get(name, n)
         if extra > 0:
             peak += extra * base.kept.get(name, 0)
             host += extra * base.kept_host.get(name, 0)
             flops += int(extra * passes * base.block_flops.get(name, 0))
-    return peak, host, flops
+        recomputed += n * base.block_flops.get(name, 0)
+    model_flops = flops - recomputed if (s.train and s.checkpointing) else flops
+    return StepEstimate(peak, host, flops, model_flops)
