@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from finetune.families._attention import SelfAttentionProcessor, attend_valid
+from finetune.families._attention import PadFreeJointProcessor, SelfAttentionProcessor, attend_valid
 
 
 # --- tools for the family tests ---
@@ -160,3 +161,28 @@ def test_self_attention_processor_refuses_what_it_does_not_compute():
     attn.set_processor(SelfAttentionProcessor())
     with pytest.raises(ValueError, match="plain self-attention only.*AttnProcessor2_0"):
         attn(torch.randn(1, 4, 32))
+
+
+@pytest.mark.parametrize("kind", ["dual-stream", "single-stream"])
+def test_pad_free_joint_processor_is_the_wrapped_processor_with_its_key_mask(kind):
+    """HunyuanVideo 13B's joint attention (text with its own projections, or text through the
+    video ones) with diffusers' [B, 1, 1, N + L] key mask, and wrapped: the same video output and
+    valid text rows for a padded prompt, a full one, and one with no valid token (kept masked);
+    padding rows come back as zeros; SDPA gets a mask only for the empty prompt."""
+    torch.manual_seed(0)
+    extra = dict(added_kv_proj_dim=32, context_pre_only=False) if kind == "dual-stream" else dict(pre_only=True)
+    attn = Attention(query_dim=32, cross_attention_dim=None, dim_head=8, heads=4, out_dim=32, bias=True,
+                     processor=HunyuanVideoAttnProcessor2_0(), qk_norm="rms_norm", eps=1e-6, **extra)
+    video, text = torch.randn(3, 6, 32), torch.randn(3, 5, 32)
+    lengths = torch.tensor([2, 5, 0])
+    valid_text = torch.arange(5)[None] < lengths[:, None]
+    mask = torch.cat([torch.ones(3, 6, dtype=torch.bool), valid_text], dim=1)[:, None, None, :]
+    ref_video, ref_text = attn(video, text, attention_mask=mask)
+    attn.set_processor(PadFreeJointProcessor(attn.processor))
+    with sdpa_masks() as masks:
+        out_video, out_text = attn(video, text, attention_mask=mask)
+    assert [m is None for m in masks] == [True, True, False]
+    torch.testing.assert_close(out_video, ref_video, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_text[valid_text], ref_text[valid_text], atol=1e-6, rtol=0)
+    assert not out_text[:2][~valid_text[:2]].any()
+    torch.testing.assert_close(out_text[2], ref_text[2], atol=1e-6, rtol=0)

@@ -34,6 +34,7 @@ from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video_image2video
 from PIL import Image
 
 from finetune.families import register
+from finetune.families._attention import PadFreeJointProcessor, SelfAttentionProcessor
 from finetune.families._encoders import CLIP_L_336_VISION, CLIP_L_TEXT, LLAMA3_8B
 from finetune.families._hunyuan import SHARED_PAIRS
 from finetune.families._loading import load_transformer
@@ -138,6 +139,20 @@ class HunyuanVideoFamily(Family):
         config = components.transformer.config
         self._guidance_embeds = bool(config.guidance_embeds)
         self._check_checkpoint()
+        self.attend_valid_tokens_only(components.transformer)
+
+    @staticmethod
+    def attend_valid_tokens_only(transformer: torch.nn.Module) -> None:
+        """Every attention of ``transformer`` over its valid tokens alone, without a mask
+        (finetune/families/_attention.py). diffusers gives the dual- and single-stream blocks a
+        [B, 1, 1, S] key mask (small, no fully masked row, but no flash kernel with it) and the
+        token refiner a [B, 1, L, L] one; both only mark the prompt padding. Same outputs; used
+        by :meth:`predict` and :meth:`pipeline` alike."""
+        for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+            if not isinstance(block.attn.processor, PadFreeJointProcessor):
+                block.attn.set_processor(PadFreeJointProcessor(block.attn.processor))
+        for block in transformer.context_embedder.token_refiner.refiner_blocks:
+            block.attn.set_processor(SelfAttentionProcessor())
 
     # --- loading ---
     @classmethod
