@@ -20,6 +20,11 @@ released): rectified flow with target noise - x_0 (diffusion-pipe models/hunyuan
 musubi-tuner hv_train_network.py), logit-normal sigmas shifted by the checkpoint's flow shift
 (7.0: musubi-tuner's documented HunyuanVideo setting and the scheduler config), embedded
 guidance 1.0 (diffusion-pipe's default; musubi-tuner's guidance_scale default is 1.0 too).
+
+Attention masks: diffusers gives the blocks a [B, 1, 1, S] key mask (the prompt padding; small,
+no fully masked row, but SDPA cannot use flash with it) and the token refiner a [B, 1, L, L] one
+in which every row also sees token 0 (never fully masked). The family's processors
+(``_attention.py``) cut each sample's padding instead, so no mask reaches SDPA; same outputs.
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ at 720p). The VAE posterior is sampled, as its ``encode_vae`` does.
 
 The diffusers pipelines have no ``load_lora_weights``; adapters load at transformer level
 (:meth:`Family.load_adapter`).
+
+Attention masks: diffusers builds a dense [B, 1, S, S] mask from the text masks in every block (S
+video + text tokens: 51k at 480p x 121, 2.6 GB as bool, 5 GB as a bf16 bias) and runs the token
+refiner with fully masked padding rows, which cuDNN's SDPA backward on H100/H200 turns into NaN
+(pytorch/pytorch#196678). The family sets processors that attend over each sample's valid tokens
+without a mask (``_attention.py``): the same outputs, nothing S x S, flash possible, no fully
+masked row; :meth:`predict` and :meth:`pipeline` both run through them.
 """
 
 from __future__ import annotations
