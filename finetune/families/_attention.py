@@ -5,10 +5,11 @@ Why: HunyuanVideo-1.5 pads its prompts and masks the padding out of every attent
 dense mask, [B, 1, S, S] with S the video plus text tokens (about 51k at 480p x 121 frames: 2.6 GB
 as bool, 5 GB once SDPA turns it into a bf16 bias), built again in each of its 54 blocks. A mask
 also rules out the flash kernel (it takes none), and the padding tokens' own rows are fully
-masked. A fully masked row has logsumexp -inf, and cuDNN's SDPA backward (PyTorch's default on
-H100/H200 since 2.11) writes NaN into grad_q when an explicit mask is passed, the sequence length
-is 64 mod 128 and some row's logsumexp is below ln(FLT_MAX) ~ -88.7 (pytorch/pytorch#196678; the
-same bug behind huggingface/trl#7181). A NaN in grad_q reaches every LoRA weight before it.
+masked. A fully masked row has logsumexp -inf, and cuDNN's SDPA backward (PyTorch's first choice
+on H100/H200; a regression since torch 2.11) writes NaN into grad_q when an explicit mask is
+passed, the sequence length is 64 mod 128 and some row's logsumexp is below ln(FLT_MAX) ~ -88.7
+(pytorch/pytorch#196678; the same bug behind huggingface/trl#7181). A NaN in grad_q reaches every
+LoRA weight before it.
 
 What: each sample attends over its valid tokens alone, with no mask. For a valid query this is the
 masked computation (masked-out keys get weight exactly 0 there), and no row is ever fully masked;
@@ -17,8 +18,9 @@ row, so on a CPU even the padding rows equal the masked computation. Samples run
 other, since their valid counts differ; valid tokens that form a prefix (right padding, as every
 model here lays them out) are attended as a view, others as a gathered copy.
 
-Cost: one host sync per call to read the counts (negligible beside a block of a video model);
-padding tokens still go through the per-token layers, only attention skips them.
+Cost: a few host syncs per call (is everything valid; then each sample's valid positions),
+small beside a block of a video model; padding tokens still go through the per-token layers, only
+attention skips them.
 
 The memory planner traces with value-free fake tensors (finetune/memory/trace.py), where
 ``bool(valid.all())`` reads True: it sees one unmasked call over every token, as before.
@@ -78,9 +80,11 @@ class _ValidTokensProcessor:
 
 class SelfAttentionProcessor(_ValidTokensProcessor):
     """diffusers' AttnProcessor2_0 for a plain self-attention ``Attention`` (to_q/k/v, optional
-    per-head q/k norms, to_out) whose mask is [B, 1, L, L] = valid_i & valid_j, as the
-    HunyuanVideo-1.5 token refiner builds it from its text mask: the valid tokens are the mask's
-    diagonal, and they attend over each other alone (:func:`attend_valid`).
+    per-head q/k norms, to_out) whose [B, 1, L, L] mask comes from a padding mask: a valid row
+    sees exactly the valid tokens. The token refiners build it so: HunyuanVideo-1.5 as
+    valid_i & valid_j (padding rows fully masked), HunyuanVideo 13B letting every row also see
+    token 0, a valid one under right padding. The valid tokens are the mask's diagonal, and they
+    attend over each other alone (:func:`attend_valid`).
 
     hidden_states [B, L, D] -> [B, L, D]. Raises ValueError for an ``Attention`` with parts this
     form does not have (cross-attention input, spatial or group norm, residual, output rescale)."""
