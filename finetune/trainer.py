@@ -321,6 +321,14 @@ def mixed_precision(recipe: Recipe, device_type: str) -> str:
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     mp = mixed_precision(recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mp and shared.get("num_processes", 1) == 1:
+        # a second run in one process (a notebook, the tests, gpu_check) with another precision:
+        # accelerate keeps the first run's state and refuses to change it; one process has
+        # nothing to keep in step, so start its state afresh
+        AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=mp, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
