@@ -25,8 +25,9 @@ changes, so evicting a block just drops its device copy (a 0-element placeholder
 Each swapped block's frozen tensors (fp8 weights as their data and scales) are packed into one
 host buffer of exactly their size, page-locked on a GPU (:mod:`finetune.memory.pinned`; not the
 caching host allocator, which rounds each buffer up to a power of two), so a block travels as one
-copy into one device buffer whose views its parameters become. Trainable parameters (the LoRA weights, ``requires_grad``) and buffers stay on the device
-all the time and keep their identity (the optimizer holds them).
+copy into one device buffer whose views its parameters become. Trainable parameters (the LoRA
+weights, ``requires_grad``) and buffers stay on the device all the time and keep their identity
+(the optimizer holds them).
 
 The hooks: a forward pre-hook and forward hook on each swapped block (they run again when
 gradient checkpointing recomputes the block inside backward: recognised by the current autograd
@@ -50,7 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from finetune.errors import UserError
 from finetune.memory.architecture import block_lists
 from finetune.memory.fp8 import inner_tensors
-from finetune.memory.pinned import Packed, pack
+from finetune.memory.pinned import Packed, layout, pack
 
 
 class BlockSwapError(UserError):
@@ -136,11 +137,11 @@ class _Slot:
         setattr(self.owner, self.attr, value)
 
 
-def _slots(block: torch.nn.Module, transfer: Transfer, where: str) -> tuple[list[_Slot], Packed]:
-    """Host masters of the frozen parameters of ``block``, packed into one buffer; their device
-    data become placeholders. Raises BlockSwapError for weights that are neither plain nor made of
-    inner tensors (bitsandbytes)."""
-    found: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+def _frozen(block: torch.nn.Module, where: str) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """(owner, attribute, tensor) of every frozen tensor of ``block`` that streams: ``param.data``
+    of plain parameters, the inner tensors of quantised ones. Raises BlockSwapError for weights
+    that are neither (bitsandbytes)."""
+    found = []
     for name, p in block.named_parameters():
         if p.requires_grad:
             continue  # LoRA: stays on the device, untouched
@@ -153,11 +154,28 @@ def _slots(block: torch.nn.Module, transfer: Transfer, where: str) -> tuple[list
             raise BlockSwapError(f"memory.blocks_to_swap: {where}.{name} is a {type(p).__name__}, which block swap "
                                  f"cannot stream (model.quantization int8/nf4); use model.quantization=fp8 or none, "
                                  f"or set memory.blocks_to_swap=0")
+    return found
+
+
+def _slots(block: torch.nn.Module, transfer: Transfer, where: str) -> tuple[list[_Slot], Packed]:
+    """Host masters of the frozen tensors of ``block`` (:func:`_frozen`), packed into one buffer;
+    their device data become placeholders."""
+    found = _frozen(block, where)
     packed = transfer.pack([t for _, _, t in found])
     out = [_Slot(owner, attr, host) for (owner, attr, _), host in zip(found, packed.hosts)]
     for s, (_, _, t) in zip(out, found):  # placeholders where the weights are now; they move with the model
         s.set(torch.empty(0, dtype=t.dtype, device=t.device))
     return out, packed
+
+
+def swap_host_bytes(model: torch.nn.Module, n: int) -> int:
+    """Host bytes (page-locked on a GPU) that swapping the last ``n`` blocks of ``model`` holds:
+    each block's packed buffer (:func:`finetune.memory.pinned.layout`). Reads only shapes and
+    dtypes, so ``model`` may be built on the meta device or hold fake tensors (the planner); build
+    it as it will train (fp8 applied, LoRA added: LoRA weights stay on the device)."""
+    blocks = transformer_blocks(model)
+    return sum(layout([t for _, _, t in _frozen(b, f"block {i}")])[1]
+               for i, b in enumerate(blocks[len(blocks) - n:] if n else []))
 
 
 @dataclass
