@@ -79,7 +79,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w32 = w.detach().float()
     amax = w32.abs().amax(dim=1, keepdim=True)
     scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16).float()
-    qdata = w32.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    qdata = (w32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)  # not in place: w32 may be ``w`` itself
     return qdata, scale
 
 
