@@ -333,6 +333,33 @@ def test_ring_takes_first_fit_grows_only_for_a_larger_tensor_and_holds_the_sum_o
     assert ring.take(7).buffer.nbytes == 7 and ring.nbytes() == 2307  # none free: a new one
 
 
+def test_page_locked_buffers_lock_whole_pages_of_their_own_and_unlock_when_released(monkeypatch):
+    """cudaHostRegister emulated (no GPU here): what would be registered and unregistered."""
+    locked: dict[int, int] = {}
+
+    def register(t):
+        start, end = t.data_ptr(), t.data_ptr() + t.numel()
+        assert start % pinned.PAGE == 0 and t.numel() % pinned.PAGE == 0
+        assert all(end <= s or start >= s + n for s, n in locked.items()), "two registrations share a page"
+        locked[start] = t.numel()
+
+    monkeypatch.setattr(pinned, "_register", register)
+    monkeypatch.setattr(pinned, "_unregister", lambda t: locked.pop(t.data_ptr()))
+    buffers = [pinned.HostBuffer(n, pin=True) for n in (96, 1000, 5000, 96, 3 * pinned.PAGE)]
+    assert [b.nbytes for b in buffers] == [96, 1000, 5000, 96, 3 * pinned.PAGE]
+    assert sorted(locked.values()) == sorted([pinned.PAGE] * 3 + [2 * pinned.PAGE, 3 * pinned.PAGE])
+    assert all(b.data.data_ptr() in locked for b in buffers)
+    buffers[0].release()
+    buffers[0].release()  # once only
+    assert len(locked) == 4
+    del buffers[1]  # garbage: unlocked too
+    assert len(locked) == 3
+    ring = pinned.HostRing(pin=True)
+    ring.take(100)
+    ring.release()
+    assert len(locked) == 3 and not ring.slots
+
+
 def offload_step(fam, tr, batch, sizes):
     from test_blockswap import loss_and_grads
 

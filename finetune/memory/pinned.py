@@ -19,6 +19,7 @@ memory and every other step runs the same.
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,13 +29,15 @@ import torch
 # Offset alignment of the tensors packed in one block buffer: dtype views need their element size,
 # and GPU kernels (cuBLAS, vectorised loads) want 16 bytes or more; 256 costs < 256 B a tensor.
 ALIGN = 256
+PAGE = mmap.PAGESIZE
 
 
 def _register(t: torch.Tensor) -> None:
     err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0))
     if err != 0:
-        raise RuntimeError(f"cudaHostRegister of {t.numel()} bytes of host memory failed (cudaError {err}); "
-                           f"the machine may be short of lockable memory (ulimit -l) or RAM")
+        raise RuntimeError(f"page-locking {t.numel() / 2**20:.1f} MiB of host memory for block swap / activation "
+                           f"offload failed (cudaHostRegister: cudaError {err}); the machine may be short of RAM: "
+                           f"lower memory.blocks_to_swap or set memory.activation_offload=false")
 
 
 def _unregister(t: torch.Tensor) -> None:
@@ -44,16 +47,24 @@ def _unregister(t: torch.Tensor) -> None:
 
 class HostBuffer:
     """``nbytes`` of host memory, ``data`` (uint8 [nbytes]); page-locked when ``pin`` (a CUDA
-    machine) until :meth:`release` or until the buffer is garbage collected."""
+    machine) until :meth:`release` or until the buffer is garbage collected. A locked buffer
+    starts on a page of its own and locks whole pages (under 4 KiB more than ``nbytes``):
+    ``cudaHostRegister`` works on pages, and two registrations sharing a page would fail."""
 
     def __init__(self, nbytes: int, pin: bool):
-        self.data = torch.empty(nbytes, dtype=torch.uint8)
         self.pinned = bool(pin and nbytes)
         self._finalizer = None
-        if self.pinned:
-            _register(self.data)
-            self._finalizer = weakref.finalize(self, _unregister, self.data)
-            self._finalizer.atexit = False  # the CUDA context may already be gone at exit
+        if not self.pinned:
+            self.data = torch.empty(nbytes, dtype=torch.uint8)
+            return
+        locked = -(-nbytes // PAGE) * PAGE
+        base = torch.empty(locked + PAGE, dtype=torch.uint8)
+        start = -base.data_ptr() % PAGE
+        pages = base[start:start + locked]
+        self.data = pages[:nbytes]
+        _register(pages)
+        self._finalizer = weakref.finalize(self, _unregister, pages)
+        self._finalizer.atexit = False  # the CUDA context may already be gone at exit
 
     @property
     def nbytes(self) -> int:
