@@ -231,7 +231,11 @@ _OPS = {
 def _compute_dtype(x: torch.Tensor, w: Fp8Weight) -> torch.dtype:
     """The dtype the matmul runs in: autocast's when it is on for ``x``'s device, else the weight's."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
+    try:
+        on = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device autocast does not know (the planner's meta tensors)
+        on = False
+    return torch.get_autocast_dtype(device) if on else w.dtype
 
 
 class _Fp8Linear(torch.autograd.Function):

@@ -22,10 +22,32 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 
+# > 0 while the planner's emulation of CUDA autocast is on (finetune.memory.trace.CudaAutocast),
+# which the LoRA layers must treat as autocast, as they treat the real one on the card
+_emulated_autocast = 0
+
+
+def set_emulated_autocast(on: bool) -> None:
+    """Enter (``on``) or leave an emulated autocast region (finetune.memory.trace.CudaAutocast)."""
+    global _emulated_autocast
+    _emulated_autocast += 1 if on else -1
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast (real, or the planner's emulation) is on for ``device_type``; False for a
+    device autocast does not know (the meta device)."""
+    if _emulated_autocast:
+        return True
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _cast_outside_autocast(layer: LoraLayer, args: tuple) -> None:
     x = args[0] if args else None
     if isinstance(x, torch.Tensor):
-        layer.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
+        layer.cast_input_dtype_enabled = not autocast_on(x.device.type)
 
 
 def compute_in_activation_dtype(model: torch.nn.Module) -> int:
