@@ -83,7 +83,9 @@ def replanned(path: Path):
     card = float(m.group(1))
     recipe = load_recipe(path)
     frames = max(recipe.data.frames, NATIVE_FRAMES.get(recipe.model.family, recipe.data.frames))
-    start = planner.apply_overrides(recipe, {"data.frames": frames, "model.quantization": "none",
+    # from full-precision weights where fp8 can take over; a family without fp8 keeps its int8/nf4
+    quant = "none" if recipe.family_cls().fp8_ok else recipe.model.quantization
+    start = planner.apply_overrides(recipe, {"data.frames": frames, "model.quantization": quant,
                                              "memory.blocks_to_swap": 0, "memory.activation_offload": False})
     plan = planner.choose_overrides(start, card)
     return recipe, planner.apply_overrides(start, plan.overrides), plan, card
