@@ -1,16 +1,18 @@
 """Reading LoRA adapter files defensively: a missing, damaged, non-safetensors or foreign file
 is an :class:`AdapterError` naming the file and what to do, never a raw ``OSError`` or
 ``SafetensorError`` from deep inside a loader. Used wherever an adapter file comes from a user:
-``infer.py --lora``, resume, adapter import and ``lora.init_from``."""
+``infer.py --lora``, resume, adapter import and ``lora.init_from``. The header check itself
+(:func:`finetune.lora_formats.require_readable`) lives with the LoRA layouts, which read files too."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from finetune.errors import AdapterError
+from finetune.lora_formats import require_readable
 
 # Substrings of LoRA weight names in the formats in use (PEFT/diffusers, kohya/ComfyUI, ...).
 LORA_KEY_MARKS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_mid")
@@ -34,29 +36,3 @@ def read_adapter_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{path}: no LoRA weights in it ({len(state)} tensors, e.g. {shown}); it looks like "
                            f"another kind of model file, not a LoRA adapter")
     return state
-
-
-def require_readable(path: str | Path) -> None:
-    """Raise AdapterError unless ``path`` is a safetensors file whose header reads (cheap: the
-    tensors are not loaded). The header must cover the whole file, so a truncated copy fails."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter file not found (a finished run folder holds it; pass the output.dir of "
-                           f"a completed train_lora.py run, or the .safetensors file itself)")
-    problem = safetensors_problem(path)
-    if problem:
-        raise AdapterError(f"{path}: not a readable safetensors file ({problem}); the file is damaged or in another "
-                           f"format: copy it again, re-export it, or retrain (--resume latest from its last "
-                           f"checkpoint)")
-
-
-def safetensors_problem(path: str | Path) -> str | None:
-    """Why the safetensors file at ``path`` cannot be read (short, for messages), or None."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            f.keys()
-        return None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format
-        return "a torch.save pickle; convert it to .safetensors" if zipped else str(e)

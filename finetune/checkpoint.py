@@ -19,7 +19,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from finetune import diskspace
-from finetune.adapters import safetensors_problem
+from finetune.lora_formats import safetensors_problem
 from finetune.errors import CheckpointError
 
 PREFIX = "step-"

@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from finetune.adapters import require_readable
-from finetune.errors import UserError
+from finetune.errors import AdapterError, UserError
 
 LAYOUTS = ("diffusers", "comfyui", "kohya")
 # File name of a run folder's ComfyUI adapter (one per transformer: see comfyui_weight_name).
@@ -507,6 +506,33 @@ def export_comfyui(transformer: torch.nn.Module, key_map: KeyMap, path: str | Pa
 
 
 # ---------------------------------------------------------------------------- reading
+
+
+def require_readable(path: str | Path) -> None:
+    """Raise AdapterError unless ``path`` is a safetensors file whose header reads (cheap: the
+    tensors are not loaded). The header must cover the whole file, so a truncated copy fails."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found (a finished run folder holds it; pass the output.dir of "
+                           f"a completed train_lora.py run, or the .safetensors file itself)")
+    problem = safetensors_problem(path)
+    if problem:
+        raise AdapterError(f"{path}: not a readable safetensors file ({problem}); the file is damaged or in another "
+                           f"format: copy it again, re-export it, or retrain (--resume latest from its last "
+                           f"checkpoint)")
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why the safetensors file at ``path`` cannot be read (short, for messages), or None."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            f.keys()
+        return None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format
+        return "a torch.save pickle; convert it to .safetensors" if zipped else str(e)
+
 
 
 _DIFFUSERS_KEY = re.compile(r"(?P<m>.+)\.(?:lora_(?P<ab>[AB])(?:\.default)?\.weight|lora_embedding_(?P<eab>[AB])"
