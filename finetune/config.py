@@ -128,7 +128,7 @@ class MemoryConfig(_Section):
     )
     text_encoder: Literal["gpu", "cpu", "int8", "fp8"] = Field(
         "gpu", description="Text encoders while caching: on the GPU, in CPU memory, or on the GPU with int8/fp8 "
-                           "block weights (finetune/memory/encoders.py)."
+                           "block weights (finetune/weights/encoders.py)."
     )
     # Planner fields (finetune/memory/planner.py); train_lora.py reads them before training.
     vram_gb: float | None = Field(
@@ -156,7 +156,7 @@ class MemoryConfig(_Section):
     )
     vae_tiling: Literal["auto", "on", "off"] = Field(
         "auto", description="VAE encode (cache) and decode (samples) in tiles: on, off, or auto = on for GPU runs "
-                            "(finetune/memory/vae.py)."
+                            "(finetune/weights/vae.py)."
     )
 
     @field_validator("vae_tiling", mode="before")

@@ -17,8 +17,8 @@ from finetune.errors import RecipeError
 from finetune.families import get_family
 from finetune.families._loading import load_transformer
 from finetune.families.base import ModelSpec
-from finetune.memory import fp8
-from finetune.memory.fp8 import Fp8Unsupported, fp8_layer_names, is_quantized
+from finetune.weights import fp8
+from finetune.weights.fp8 import Fp8Unsupported, fp8_layer_names, is_quantized
 
 # Relative L2 error of the tiny Wan's prediction with fp8 block weights against fp32. e4m3 keeps 3
 # mantissa bits (up to 1/16 relative rounding per weight); per-row scales keep outliers of one row

@@ -27,7 +27,7 @@ from finetune.families import get_family
 from finetune.families.base import ModelSpec
 from finetune.memory import pinned, runtime
 from finetune.memory.blockswap import install_block_swap, swap_host_bytes, transformer_blocks
-from finetune.memory.fp8 import Fp8Weight, quantize_fp8, quantize_linear
+from finetune.weights.fp8 import Fp8Weight, quantize_fp8, quantize_linear
 from finetune.memory.lora import train_in_fp32
 
 # Relative L2 error of a fused fp8 layer stack against the unfused one: the merged weight is

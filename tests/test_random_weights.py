@@ -89,7 +89,7 @@ def test_random_weights_load_through_the_checkpoint_loader_and_predict(case, mon
         assert any(a[k].ndim >= 2 and not torch.equal(_plain(a[k]).float(), t[k].float()) for k in a), \
             f"{n}: these are the tiny build's weights, not random ones"
     if quant == "fp8":
-        from finetune.memory.fp8 import fp8_layer_names, is_quantized
+        from finetune.weights.fp8 import fp8_layer_names, is_quantized
 
         t = fam.components.transformer
         assert all(is_quantized(t.get_submodule(x).weight) for x in fp8_layer_names(t))

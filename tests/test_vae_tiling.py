@@ -1,4 +1,4 @@
-"""memory.vae_tiling: tiled VAE encoding at cache time (finetune/memory/vae.py)."""
+"""memory.vae_tiling: tiled VAE encoding at cache time (finetune/weights/vae.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from finetune.data import load_manifest
 from finetune.errors import RecipeError
 from finetune.families import get_family
 from finetune.families.base import ModelSpec
-from finetune.memory import vae as vae_tiling
+from finetune.weights import vae as vae_tiling
 
 
 def smooth_video(frames: int, size: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 
 from finetune.errors import UserError
 from finetune.families.base import FullSize, ModelSpec
+from finetune.weights.dtypes import keeps_fp32
+from finetune.weights.fp8 import Fp8Unsupported, fill, fp8_layer_names, load_fp8_pretrained
 
 
 class QuantizationUnavailable(UserError, RuntimeError):
@@ -44,10 +46,8 @@ def load_transformer(cls: type, spec: ModelSpec, subfolder: str = "transformer",
     for int8/nf4 (``from_pretrained``), read tensor by tensor into fp8 block weights for fp8 (host
     memory never holds the full-precision state dict), plain ``from_pretrained`` otherwise.
     ``kwargs`` go to ``from_pretrained``. Raises QuantizationUnavailable (bitsandbytes without
-    CUDA) and finetune.memory.fp8.Fp8Unsupported."""
+    CUDA) and finetune.weights.fp8.Fp8Unsupported."""
     if spec.quantization == "fp8":
-        from finetune.memory.fp8 import load_fp8_pretrained
-
         return load_fp8_pretrained(cls, spec.pretrained, subfolder, spec.dtype, spec.revision)
     return cls.from_pretrained(spec.pretrained, subfolder=subfolder, revision=spec.revision, torch_dtype=spec.dtype,
                                quantization_config=bnb_quantization_config(spec), **kwargs)
@@ -102,13 +102,10 @@ def _empty(full: FullSize) -> torch.nn.Module:
 
 def random_module(full: FullSize, dtype: torch.dtype, quantization: str = "none") -> torch.nn.Module:
     """``full`` (a component's class and full-size config) with random weights (:func:`random_tensor`),
-    loaded tensor by tensor exactly as ``finetune.memory.fp8.load_fp8_pretrained`` loads a
+    loaded tensor by tensor exactly as ``finetune.weights.fp8.load_fp8_pretrained`` loads a
     checkpoint: cast to ``dtype`` (float32 where ``from_pretrained`` keeps it), the block linears
     quantised to fp8 as they arrive for ``quantization="fp8"``; frozen, in eval mode. Tied
     parameters stay tied. Raises Fp8Unsupported for fp8 on a model without block linears."""
-    from finetune.memory.architecture import keeps_fp32
-    from finetune.memory.fp8 import Fp8Unsupported, fill, fp8_layer_names
-
     model = _empty(full)
     targets = set(fp8_layer_names(model)) if quantization == "fp8" else set()
     if quantization == "fp8" and not targets:

@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from finetune.memory import vae as vae_tiling
-from finetune.memory.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
+from finetune.weights import vae as vae_tiling
+from finetune.weights.dtypes import keeps_fp32
+from finetune.weights.encoders import TEXT_ENCODERS, prepare_text_encoder, text_encoder_device
+from finetune.weights.fp8 import quantize_fp8
 
 if TYPE_CHECKING:
     from finetune.lora_formats import KeyMap
@@ -79,15 +81,15 @@ class ModelSpec:
     tiny_seed: int = 0
     dtype: torch.dtype = torch.float32
     # "none" | "int8" | "nf4": bitsandbytes quantisation of the frozen transformer (CUDA only);
-    # "fp8": e4m3 block weights with per-row scales, quantised while loading (finetune/memory/fp8.py).
+    # "fp8": e4m3 block weights with per-row scales, quantised while loading (finetune/weights/fp8.py).
     quantization: str = "none"
-    # "gpu" | "cpu" | "int8" | "fp8": where/how the text encoders run (finetune/memory/encoders.py).
+    # "gpu" | "cpu" | "int8" | "fp8": where/how the text encoders run (finetune/weights/encoders.py).
     text_encoder: str = "gpu"
     # "t2v" | "i2v" | ...: one of the family's tasks; picks the default checkpoint and pipeline.
     task: str = "t2v"
     # tasks conditioned on a video (continue): pixel frames of it given clean; None = the family's
     cond_frames: int | None = None
-    # "auto" | "on" | "off": tiled VAE encode/decode (finetune/memory/vae.py)
+    # "auto" | "on" | "off": tiled VAE encode/decode (finetune/weights/vae.py)
     vae_tiling: str = "auto"
     # "pretrained" | "random": the checkpoint's weights, or random values of the full-size configs
     # (Family.load_random) through the same tensor-by-tensor loading; for measuring memory and speed
@@ -214,8 +216,6 @@ def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast ``model``'s floating parameters and buffers to ``dtype`` in place, keeping in float32 what
     ``from_pretrained`` keeps there (``_keep_in_fp32_modules``: Kandinsky 5's time embeddings and
     modulation, Wan's time embedder and norms), so a built model computes as a loaded one does."""
-    from finetune.memory.architecture import keeps_fp32  # imported here: the memory package imports this module
-
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point():
             t.data = t.data.to(torch.float32 if keeps_fp32(model, name, dtype) else dtype)
@@ -351,8 +351,6 @@ class Family(ABC):
                 if spec.dtype != torch.float32:
                     cast_as_loaded(m, spec.dtype)
             if spec.quantization == "fp8":  # the real path quantises while loading
-                from finetune.memory.fp8 import quantize_fp8
-
                 for name, m in components.modules().items():
                     if name.startswith("transformer"):
                         quantize_fp8(m, what=f"model.quantization=fp8: {cls.name} {name}")
@@ -440,7 +438,7 @@ class Family(ABC):
 
     def set_vae_tiling(self, on: bool | None) -> None:
         """``memory.vae_tiling``: the VAE encodes and decodes tile by tile with its own tile sizes
-        (True), whole frames (False) or as loaded (None); see finetune/memory/vae.py. Families whose
+        (True), whole frames (False) or as loaded (None); see finetune/weights/vae.py. Families whose
         VAE tiles some other way override this. Raises VaeTilingUnsupported for True when
         :attr:`vae_tiles` is False or the VAE has no ``enable_tiling``."""
         if on is not None and self.components.vae is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from finetune.families.base import FullSize
+from finetune.weights.dtypes import keeps_fp32, param_dtype
 
 NF4_BLOCK = 64
 # model.quantization -> (bytes per weight element, bytes of scale per output row, per element)
@@ -53,32 +54,14 @@ def build_meta(full: FullSize, **changes) -> torch.nn.Module:
     return _build(full.cls, _freeze({**full.config, **changes}))
 
 
-def keeps_fp32(model: torch.nn.Module, name: str, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``from_pretrained`` in ``dtype`` keeps parameter ``name`` in float32: diffusers
-    keeps ``_keep_in_fp32_modules`` for any half dtype (Wan's time embedder and norms);
-    transformers keeps ``_keep_in_fp32_modules_strict`` for any half dtype and
-    ``_keep_in_fp32_modules`` for float16 only (T5's ``wo``)."""
-    if dtype == torch.float32:
-        return False
-    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    if not hasattr(model, "config_class") or dtype == torch.float16:
-        keep += getattr(model, "_keep_in_fp32_modules", None) or []
-    parts = name.split(".")
-    return any(k in parts or name.startswith(k + ".") for k in keep)
-
-
-def param_dtype(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if keeps_fp32(model, name, dtype) else dtype
-
-
 def quantized_linears(model: torch.nn.Module, quantization: str, blocks_only: bool) -> set[str]:
     """Names of the nn.Linear layers that ``quantization`` stores in fewer bytes: the block linears
-    ``finetune.memory.fp8`` converts (fp8, and torchao int8 for text encoders: ``blocks_only``),
+    ``finetune.weights.fp8`` converts (fp8, and torchao int8 for text encoders: ``blocks_only``),
     or every linear (bitsandbytes int8/nf4 on the transformer)."""
     if quantization == "none":
         return set()
     if blocks_only or quantization == "fp8":
-        from finetune.memory.fp8 import fp8_layer_names
+        from finetune.weights.fp8 import fp8_layer_names
 
         return set(fp8_layer_names(model))
     return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from finetune.errors import UserError
 from finetune.memory.architecture import block_lists
-from finetune.memory.fp8 import inner_tensors
+from finetune.weights.fp8 import inner_tensors
 from finetune.memory.pinned import Packed, layout, pack
 
 

@@ -60,7 +60,7 @@ from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.memory.architecture import blocks_of, build_meta, lora_param_count, weight_bytes
 from finetune.memory.blockswap import BlockSwapError
 from finetune.memory.trace import StepEstimate, StepSettings, step_peak
-from finetune.memory.vae import tile_size as vae_tile_size
+from finetune.weights.vae import tile_size as vae_tile_size
 
 GIB = 2 ** 30
 RUNTIME_OVERHEAD = int(0.5 * GIB)

@@ -8,7 +8,7 @@ moving the one before it (in the pipeline's ``model_cpu_offload_seq``) back out,
 diffusers' ``enable_model_cpu_offload`` works. The peak of a render is then the largest single
 model plus its working memory, not their sum, plus what training keeps there: the optimizer state,
 which is not a module and never moves. Decoding is tiled when ``memory.vae_tiling`` says so
-(finetune/memory/vae.py), since the VAE is the family's own module.
+(finetune/weights/vae.py), since the VAE is the family's own module.
 
 Text encoders of ``memory.text_encoder=cpu`` never come to the device: they run in host memory
 behind an accelerate hook that hands their outputs back on the device the pipeline asked for.
@@ -33,7 +33,7 @@ from accelerate import cpu_offload_with_hook
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 
 from finetune.families.base import Family
-from finetune.memory.encoders import TEXT_ENCODERS
+from finetune.weights.encoders import TEXT_ENCODERS
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

@@ -4,7 +4,7 @@ without memory or weights.
 What is traced: the family's full-size transformer config with each repeated block list cut to a
 few blocks (:data:`BLOCK_COUNT_KEYS` set to 1, then to 2 for each list in turn), built on the meta
 device and given fake parameters in the load dtype under ``FakeTensorMode``, quantised as the
-recipe says (``finetune.memory.fp8`` on the fake weights), with the trainer's own LoRA
+recipe says (``finetune.weights.fp8`` on the fake weights), with the trainer's own LoRA
 (``trainer.add_lora``: fp32 masters, the recipe's targets and rank) and gradient checkpointing as
 the recipe sets it. The family's :meth:`Family.predict` then runs it on fake inputs of the
 recipe's shape (:meth:`Family.planning_inputs`), the trainer's fp32 MSE follows, and backward runs
@@ -53,8 +53,9 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten, tree_map
 
 from finetune.families.base import Components, Family, FullSize, ModelSpec, Stream
-from finetune.memory.architecture import BLOCK_COUNT_KEYS, block_lists, build_meta, keeps_fp32
+from finetune.memory.architecture import BLOCK_COUNT_KEYS, block_lists, build_meta
 from finetune.memory.lora import set_emulated_autocast
+from finetune.weights.dtypes import keeps_fp32
 
 # ---------------------------------------------------------------------------- CUDA autocast
 
@@ -453,7 +454,7 @@ def _traced_model(full: FullSize, counts: dict[str, int], s: StepSettings,
     keeps it), the block linears quantised as ``s`` says, the trainer's LoRA on it, in the order
     training does them; then, given a fake ``mode``, fake parameters throughout (else they stay on
     the meta device). Returns the model and its LoRA parameters."""
-    from finetune.memory.fp8 import quantize_fp8
+    from finetune.weights.fp8 import quantize_fp8
 
     model = copy.deepcopy(build_meta(full, **counts))
     for name, p in model.named_parameters():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.memory.fp8 import quantize_fp8
+from finetune.weights.fp8 import quantize_fp8
 
 MODES = ("gpu", "cpu", "int8", "fp8")
 # Components attributes that are text encoders (image encoders and the VAE are left alone).
