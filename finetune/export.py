@@ -5,8 +5,8 @@ folder describe itself:
   <run>/pytorch_lora_weights_transformer_2.safetensors   the second expert's (two-expert models)
   <run>/video_lora.json                    base model id and revision, family, task, trigger words,
                                            adapter file per transformer, recipe
-  <run>/pytorch_lora_weights_original.safetensors   the same adapter in the original model code's
-                                           naming, for families that have one (LongCat-Video)
+  <run>/comfyui_lora[_transformer_2].safetensors   the same adapter in the original checkpoint's
+                                           module names (ComfyUI), from the family's key map
 
 The files are the diffusers LoRA format (``transformer.``-prefixed PEFT keys, metadata packed
 with the same prefix), written here rather than by a pipeline's ``save_lora_weights`` so that
@@ -129,27 +129,6 @@ def save_adapters(transformers: dict[str, torch.nn.Module], run_dir: str | Path,
             (run_dir / name).chmod(0o644)  # the temp folder's files are private; an adapter is for sharing
             paths.append(run_dir / name)
         os.replace(Path(tmp) / RUN_INFO, run_dir / RUN_INFO)
-    return paths
-
-
-def original_file_name(adapter_file: str) -> str:
-    """``pytorch_lora_weights.safetensors`` -> ``pytorch_lora_weights_original.safetensors``."""
-    return adapter_file.replace(".safetensors", "_original.safetensors")
-
-
-def save_original_format(family, run_dir: str | Path, info: RunInfo, scale: float) -> list[Path]:
-    """Beside each adapter file of a finished run, the same adapter in the base model's original
-    naming where the family has one (``Family.original_lora``; e.g. LongCat-Video's official
-    LoRA format); nothing for families whose original format is the diffusers one."""
-    from safetensors.torch import load_file
-
-    paths = []
-    for file in info.adapter_files().values():
-        original = family.original_lora(load_file(str(Path(run_dir) / file)), scale)
-        if original:
-            path = Path(run_dir) / original_file_name(file)
-            save_file({k: v.contiguous() for k, v in original.items()}, str(path), metadata={"format": "pt"})
-            paths.append(path)
     return paths
 
 

@@ -27,7 +27,7 @@ from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import Clip, aspect_mismatches, load_manifest, split_validation
 from finetune.errors import DataError, TrainingDiverged
-from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
+from finetune.export import RunInfo, adapter_file_name, save_adapters, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
 from finetune.memory import runtime as memory_runtime
 from finetune.memory.lora import train_in_fp32
@@ -529,7 +529,6 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack, limit_vram_gb
                        task=spec.task, adapters=adapters, weights=spec.weights)
         save_adapters({e.attr: accelerator.unwrap_model(t) for e, t in zip(experts, transformers)}, run_dir, info,
                       comfyui_key_maps=comfyui_key_maps(family_cls, experts))
-        save_original_format(family, run_dir, info, recipe.lora.alpha / recipe.lora.rank)
     accelerator.end_training()
     for e, t in zip(experts, transformers):
         setattr(family.components, e.attr, accelerator.unwrap_model(t))

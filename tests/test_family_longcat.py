@@ -218,15 +218,16 @@ def test_render_inputs_are_checked_against_the_task(tmp_path):
         complete_args(RenderArgs(prompt="p", image="x.png", video="v.mp4"), i2v, info)
 
 
-def test_a_continuation_run_samples_from_clip_starts_and_exports_the_official_lora(clips, tmp_path):
+def test_a_continuation_run_samples_from_clip_starts_and_exports_the_official_names(clips, tmp_path):
     """Validation samples of a continue run continue the first cond_frames of a training clip;
-    the run folder also holds the adapter in the official LoRA format, which maps back to it;
-    infer.py's machinery continues a video file with it unfused, merged and merged-then-reloaded."""
+    the run folder also holds the adapter in the official module names (the ComfyUI file, fused
+    qkv), which maps back to it exactly; infer.py's machinery continues a video file with it
+    unfused, merged and merged-then-reloaded."""
     from safetensors.torch import load_file
 
     from conftest import tiny_recipe
     from finetune import trainer
-    from finetune.families.longcat_model import official_lora_to_peft
+    from finetune.lora_formats import read_lora
     from finetune.video import probe_frames
 
     recipe = tiny_recipe("longcat:continue", clips, tmp_path / "run", "optim.steps=2", "checkpoint.every=0",
@@ -235,14 +236,14 @@ def test_a_continuation_run_samples_from_clip_starts_and_exports_the_official_lo
     run_dir = tmp_path / "run"
     assert probe_frames(run_dir / "samples" / "step-00000002-0.mp4")[:3] == (9, 32, 32)
     ours = load_file(str(run_dir / "pytorch_lora_weights.safetensors"))
-    official = load_file(str(run_dir / "pytorch_lora_weights_original.safetensors"))
-    assert any("attn___lorahyphen___qkv" in k for k in official)
-    assert all(k.startswith("lora___lorahyphen___blocks") for k in official)
-    back = official_lora_to_peft(official)
-    assert {f"transformer.{k}" for k in back} == set(ours)
-    for key, value in back.items():
-        scale = 2.0 if ".lora_B." in key else 1.0  # alpha 16 / rank 8, folded into lora_B
-        torch.testing.assert_close(value, ours[f"transformer.{key}"] * scale)
+    official = load_file(str(run_dir / "comfyui_lora.safetensors"))
+    assert any(k.startswith("diffusion_model.blocks.0.attn.qkv.") for k in official)
+    assert all(k.startswith("diffusion_model.blocks.") for k in official)
+    back = read_lora(run_dir / "comfyui_lora.safetensors", CLS.comfyui_key_map())
+    assert {f"transformer.{k}" for k in back.peft_state_dict()} == set(ours)
+    assert {m.alpha for m in back.modules.values()} == {16.0}  # alpha 16 / rank 8, as trained
+    for key, value in back.peft_state_dict().items():
+        torch.testing.assert_close(value, ours[f"transformer.{key}"])
 
     # infer.py's path: continue a video with the adapter unfused, merged, and merged-then-saved.
     from finetune.inference import LoraRef, RenderArgs, apply_loras, complete_args, load_base, render
@@ -281,6 +282,7 @@ def test_the_pipeline_loads_an_official_format_lora(tmp_path):
     through the pipeline's load_lora_weights and renders what the diffusers file renders."""
     from safetensors.torch import load_file, save_file
 
+    from finetune.families.longcat_model import peft_lora_to_official
     from test_families import add_loras, fake_training, save_adapter_files
 
     fam = load("longcat")
@@ -288,7 +290,7 @@ def test_the_pipeline_loads_an_official_format_lora(tmp_path):
     fake_training(fam.components.transformer)
     trained = run(fam, fam.pipeline())
     ours = load_file(save_adapter_files(fam, tmp_path)["transformer"])
-    save_file(fam.original_lora(ours, scale=8 / 4), str(tmp_path / "official.safetensors"))
+    save_file(peft_lora_to_official(ours, scale=8 / 4), str(tmp_path / "official.safetensors"))
     fresh = load("longcat")
     pipe = fresh.pipeline()
     pipe.load_lora_weights(str(tmp_path / "official.safetensors"), adapter_name="official")

@@ -602,13 +602,6 @@ class Family(ABC):
         return None
 
     # --- adapters ---
-    def original_lora(self, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor] | None:
-        """``state``, a diffusers-format adapter (``transformer.``-prefixed peft keys) whose LoRA
-        scale is ``scale`` (alpha / rank), in the naming of the model's original code, which the
-        run folder then also holds (export.save_original_format); None where there is none
-        beyond the diffusers format (the default)."""
-        return None
-
     def load_adapter(self, path: str, expert: Expert, adapter_name: str) -> None:
         """Load a diffusers-format LoRA file (``transformer.``-prefixed keys with their
         metadata) into ``expert``'s transformer, at transformer level so it works for pipelines

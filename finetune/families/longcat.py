@@ -29,9 +29,10 @@ official layout while loading it, so with ``model.quantization`` the official ``
 converted once into a diffusers folder under ``$FINETUNE_CACHE`` (default
 ``~/.cache/finetune``)/longcat/ and the quantised model loads from there.
 
-LoRA export: the diffusers-format file like every family; for the official (original code /
-ComfyUI-wrapper) naming, :func:`~finetune.families.longcat_model.peft_lora_to_official` turns
-it into the official LoRA format (fused qkv / kv_linear as split-rank "blocks" LoRAs).
+LoRA export: the diffusers-format file and the ComfyUI file in the official module names
+(``blocks.{i}.attn.qkv`` fusing to_q/to_k/to_v, ``cross_attn.kv_linear`` fusing to_k/to_v) like
+every family, through :data:`KEY_MAP`; the pipeline also loads the official LoRA format of the
+released LoRAs (:func:`~finetune.families.longcat_model.official_lora_to_peft`).
 
 Attention masks: none. The released config's ``text_tokens_zero_pad`` zeroes the padded text
 tokens and cross-attention attends them all, as the official model does; the clean frames' isolation
@@ -71,7 +72,6 @@ from finetune.families.longcat_model import (
     LongCatVideoTransformer3DModel,
     _is_official_layout,
     frame_timesteps,
-    peft_lora_to_official,
 )
 from finetune.families.longcat_pipeline import LongCatVideoPipeline
 from finetune.lora_formats import KeyMap, Rule
@@ -346,13 +346,6 @@ class LongCatFamily(Family):
                                 f"last {self.cond_frames} (model.cond_frames): pass a longer video")
             out.update(video=list(video), num_cond_frames=self.cond_frames)
         return out
-
-    def original_lora(self, state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-        """The adapter in the official LoRA format (``longcat_video/modules/lora_utils.py``:
-        ``lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv
-        .lora_down.weight`` etc., fused qkv / kv_linear as one LoRA with per-part up blocks,
-        ``alpha_scale`` = ``scale``), which the original code and its ComfyUI ports load."""
-        return peft_lora_to_official(state, scale)
 
     # --- LoRA interchange ---
     @classmethod

@@ -87,8 +87,8 @@ class LongCatVideoLoraLoaderMixin(CogVideoXLoraLoaderMixin):
     """``load_lora_weights`` / ``fuse_lora`` / ``save_lora_weights`` for the transformer.
     diffusers' CogVideoX mixin is transformer-only and model-agnostic (``transformer.``-prefixed
     peft keys with their adapter metadata), which is the format our trainer writes; on top,
-    files in the official LongCat LoRA format (the released cfg-distill / refinement LoRAs, or
-    ``pytorch_lora_weights_original.safetensors``) are converted on load."""
+    files in the official LongCat LoRA format (the released cfg-distill / refinement LoRAs) are
+    converted on load."""
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
