@@ -31,7 +31,7 @@ from finetune.families._tiny import (
     tiny_t5_encoder_config,
     tiny_t5_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FullSize, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 from finetune.video import pil_image
 
@@ -278,14 +278,6 @@ class WanBase(Family):
         return {k: torch.cat(v) for k, v in parts.items()}
 
     # --- training ---
-    def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                               cond: dict[str, torch.Tensor] | None = None) -> Noised:
-        """Rectified flow; for first-frame i2v the first latent frame is the clean image latent
-        and left out of the loss."""
-        if cond and "first_latent" in cond:
-            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
-        return super().noisy_input_and_target(latents, noise, sigmas, cond)
-
     def predict(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict[str, torch.Tensor], fps: float) -> torch.Tensor:
         """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond["prompt_embeds"]

@@ -463,6 +463,24 @@ class Family(ABC):
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """videos: [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, f, h, w]."""
 
+    @torch.no_grad()
+    def vae_latents(self, videos: torch.Tensor, generator: torch.Generator | None = None,
+                    sample: bool = True) -> torch.Tensor:
+        """The VAE posterior of ``videos`` [B, 3, F, H, W] in [-1, 1], checked against the family
+        rules, as raw latents [B, C, f, h, w] in the VAE's dtype: a sample drawn with
+        ``generator``, or the posterior's mode (``sample=False``). What :meth:`encode_videos`
+        normalises. Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
+        vae = self.components.vae
+        self.require("encode_videos", "vae")
+        self.check_videos(videos)
+        posterior = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    def scaled_latents(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A posterior sample of ``videos`` (:meth:`vae_latents`) times the VAE's ``scaling_factor``,
+        no shift: the latents of VAEs whose pipelines divide by that factor before decoding."""
+        return self.vae_latents(videos, generator) * self.components.vae.config.scaling_factor
+
     def encoders_id(self) -> str:
         """Names the weights that produce cached latents and embeddings. Real weights: the model id
         (its revision is keyed separately). Tiny models: a digest of the encoder weights, so a
@@ -564,7 +582,12 @@ class Family(ABC):
     ) -> Noised:
         """Rectified flow: x_t = (1 - sigma) x_0 + sigma * noise, target velocity = noise - x_0,
         timesteps = 1000 sigma, every position in the loss. latents, noise: [B, C, f, h, w];
-        sigmas: [B] in [0, 1]. Families conditioning on clean frames override this."""
+        sigmas: [B] in [0, 1]. First-frame image-to-video (``cond["first_latent"]``
+        [B, C, 1, h, w], the clean latent of the image): that frame is given clean and left out of
+        the loss (:meth:`noised_with_clean_frames`). Families whose target or timesteps differ
+        override this."""
+        if cond and "first_latent" in cond:
+            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
         s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         return Noised((1 - s) * latents + s * noise, noise - latents, sigmas * 1000.0)
 

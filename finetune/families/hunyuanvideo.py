@@ -49,7 +49,7 @@ from finetune.families._tiny import (
     tiny_clip_tokenizer,
     tiny_llama3_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap, fused, swapped_halves
 from finetune.video import pil_image
 
@@ -375,14 +375,6 @@ class HunyuanVideoFamily(Family):
         """The checkpoint's flow shift (scheduler config: 7.0 for HunyuanVideo, musubi-tuner's
         documented training shift), whatever the latent size."""
         return float(self.components.scheduler.config.shift)
-
-    def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                               cond: dict[str, torch.Tensor] | None = None) -> Noised:
-        """Rectified flow; for i2v the first latent frame is the clean image latent and left out
-        of the loss, as the I2V pipeline replaces it every step."""
-        if cond and "first_latent" in cond:
-            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
-        return super().noisy_input_and_target(latents, noise, sigmas, cond)
 
     def predict(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict[str, torch.Tensor], fps: float) -> torch.Tensor:

@@ -44,7 +44,7 @@ from finetune.families import register
 from finetune.families._encoders import CLIP_L_TEXT, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION
 from finetune.families._loading import load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_clip_tokenizer
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 from finetune.video import pil_image
 
@@ -342,14 +342,6 @@ class Kandinsky5Family(Family):
         return {"first_latent": torch.cat(firsts)}
 
     # --- training ---
-    def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                               cond: dict[str, torch.Tensor] | None = None) -> Noised:
-        """Rectified flow; for i2v the first latent frame is the clean image latent, left out of
-        the loss (the sampler never updates it)."""
-        if cond and "first_latent" in cond:
-            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
-        return super().noisy_input_and_target(latents, noise, sigmas, cond)
-
     def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
         """The model's scheduler_scale (its scheduler config's ``shift``) at every size."""
         return float(self.components.scheduler.config.shift)

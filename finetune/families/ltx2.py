@@ -497,10 +497,7 @@ class LTX2Family(Family):
         sigmas, timesteps 1000 sigma, velocity target, weight 1 (ltx-trainer). Its noise comes from
         a generator seeded by the video noise, so it is as reproducible as that noise (resumed
         runs, fixed-noise losses) without the trainer drawing it."""
-        if cond and "first_latent" in cond:
-            out = self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
-        else:
-            out = super().noisy_input_and_target(latents, noise, sigmas, cond)
+        out = super().noisy_input_and_target(latents, noise, sigmas, cond)
         if cond and "audio_latents" in cond:
             audio = cond["audio_latents"]
             seed = int(noise.detach().double().abs().sum().item() * 1e6) % (2**63 - 1)

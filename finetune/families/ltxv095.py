@@ -34,7 +34,7 @@ from finetune.families._tiny import (
     tiny_t5_encoder_config,
     tiny_t5_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, FullSize, Noised
+from finetune.families.base import TEXT_LEN_KEY, Components, FullSize
 
 Pipeline = diffusers.LTXConditionPipeline
 # Scheduler of the 0.9.5 / 0.9.7 diffusers repos (diffusers' convert_ltx_to_diffusers.py): plain
@@ -152,14 +152,6 @@ class LTXV095Family(LTXBase):
         return {"first_latent": torch.cat(firsts).to(latents.dtype)}
 
     # --- training ---
-    def noisy_input_and_target(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                               cond: dict[str, torch.Tensor] | None = None) -> Noised:
-        """Rectified flow (target: velocity noise - x_0, as LTX-Video-Trainer); for i2v the first
-        latent frame is the clean image latent and left out of the loss."""
-        if cond and "first_latent" in cond:
-            return self.noised_with_clean_frames(latents, noise, sigmas, cond["first_latent"])
-        return super().noisy_input_and_target(latents, noise, sigmas, cond)
-
     def video_coords(self, batch: int, frames: int, height: int, width: int, fps: float,
                      device: torch.device) -> torch.Tensor:
         """[B, 3, f*h*w] RoPE coordinates of a latent grid, built by LTXConditionPipeline's own
