@@ -233,11 +233,7 @@ class CogVideoXBase(Family):
         [B, 16, k+1, H/8, W/8]: a posterior sample (drawn with ``generator``) times the VAE's
         scaling_factor, as the official trainer encodes and the pipelines decode (1 / factor).
         Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
-        vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        return latents * vae.config.scaling_factor
+        return self.scaled_latents(videos, generator)
 
     def padded_latent_frames(self, frames: int) -> tuple[int, int]:
         """(latent frames, padding frames) the pipelines use for ``frames`` video frames: 1.5's

@@ -144,11 +144,8 @@ class LTXBase(Family):
         LTX-Video-Trainer do (the model was trained on sampled latents). Raises ValueError for a
         bad shape, RuntimeError if the VAE was released."""
         vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        return self.pipeline_class._normalize_latents(latents, vae.latents_mean, vae.latents_std,
-                                                      vae.config.scaling_factor)
+        return self.pipeline_class._normalize_latents(self.vae_latents(videos, generator), vae.latents_mean,
+                                                      vae.latents_std, vae.config.scaling_factor)
 
     # --- inference ---
     def pipeline(self) -> diffusers.DiffusionPipeline:

@@ -245,10 +245,7 @@ class WanBase(Family):
         normalised with the VAE's latents_mean/std (the inverse of what the pipelines do before
         decoding). Takes the posterior mode, as the original Wan VAE's encode does, so
         ``generator`` is unused. Raises ValueError for a bad shape, RuntimeError if released."""
-        vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        return self._normalise(vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode())
+        return self._normalise(self.vae_latents(videos, sample=False))
 
     @torch.no_grad()
     def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -334,11 +334,7 @@ class HunyuanVideoFamily(Family):
         [B, 16, (F-1)/4+1, H/8, W/8] times the VAE's scaling_factor (the pipelines divide by it
         before decoding). Samples the posterior with ``generator``, as the community trainers do.
         Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
-        vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        return latents * vae.config.scaling_factor
+        return self.scaled_latents(videos, generator)
 
     def conditioning_uses_captions(self) -> bool:
         """i2v: the Llava text encoder reads the first frame and the caption together."""

@@ -314,11 +314,7 @@ class Kandinsky5Family(Family):
         [B, C, (F-1)/4+1, H/8, W/8]: a posterior sample (with ``generator``) times the VAE's scaling
         factor, as the I2V pipeline encodes its image and the pipelines undo before decoding.
         Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
-        vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        return latents * vae.config.scaling_factor
+        return self.scaled_latents(videos, generator)
 
     @torch.no_grad()
     def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor,

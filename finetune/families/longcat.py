@@ -268,10 +268,7 @@ class LongCatFamily(Family):
         normalised with the VAE's latents_mean/std, as the pipeline does. Takes the posterior
         mode (as the Wan families), so ``generator`` is unused. Raises ValueError for a bad
         shape, RuntimeError if the VAE was released."""
-        vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        return self._normalise(vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()).float()
+        return self._normalise(self.vae_latents(videos, sample=False)).float()
 
     def task_cond_frames(self, frames: int) -> int:
         """Pixel frames of a ``frames``-frame clip that condition :attr:`task` (0 for t2v).

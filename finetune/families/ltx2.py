@@ -406,9 +406,7 @@ class LTX2Family(Family):
         [B, 128, (F-1)/8+1, H/32, W/32] (posterior means; ``generator`` is unused). Raises
         ValueError for a bad shape, RuntimeError if the VAE was released."""
         vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        latents = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        latents = self.vae_latents(videos, sample=False)
         return Pipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
 
     @torch.no_grad()

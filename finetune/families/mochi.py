@@ -191,11 +191,8 @@ class MochiFamily(Family):
         [B, 12, (F-1)/6+1, H/8, W/8] normalised as (z - mean) * scaling_factor / std, the inverse
         of what MochiPipeline does before decoding. Samples the posterior with ``generator``, as
         genmo's fine-tuner does. Raises ValueError for a bad shape, RuntimeError if released."""
-        vae = self.components.vae
-        self.require("encode_videos", "vae")
-        self.check_videos(videos)
-        z = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        cfg = vae.config
+        z = self.vae_latents(videos, generator)
+        cfg = self.components.vae.config
         mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(z)
         std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1).to(z)
         return (z - mean) * cfg.scaling_factor / std
