@@ -44,8 +44,8 @@ import transformers
 
 from finetune.families._encoders import T5_XXL
 from finetune.families._loading import load_transformer
-from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config, tiny_t5_tokenizer
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_text
+from finetune.families.base import Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap, fused
 
 # scheduler/scheduler_config.json of the THUDM/CogVideoX repos (2B: snr_shift_scale 3.0; 5B, 5B-I2V and
@@ -170,10 +170,7 @@ class CogVideoXBase(Family):
     @classmethod
     def tiny_text(cls) -> tuple[transformers.T5Tokenizer, transformers.T5EncoderModel, dict]:
         """Character tokenizer, 1-layer T5 (v1.1-style) with d_model 32, and the tiny prompt length."""
-        text_len = cls.tiny_max_sequence_length
-        tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        encoder = transformers.T5EncoderModel(tiny_t5_encoder_config(transformers.T5Config, tokenizer))
-        return tokenizer, encoder, {TEXT_LEN_KEY: text_len}
+        return tiny_t5_text(transformers.T5EncoderModel, cls.tiny_max_sequence_length)
 
     @staticmethod
     @torch.no_grad()

@@ -12,6 +12,8 @@ import string
 import torch
 import transformers
 
+from finetune.families.base import TEXT_LEN_KEY
+
 # Printable ASCII without whitespace: the Metaspace pre-tokenizer turns spaces into "▁", so
 # whitespace entries would never be used.
 _TINY_CHARS = tuple(c for c in string.printable if not c.isspace())
@@ -38,6 +40,16 @@ def tiny_t5_tokenizer(model_max_length: int) -> transformers.T5Tokenizer:
     # Equal scores make the unigram model split every word into single characters.
     vocab += [(c, -1.0) for c in _TINY_CHARS] + [("▁", -1.0)]
     return transformers.T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_text(encoder_cls: type, text_len: int) -> tuple[transformers.T5Tokenizer, transformers.PreTrainedModel,
+                                                            dict]:
+    """The tiny stand-in of a T5-XXL or umT5-XXL text encoder: a character tokenizer padding to
+    ``text_len`` (:func:`tiny_t5_tokenizer`), a 1-layer ``encoder_cls`` (``T5EncoderModel`` or
+    ``UMT5EncoderModel``, :func:`tiny_t5_encoder_config`) for it, and the ``components.extra``
+    entry that records the shorter prompt length."""
+    tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
+    return tokenizer, encoder_cls(tiny_t5_encoder_config(encoder_cls.config_class, tokenizer)), {TEXT_LEN_KEY: text_len}
 
 
 def tiny_gemma_tokenizer(model_max_length: int) -> transformers.GemmaTokenizer:
@@ -122,3 +134,34 @@ def tiny_clip_tokenizer() -> transformers.CLIPTokenizer:
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_clip_text() -> tuple[transformers.CLIPTokenizer, transformers.CLIPTextModel]:
+    """The tiny stand-in of CLIP ViT-L/14's text tower: :func:`tiny_clip_tokenizer` and a 1-layer
+    CLIP text model (hidden 32) with the 77 positions the pipelines pad to."""
+    tokenizer = tiny_clip_tokenizer()
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer, transformers.CLIPTextModel(config)
+
+
+def tiny_qwen_tokenizer() -> transformers.Qwen2Tokenizer:
+    """A byte-level Qwen2 tokenizer built in code, no download: one token per byte, no merges,
+    right padding, Qwen's chat special tokens (``<|im_start|>``, ``<|im_end|>``)."""
+    tokenizer = transformers.Qwen2Tokenizer(vocab={c: i for i, c in enumerate(_byte_level_alphabet())}, merges=[],
+                                            model_max_length=4096, padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def tiny_qwen_text_config(tokenizer: transformers.Qwen2Tokenizer, layers: int) -> dict:
+    """Keyword arguments of a Qwen2.5-VL text config of ``layers`` layers (hidden 32, 4 heads, 2
+    key/value heads, multimodal rope) for ``tokenizer``: the tiny stand-in of Qwen2.5-VL-7B's
+    text model, which HunyuanVideo-1.5 and Kandinsky 5 read prompts with."""
+    return dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))

@@ -28,10 +28,9 @@ from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
     refill_zero_params,
-    tiny_t5_encoder_config,
-    tiny_t5_tokenizer,
+    tiny_t5_text,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FullSize, ModelSpec
+from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 from finetune.video import pil_image
 
@@ -179,10 +178,7 @@ class WanBase(Family):
     @classmethod
     def tiny_text(cls) -> tuple[transformers.T5Tokenizer, transformers.UMT5EncoderModel, dict]:
         """Character tokenizer, 1-layer umT5 with d_model 32, and the tiny prompt length."""
-        text_len = cls.tiny_max_sequence_length
-        tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        encoder = transformers.UMT5EncoderModel(tiny_t5_encoder_config(transformers.UMT5Config, tokenizer))
-        return tokenizer, encoder, {TEXT_LEN_KEY: text_len}
+        return tiny_t5_text(transformers.UMT5EncoderModel, cls.tiny_max_sequence_length)
 
     @staticmethod
     def calibrate_vae(vae: diffusers.AutoencoderKLWan, size: int) -> diffusers.AutoencoderKLWan:

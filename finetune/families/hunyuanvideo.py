@@ -46,7 +46,7 @@ from finetune.families._loading import load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     refill_zero_params,
-    tiny_clip_tokenizer,
+    tiny_clip_text,
     tiny_llama3_tokenizer,
 )
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
@@ -263,13 +263,7 @@ class HunyuanVideoFamily(Family):
         else:
             text_encoder = transformers.LlamaModel(llama)
             extra[TEMPLATE_KEY] = fit_template(t2v_module.DEFAULT_PROMPT_TEMPLATE, tokenizer)
-        tokenizer_2 = tiny_clip_tokenizer()
-        text_encoder_2 = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer_2), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=tokenizer_2.bos_token_id, eos_token_id=tokenizer_2.eos_token_id,
-            pad_token_id=tokenizer_2.pad_token_id,
-        ))
+        tokenizer_2, text_encoder_2 = tiny_clip_text()
         vae = diffusers.AutoencoderKLHunyuanVideo(block_out_channels=(32, 32, 32, 32), layers_per_block=1,
                                                   norm_num_groups=8, mid_block_add_attention=False)
         # The shipped scaling_factor fits the real VAE; measure the tiny one's on posterior

@@ -38,7 +38,6 @@ import inspect
 from typing import Any, ClassVar, Iterator
 
 import diffusers
-import tokenizers
 import torch
 import transformers
 from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
@@ -48,7 +47,13 @@ from finetune.families._attention import HunyuanVideo15Processor, SelfAttentionP
 from finetune.families._encoders import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
 from finetune.families._hunyuan import SHARED_PAIRS
 from finetune.families._loading import load_transformer
-from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_encoder_config
+from finetune.families._tiny import (
+    calibration_videos,
+    refill_zero_params,
+    tiny_qwen_text_config,
+    tiny_qwen_tokenizer,
+    tiny_t5_encoder_config,
+)
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap, embedding, swapped_halves
 from finetune.video import pil_image
@@ -312,17 +317,9 @@ class HunyuanVideo15Family(Family):
         special tokens and template), a 3-layer Qwen2.5-VL text model (hidden 32, multimodal rope)
         for it, and the number of tokens its rendering of the pipeline's system prompt takes (the
         real tokenizer's is the pipelines' 108)."""
-        alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-        tokenizer = transformers.Qwen2Tokenizer(vocab={c: i for i, c in enumerate(alphabet)}, merges=[],
-                                                model_max_length=4096, padding_side="right")
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tokenizer = tiny_qwen_tokenizer()
         tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
-        config = transformers.Qwen2_5_VLTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        )
+        config = transformers.Qwen2_5_VLTextConfig(**tiny_qwen_text_config(tokenizer, layers=3))
         helper = inspect.signature(diffusers.HunyuanVideo15Pipeline._get_mllm_prompt_embeds)
         system = helper.parameters["system_message"].default
         prefix = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": ""}],

@@ -34,7 +34,6 @@ import types
 from typing import Any, ClassVar
 
 import diffusers
-import tokenizers
 import torch
 import transformers
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -43,7 +42,13 @@ from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnPr
 from finetune.families import register
 from finetune.families._encoders import CLIP_L_TEXT, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION
 from finetune.families._loading import load_transformer
-from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_clip_tokenizer
+from finetune.families._tiny import (
+    calibration_videos,
+    refill_zero_params,
+    tiny_clip_text,
+    tiny_qwen_text_config,
+    tiny_qwen_tokenizer,
+)
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 from finetune.video import pil_image
@@ -212,7 +217,7 @@ class Kandinsky5Family(Family):
         calibration clips); a 2-layer Qwen2.5-VL (hidden 32) with a byte-level Qwen2 tokenizer; a
         1-layer CLIP text model (hidden 32) with a character CLIP tokenizer; scheduler shift 5."""
         tokenizer, text_encoder, crop = cls.tiny_qwen()
-        tokenizer_2, text_encoder_2 = cls.tiny_clip()
+        tokenizer_2, text_encoder_2 = tiny_clip_text()
         vae = cls.tiny_vae()
         latent = vae.config.latent_channels
         transformer = diffusers.Kandinsky5Transformer3DModel(
@@ -231,14 +236,8 @@ class Kandinsky5Family(Family):
         """A byte-level Qwen2 tokenizer built in code (one token per byte, no merges, Qwen's chat
         special tokens), a 2-layer Qwen2.5-VL (hidden 32, a 1-block vision tower the text path
         never runs) for it, and the number of tokens the pipelines' system prompt takes with it."""
-        alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-        tokenizer = transformers.Qwen2Tokenizer(vocab={c: i for i, c in enumerate(alphabet)}, merges=[],
-                                                model_max_length=4096, padding_side="right")
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                    rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, pad_token_id=tokenizer.pad_token_id,
-                    bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        tokenizer = tiny_qwen_tokenizer()
+        text = tiny_qwen_text_config(tokenizer, layers=2)
         vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=4, out_hidden_size=32,
                       fullatt_block_indexes=[0])
         config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision)
@@ -247,18 +246,6 @@ class Kandinsky5Family(Family):
         template = diffusers.Kandinsky5T2VPipeline(**dict.fromkeys(names)).prompt_template
         crop = len(tokenizer(template.split("{}")[0]).input_ids)
         return tokenizer, transformers.Qwen2_5_VLForConditionalGeneration(config), crop
-
-    @staticmethod
-    def tiny_clip() -> tuple[transformers.CLIPTokenizer, transformers.CLIPTextModel]:
-        """A character-level CLIP tokenizer built in code (_tiny.tiny_clip_tokenizer) and a 1-layer
-        CLIP text model (hidden 32) with the 77 positions the pipelines pad to."""
-        tokenizer = tiny_clip_tokenizer()
-        config = transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        return tokenizer, transformers.CLIPTextModel(config)
 
     @staticmethod
     def tiny_vae() -> diffusers.AutoencoderKLHunyuanVideo:

@@ -54,18 +54,9 @@ from finetune.errors import UserError
 from finetune.families import register
 from finetune.families._encoders import UMT5_XXL
 from finetune.families._loading import bnb_quantization_config
-from finetune.families._tiny import refill_zero_params, tiny_t5_encoder_config, tiny_t5_tokenizer
+from finetune.families._tiny import refill_zero_params, tiny_t5_text
 from finetune.families._wan import WanBase
-from finetune.families.base import (
-    COND_FRAMES_KEY,
-    TEXT_LEN_KEY,
-    Components,
-    Family,
-    FrameRule,
-    FullSize,
-    ModelSpec,
-    Noised,
-)
+from finetune.families.base import COND_FRAMES_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.families.longcat_model import (
     _BLOCK_MAP,
     _TOP_LEVEL_MAP,
@@ -223,9 +214,7 @@ class LongCatFamily(Family):
         width 32), the tiny Wan VAE with the real 8x/4x compression and 16 channels (statistics
         calibrated on clips), 1-layer umT5 (d_model 32), character tokenizer, the released
         scheduler config. One build serves every task, as the real checkpoint does."""
-        text_len = cls.tiny_max_sequence_length
-        tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        text_encoder = transformers.UMT5EncoderModel(tiny_t5_encoder_config(transformers.UMT5Config, tokenizer))
+        tokenizer, text_encoder, extra = tiny_t5_text(transformers.UMT5EncoderModel, cls.tiny_max_sequence_length)
         vae = WanBase.calibrate_vae(diffusers.AutoencoderKLWan(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         ), size=32)
@@ -236,7 +225,7 @@ class LongCatFamily(Family):
         refill_zero_params(transformer)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
         return Components(transformer, vae, text_encoder, tokenizer, scheduler,
-                          extra={TEXT_LEN_KEY: text_len, COND_FRAMES_KEY: cls.tiny_cond_frames})
+                          extra={**extra, COND_FRAMES_KEY: cls.tiny_cond_frames})
 
     # --- encoding ---
     def _pipe(self, **parts: Any) -> LongCatVideoPipeline:

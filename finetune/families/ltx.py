@@ -21,10 +21,9 @@ from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
     refill_zero_params,
-    tiny_t5_encoder_config,
-    tiny_t5_tokenizer,
+    tiny_t5_text,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, FullSize
+from finetune.families.base import Components, FullSize
 
 # Mirrors scheduler/scheduler_config.json of Lightricks/LTX-Video: flow-matching Euler whose
 # shift grows with the latent token count (1024 -> 0.95, 4096 -> 2.05, exponential).
@@ -68,9 +67,7 @@ class LTXFamily(LTXBase):
         channels per block that keeps the real compression (patch 4, three 2x spatio-temporal
         downsamples: 32x space, 8x time) and 8 latent channels (its latent statistics measured on
         calibration clips), 1-layer T5 with d_model 32, character tokenizer, the real scheduler config."""
-        text_len = cls.tiny_max_sequence_length
-        tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        text_encoder = transformers.T5EncoderModel(tiny_t5_encoder_config(transformers.T5Config, tokenizer))
+        tokenizer, text_encoder, extra = tiny_t5_text(transformers.T5EncoderModel, cls.tiny_max_sequence_length)
         vae = diffusers.AutoencoderKLLTXVideo(
             latent_channels=8,
             block_out_channels=(8, 8, 8, 8),
@@ -106,7 +103,7 @@ class LTXFamily(LTXBase):
         )
         refill_zero_params(transformer)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={TEXT_LEN_KEY: text_len})
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra)
 
     # --- training ---
     def predict(

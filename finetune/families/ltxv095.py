@@ -31,10 +31,9 @@ from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
     refill_zero_params,
-    tiny_t5_encoder_config,
-    tiny_t5_tokenizer,
+    tiny_t5_text,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, FullSize
+from finetune.families.base import Components, FullSize
 
 Pipeline = diffusers.LTXConditionPipeline
 # Scheduler of the 0.9.5 / 0.9.7 diffusers repos (diffusers' convert_ltx_to_diffusers.py): plain
@@ -107,9 +106,7 @@ class LTXV095Family(LTXBase):
         """Same classes as the real model: 2-layer transformer (4 heads x 16), the 0.9.5 VAE layout
         at tiny width (:meth:`tiny_vae`), 1-layer T5 with d_model 32, character tokenizer, the
         0.9.5 repos' scheduler config. Both tasks share it, as the real checkpoints do."""
-        text_len = cls.tiny_max_sequence_length
-        tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        text_encoder = transformers.T5EncoderModel(tiny_t5_encoder_config(transformers.T5Config, tokenizer))
+        tokenizer, text_encoder, extra = tiny_t5_text(transformers.T5EncoderModel, cls.tiny_max_sequence_length)
         vae = cls.tiny_vae()
         transformer = diffusers.LTXVideoTransformer3DModel(
             in_channels=8,
@@ -124,7 +121,7 @@ class LTXV095Family(LTXBase):
         )
         refill_zero_params(transformer)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={TEXT_LEN_KEY: text_len})
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra)
 
     # --- encoding ---
     @torch.no_grad()

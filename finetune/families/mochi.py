@@ -32,10 +32,9 @@ from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
     refill_zero_params,
-    tiny_t5_encoder_config,
-    tiny_t5_tokenizer,
+    tiny_t5_text,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
+from finetune.families.base import Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap, alternatives, fused, swapped_halves
 
 # Mirrors scheduler/scheduler_config.json of genmo/mochi-1-preview: plain flow-matching Euler with
@@ -147,9 +146,7 @@ class MochiFamily(Family):
         spatial / 6x temporal compression and 12 latent channels (its latent statistics measured
         on calibration clips), 1-layer T5 with d_model 32, character tokenizer, the real
         scheduler config."""
-        text_len = cls.tiny_max_sequence_length
-        tokenizer = tiny_t5_tokenizer(model_max_length=text_len)
-        text_encoder = transformers.T5EncoderModel(tiny_t5_encoder_config(transformers.T5Config, tokenizer))
+        tokenizer, text_encoder, extra = tiny_t5_text(transformers.T5EncoderModel, cls.tiny_max_sequence_length)
         vae = diffusers.AutoencoderKLMochi(
             encoder_block_out_channels=(32, 32, 32, 32),
             decoder_block_out_channels=(32, 32, 32, 32),
@@ -165,11 +162,12 @@ class MochiFamily(Family):
         vae.register_to_config(latents_mean=mean, latents_std=std)
         transformer = diffusers.MochiTransformer3DModel(
             patch_size=2, num_attention_heads=4, attention_head_dim=32, num_layers=2, pooled_projection_dim=32,
-            in_channels=12, out_channels=12, text_embed_dim=32, time_embed_dim=32, max_sequence_length=text_len,
+            in_channels=12, out_channels=12, text_embed_dim=32, time_embed_dim=32,
+            max_sequence_length=cls.tiny_max_sequence_length,
         )
         refill_zero_params(transformer)  # pos_frequencies starts at zero
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={TEXT_LEN_KEY: text_len})
+        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra)
 
     # --- encoding ---
     @torch.no_grad()
