@@ -43,7 +43,7 @@ import torch
 import transformers
 
 from finetune.families._encoders import T5_XXL
-from finetune.families._loading import load_transformer
+from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import calibration_videos, refill_zero_params, tiny_t5_text
 from finetune.families.base import Components, Family, FrameRule, FullSize, ModelSpec, Noised
 from finetune.lora_formats import KeyMap, fused
@@ -156,16 +156,13 @@ class CogVideoXBase(Family):
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         """The diffusers repo layout; every part in ``spec.dtype`` as the CogVideoX docs load the
-        pipeline (bf16 for 5B and 1.5, fp16 for 2B), the transformer quantised if asked."""
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
+        pipeline (bf16 for 5B and 1.5, fp16 for 2B), the transformer quantised if asked. The repos
+        ship CogVideoXDDIMScheduler; the DPM variant the 5B docs suggest for sampling has the same
+        training schedule (alphas_cumprod), so one class serves both."""
         transformer = load_transformer(diffusers.CogVideoXTransformer3DModel, spec)
-        vae = diffusers.AutoencoderKLCogVideoX.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
-        text_encoder = transformers.T5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        # The repos ship CogVideoXDDIMScheduler; the DPM variant the 5B docs suggest for sampling has
-        # the same training schedule (alphas_cumprod), so one class serves both.
-        scheduler = diffusers.CogVideoXDDIMScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+        parts = from_subfolders(spec, vae=diffusers.AutoencoderKLCogVideoX, text_encoder=transformers.T5EncoderModel,
+                                tokenizer=transformers.AutoTokenizer, scheduler=diffusers.CogVideoXDDIMScheduler)
+        return Components(transformer, **parts)
 
     @classmethod
     def tiny_text(cls) -> tuple[transformers.T5Tokenizer, transformers.T5EncoderModel, dict]:

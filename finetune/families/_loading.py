@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import zlib
+from typing import Any
 
 import diffusers
 import torch
+import transformers
 
 from finetune.errors import UserError
 from finetune.families.base import FullSize, ModelSpec
@@ -39,6 +41,23 @@ def check_quantization(spec: ModelSpec) -> None:
     bitsandbytes without CUDA. Raises ValueError or QuantizationUnavailable."""
     if spec.quantization != "fp8":
         bnb_quantization_config(spec)
+
+
+def from_subfolders(spec: ModelSpec, **parts: type | tuple[type, torch.dtype]) -> dict[str, Any]:
+    """Each ``subfolder=cls`` of ``spec.pretrained`` at ``spec.revision`` by ``cls.from_pretrained``,
+    in the order given: models (diffusers or transformers) in ``spec.dtype``, or in the dtype paired
+    with their class (``vae=(AutoencoderKLWan, torch.float32)``); tokenizers, processors,
+    schedulers and guiders as saved. Returns {subfolder: loaded}."""
+    out = {}
+    for subfolder, part in parts.items():
+        cls, dtype = part if isinstance(part, tuple) else (part, spec.dtype)
+        kwargs: dict[str, Any] = dict(subfolder=subfolder, revision=spec.revision)
+        if issubclass(cls, diffusers.ModelMixin):
+            kwargs["torch_dtype"] = dtype
+        elif issubclass(cls, transformers.PreTrainedModel):
+            kwargs["dtype"] = dtype
+        out[subfolder] = cls.from_pretrained(spec.pretrained, **kwargs)
+    return out
 
 
 def load_transformer(cls: type, spec: ModelSpec, subfolder: str = "transformer", **kwargs) -> torch.nn.Module:

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from finetune.families._encoders import T5_XXL
-from finetune.families._loading import load_transformer
+from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families.base import Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 
@@ -108,14 +108,12 @@ class LTXBase(Family):
 
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = load_transformer(diffusers.LTXVideoTransformer3DModel, spec)
         # The LTX docs recommend one dtype (bfloat16) for transformer, VAE and text encoder.
-        vae = diffusers.AutoencoderKLLTXVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
-        text_encoder = transformers.T5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+        parts = from_subfolders(spec, vae=diffusers.AutoencoderKLLTXVideo, text_encoder=transformers.T5EncoderModel,
+                                tokenizer=transformers.AutoTokenizer,
+                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler)
+        return Components(transformer, **parts)
 
     # --- encoding ---
     def _pipe(self, **parts: Any) -> diffusers.DiffusionPipeline:

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from finetune.families._encoders import CLIP_VIT_H_14, UMT5_XXL
-from finetune.families._loading import load_transformer
+from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -156,20 +156,20 @@ class WanBase(Family):
 
     # --- loading ---
     @classmethod
-    def load_parts(cls, spec: ModelSpec, transformers_: tuple[str, ...] = ("transformer",)) -> Components:
-        """Every component with ``from_pretrained`` from the diffusers repo layout."""
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
+    def load_parts(cls, spec: ModelSpec, transformers_: tuple[str, ...] = ("transformer",),
+                   **more: type) -> Components:
+        """Every component with ``from_pretrained`` from the diffusers repo layout: the transformers
+        ``transformers_``, the VAE, umT5 and its tokenizer, the scheduler, and ``more`` (Components
+        attribute = class: image encoder and processor)."""
         loaded = {
             name: load_transformer(diffusers.WanTransformer3DModel, spec, subfolder=name)
             for name in transformers_
         }
         # The Wan docs recommend the VAE in float32 for decoding quality, whatever the rest uses.
-        vae = diffusers.AutoencoderKLWan.from_pretrained(**src, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = transformers.UMT5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        scheduler = diffusers.UniPCMultistepScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(loaded["transformer"], vae, text_encoder, tokenizer, scheduler,
-                          transformer_2=loaded.get("transformer_2"))
+        parts = from_subfolders(spec, vae=(diffusers.AutoencoderKLWan, torch.float32),
+                                text_encoder=transformers.UMT5EncoderModel, tokenizer=transformers.AutoTokenizer,
+                                scheduler=diffusers.UniPCMultistepScheduler, **more)
+        return Components(**loaded, **parts)
 
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:

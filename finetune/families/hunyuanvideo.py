@@ -42,7 +42,7 @@ from finetune.families import register
 from finetune.families._attention import PadFreeJointProcessor, SelfAttentionProcessor
 from finetune.families._encoders import CLIP_L_336_VISION, CLIP_L_TEXT, LLAMA3_8B
 from finetune.families._hunyuan import SHARED_PAIRS
-from finetune.families._loading import load_transformer
+from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     refill_zero_params,
@@ -162,27 +162,23 @@ class HunyuanVideoFamily(Family):
     # --- loading ---
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
+        """The diffusers layout; i2v reads prompts with a Llava (its image processor beside it), t2v
+        with a Llama. The HunyuanVideo docs load the VAE in float16/bfloat16 with the rest: the
+        spec's dtype for every part."""
         transformer = load_transformer(diffusers.HunyuanVideoTransformer3DModel, spec)
-        # The HunyuanVideo docs load the VAE in float16/bfloat16 with the rest; keep the spec's dtype.
-        vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        text_encoder_2 = transformers.CLIPTextModel.from_pretrained(**src, subfolder="text_encoder_2", dtype=spec.dtype)
-        tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(**src, subfolder="tokenizer_2")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
+        i2v = spec.task == "i2v"
+        parts = from_subfolders(
+            spec, vae=diffusers.AutoencoderKLHunyuanVideo, tokenizer=transformers.AutoTokenizer,
+            text_encoder_2=transformers.CLIPTextModel, tokenizer_2=transformers.CLIPTokenizer,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler,
+            text_encoder=transformers.LlavaForConditionalGeneration if i2v else transformers.LlamaModel,
+            **({"image_processor": transformers.CLIPImageProcessor} if i2v else {}))
         extra: dict[str, Any] = {}
-        image_processor = None
-        if spec.task == "i2v":
-            text_encoder = transformers.LlavaForConditionalGeneration.from_pretrained(
-                **src, subfolder="text_encoder", dtype=spec.dtype)
-            image_processor = transformers.CLIPImageProcessor.from_pretrained(**src, subfolder="image_processor")
-            default = i2v_module.DEFAULT_PROMPT_TEMPLATE
-            if llava_image_tokens(text_encoder) != default["image_emb_len"]:  # not the real vision tower
-                extra[TEMPLATE_KEY] = fit_template(default, tokenizer, llava_image_tokens(text_encoder))
-        else:
-            text_encoder = transformers.LlamaModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra,
-                          image_processor=image_processor, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        if i2v:
+            default, tokens = i2v_module.DEFAULT_PROMPT_TEMPLATE, llava_image_tokens(parts["text_encoder"])
+            if tokens != default["image_emb_len"]:  # not the real vision tower
+                extra[TEMPLATE_KEY] = fit_template(default, parts["tokenizer"], tokens)
+        return Components(transformer, extra=extra, **parts)
 
     @classmethod
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:

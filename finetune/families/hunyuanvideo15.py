@@ -46,7 +46,7 @@ from finetune.families import register
 from finetune.families._attention import HunyuanVideo15Processor, SelfAttentionProcessor
 from finetune.families._encoders import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
 from finetune.families._hunyuan import SHARED_PAIRS
-from finetune.families._loading import load_transformer
+from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     refill_zero_params,
@@ -216,27 +216,17 @@ class HunyuanVideo15Family(Family):
         """Every component from the hunyuanvideo-community diffusers layout in ``spec.dtype`` (the
         docs load the whole pipeline in bfloat16), the transformer maybe quantised; the VAE tiled
         and sliced as the docs advise."""
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = load_transformer(diffusers.HunyuanVideo15Transformer3DModel, spec)
-        vae = diffusers.AutoencoderKLHunyuanVideo15.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
-        vae.enable_tiling()
-        vae.enable_slicing()  # its causal mid-block attention only handles one clip at a time
-        text_encoder = transformers.Qwen2_5_VLTextModel.from_pretrained(**src, subfolder="text_encoder",
-                                                                        dtype=spec.dtype)
-        tokenizer = transformers.Qwen2Tokenizer.from_pretrained(**src, subfolder="tokenizer")
-        text_encoder_2 = transformers.T5EncoderModel.from_pretrained(**src, subfolder="text_encoder_2",
-                                                                     dtype=spec.dtype)
-        tokenizer_2 = transformers.ByT5Tokenizer.from_pretrained(**src, subfolder="tokenizer_2")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
-        guider = diffusers.ClassifierFreeGuidance.from_pretrained(**src, subfolder="guider")
-        image_encoder = image_processor = None
-        if spec.task == "i2v":
-            image_encoder = transformers.SiglipVisionModel.from_pretrained(**src, subfolder="image_encoder",
-                                                                           dtype=spec.dtype)
-            image_processor = transformers.SiglipImageProcessor.from_pretrained(**src, subfolder="feature_extractor")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra={GUIDER_KEY: guider},
-                          image_encoder=image_encoder, image_processor=image_processor,
-                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        i2v = dict(image_encoder=transformers.SiglipVisionModel, feature_extractor=transformers.SiglipImageProcessor)
+        parts = from_subfolders(
+            spec, vae=diffusers.AutoencoderKLHunyuanVideo15, text_encoder=transformers.Qwen2_5_VLTextModel,
+            tokenizer=transformers.Qwen2Tokenizer, text_encoder_2=transformers.T5EncoderModel,
+            tokenizer_2=transformers.ByT5Tokenizer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler,
+            guider=diffusers.ClassifierFreeGuidance, **(i2v if spec.task == "i2v" else {}))
+        parts["vae"].enable_tiling()
+        parts["vae"].enable_slicing()  # its causal mid-block attention only handles one clip at a time
+        return Components(transformer, extra={GUIDER_KEY: parts.pop("guider")},
+                          image_processor=parts.pop("feature_extractor", None), **parts)
 
     @classmethod
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:

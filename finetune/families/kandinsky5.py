@@ -41,7 +41,7 @@ from diffusers.models.transformers.transformer_kandinsky import Kandinsky5AttnPr
 
 from finetune.families import register
 from finetune.families._encoders import CLIP_L_TEXT, QWEN25_VL_7B_TEXT, QWEN25_VL_7B_VISION
-from finetune.families._loading import load_transformer
+from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     refill_zero_params,
@@ -153,18 +153,13 @@ class Kandinsky5Family(Family):
         """Every component from the kandinskylab diffusers layout in ``spec.dtype`` (the docs load
         the pipeline in bfloat16), the transformer maybe quantised; the VAE tiled as the docs
         advise for 5 s clips."""
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = load_transformer(diffusers.Kandinsky5Transformer3DModel, spec)
-        vae = diffusers.AutoencoderKLHunyuanVideo.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
-        vae.enable_tiling()
-        text_encoder = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            **src, subfolder="text_encoder", dtype=spec.dtype)
-        tokenizer = transformers.AutoProcessor.from_pretrained(**src, subfolder="tokenizer")
-        text_encoder_2 = transformers.CLIPTextModel.from_pretrained(**src, subfolder="text_encoder_2", dtype=spec.dtype)
-        tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(**src, subfolder="tokenizer_2")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=text_encoder_2,
-                          tokenizer_2=tokenizer_2)
+        parts = from_subfolders(
+            spec, vae=diffusers.AutoencoderKLHunyuanVideo, text_encoder=transformers.Qwen2_5_VLForConditionalGeneration,
+            tokenizer=transformers.AutoProcessor, text_encoder_2=transformers.CLIPTextModel,
+            tokenizer_2=transformers.CLIPTokenizer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler)
+        parts["vae"].enable_tiling()
+        return Components(transformer, **parts)
 
     # Lite (2B) transformer/config.json: in/out 16 latent channels, Qwen 3584 / CLIP 768 text
     # inputs, time_dim 512, patch [1, 2, 2], model_dim 1792, ff_dim 7168, 2 text + 32 visual blocks,

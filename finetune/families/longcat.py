@@ -53,7 +53,7 @@ import transformers
 from finetune.errors import UserError
 from finetune.families import register
 from finetune.families._encoders import UMT5_XXL
-from finetune.families._loading import bnb_quantization_config
+from finetune.families._loading import bnb_quantization_config, from_subfolders
 from finetune.families._tiny import refill_zero_params, tiny_t5_text
 from finetune.families._wan import WanBase
 from finetune.families.base import COND_FRAMES_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
@@ -173,13 +173,11 @@ class LongCatFamily(Family):
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         """Every component from the official repo layout or a diffusers-saved folder."""
         transformer = cls.load_transformer(spec)
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         # The Wan VAE in float32, as the Wan docs advise for decoding quality.
-        vae = diffusers.AutoencoderKLWan.from_pretrained(**src, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = transformers.UMT5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+        parts = from_subfolders(spec, vae=(diffusers.AutoencoderKLWan, torch.float32),
+                                text_encoder=transformers.UMT5EncoderModel, tokenizer=transformers.AutoTokenizer,
+                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler)
+        return Components(transformer, **parts)
 
     @classmethod
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:

@@ -57,7 +57,7 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
 from finetune.families import register
 from finetune.families._encoders import GEMMA3_12B_TEXT, GEMMA3_SIGLIP_896
-from finetune.families._loading import check_quantization, load_transformer
+from finetune.families._loading import check_quantization, from_subfolders, load_transformer
 from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_gemma_tokenizer
 from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised, Stream
 from finetune.lora_formats import KeyMap
@@ -180,22 +180,15 @@ class LTX2Family(Family):
     def load_pretrained(cls, spec: ModelSpec) -> Components:
         check_quantization(spec)
         cls._check_model_index(spec)
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = load_transformer(diffusers.LTX2VideoTransformer3DModel, spec)
         # The LTX-2 model card runs every component in bfloat16.
-        vae = diffusers.AutoencoderKLLTX2Video.from_pretrained(**src, subfolder="vae", torch_dtype=spec.dtype)
-        text_encoder = transformers.Gemma3ForConditionalGeneration.from_pretrained(
-            **src, subfolder="text_encoder", dtype=spec.dtype
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        connectors = LTX2TextConnectors.from_pretrained(**src, subfolder="connectors", torch_dtype=spec.dtype)
-        audio_vae = diffusers.AutoencoderKLLTX2Audio.from_pretrained(
-            **src, subfolder="audio_vae", torch_dtype=spec.dtype
-        )
-        vocoder = LTX2Vocoder.from_pretrained(**src, subfolder="vocoder", torch_dtype=spec.dtype)
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=connectors,
-                          extra={"audio_vae": audio_vae, "vocoder": vocoder})
+        parts = from_subfolders(
+            spec, vae=diffusers.AutoencoderKLLTX2Video, text_encoder=transformers.Gemma3ForConditionalGeneration,
+            tokenizer=transformers.AutoTokenizer, connectors=LTX2TextConnectors,
+            audio_vae=diffusers.AutoencoderKLLTX2Audio, vocoder=LTX2Vocoder,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler)
+        extra = {name: parts.pop(name) for name in cls._AUDIO_PARTS}
+        return Components(transformer, text_encoder_2=parts.pop("connectors"), extra=extra, **parts)
 
     # LTX-2 19B, as diffusers' scripts/convert_ltx2_to_diffusers.py (version "2.0") writes the
     # Lightricks/LTX-2 transformer/, connectors/ and vae/ config.json (quoted from it in public

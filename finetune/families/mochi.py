@@ -27,7 +27,7 @@ import transformers
 
 from finetune.families import register
 from finetune.families._encoders import T5_XXL
-from finetune.families._loading import load_transformer
+from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     channel_stats,
@@ -108,15 +108,13 @@ class MochiFamily(Family):
     # --- loading ---
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
-        src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
         transformer = load_transformer(diffusers.MochiTransformer3DModel, spec)
         # The VAE stays in float32: the genmo reference decodes in fp32, and the diffusers docs
         # note bf16 decoding as a quality/memory trade-off.
-        vae = diffusers.AutoencoderKLMochi.from_pretrained(**src, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = transformers.T5EncoderModel.from_pretrained(**src, subfolder="text_encoder", dtype=spec.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(**src, subfolder="tokenizer")
-        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(**src, subfolder="scheduler")
-        return Components(transformer, vae, text_encoder, tokenizer, scheduler)
+        parts = from_subfolders(spec, vae=(diffusers.AutoencoderKLMochi, torch.float32),
+                                text_encoder=transformers.T5EncoderModel, tokenizer=transformers.AutoTokenizer,
+                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler)
+        return Components(transformer, **parts)
 
     @classmethod
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:

@@ -51,13 +51,8 @@ class WanFamily(WanBase):
 
     @classmethod
     def load_pretrained(cls, spec: ModelSpec) -> Components:
-        c = cls.load_parts(spec)
-        if spec.task == "i2v":
-            src = dict(pretrained_model_name_or_path=spec.pretrained, revision=spec.revision)
-            c.image_encoder = transformers.CLIPVisionModel.from_pretrained(**src, subfolder="image_encoder",
-                                                                           dtype=spec.dtype)
-            c.image_processor = transformers.CLIPImageProcessor.from_pretrained(**src, subfolder="image_processor")
-        return c
+        i2v = dict(image_encoder=transformers.CLIPVisionModel, image_processor=transformers.CLIPImageProcessor)
+        return cls.load_parts(spec, **(i2v if spec.task == "i2v" else {}))
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:
