@@ -1,6 +1,8 @@
-"""What the LTX-Video families (0.9.0/0.9.1 ``ltx``, 0.9.5+ ``ltxv095``) share: the classes
-(LTXVideoTransformer3DModel, AutoencoderKLLTXVideo, T5), so loading, the text path, latent
-normalisation, the original checkpoint's key names and the checkpoint checks.
+"""What the LTX families share: LTX-Video 0.9.0/0.9.1 (``ltx``) and 0.9.5+ (``ltxv095``) the classes
+(LTXVideoTransformer3DModel, AutoencoderKLLTXVideo, T5), so loading, the text path and the
+original checkpoint's key names; with LTX-2 (``ltx2``) also the pipeline plumbing, latent
+normalisation, first-frame timesteps, ltx-trainer's token count and the checkpoint checks
+(:class:`LTXBase`).
 
 Attention masks: only the T5 cross-attention gets one, the prompt padding as a [B, heads, 1, L]
 additive bias (-10000, finite; L = 128 or 256 tokens); its queries are video tokens and always see
@@ -16,6 +18,7 @@ import transformers
 
 from finetune.families._encoders import T5_XXL
 from finetune.families._loading import from_subfolders, load_transformer
+from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params
 from finetune.families.base import Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 
@@ -39,6 +42,13 @@ LTX_KEY_MAP = KeyMap((
 
 # The VAE block type that marks a 0.9.5+ checkpoint (diffusers' own encoder switches on it).
 VAE_095_BLOCK = "LTXVideo095DownBlock3D"
+
+
+# ltx-trainer's ShiftedLogitNormalTimestepSampler (LTX-Video 0.9.5+ and LTX-2 train with it): mu linear
+# in the video token count through these two points; sigmoid(z + mu) is the logit-normal sigmoid(z)
+# time-shifted by exp(mu).
+TRAINER_SHIFT_TOKENS = (1024, 4096)
+TRAINER_SHIFT_MU = (0.95, 2.05)
 
 
 # Full-size configs for the memory planner. LTX-Video 2B (0.9.0 to 0.9.5: 32 heads x 64, cross
@@ -71,9 +81,12 @@ def ltx_full_size(transformer: dict, vae: dict) -> dict[str, FullSize]:
 
 
 class LTXBase(Family):
-    """Shared LTX-Video machinery: loading, the T5 text path, VAE latent normalisation, the
-    pipeline and its call arguments, the compression check. ``pipeline_class`` (LTXPipeline or
-    LTXConditionPipeline) is the subclass's; its static helpers do the normalisation."""
+    """Shared LTX machinery (LTX-Video 0.9.x and LTX-2): patch sizes read once, the pipeline over
+    some components and its call arguments, VAE latent normalisation, per-token timesteps of a
+    clean first frame, ltx-trainer's token count, the key map and the checkpoint checks. The
+    LTX-Video loading and T5 text path are here too; LTX-2 replaces them. ``pipeline_class``
+    (LTXPipeline, LTXConditionPipeline, LTX2Pipeline) is the subclass's; its static helpers do the
+    normalisation."""
 
     frame_rule = FrameRule(8)
     spatial_factor = 32  # VAE 32 x transformer patch 1
@@ -83,6 +96,11 @@ class LTXBase(Family):
     decode_noise_scale: ClassVar[float] = 0.025
     # Whether the family's checkpoints have the 0.9.5+ VAE (checked on load).
     vae_095: ClassVar[bool] = False
+    # Latents from a posterior sample (LTX-Video, as its vae_encode and LTX-Video-Trainer) or its mean.
+    posterior_sample: ClassVar[bool] = True
+    # Components the family's pipelines take (the rest of a pipeline's arguments are None).
+    pipeline_parts: ClassVar[tuple[str, ...]] = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
+    key_map: ClassVar[KeyMap] = LTX_KEY_MAP
 
     @classmethod
     def planning_inputs(cls, task: str, frames: int, height: int, width: int,
@@ -115,11 +133,34 @@ class LTXBase(Family):
                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler)
         return Components(transformer, **parts)
 
+    @staticmethod
+    @torch.no_grad()
+    def calibrated(vae: torch.nn.Module, sample: bool = True) -> torch.nn.Module:
+        """A tiny LTX VAE with its latents_mean/std buffers measured on calibration clips (posterior
+        samples, or means with ``sample=False``: what encode_videos uses), as the checkpoint's
+        buffers fit the real VAE; without them normalisation would be a no-op."""
+        posterior = vae.encode(calibration_videos(frames=9, height=64, width=64)).latent_dist
+        mean, std = channel_stats(posterior.sample() if sample else posterior.mode())
+        vae.latents_mean.copy_(torch.tensor(mean))
+        vae.latents_std.copy_(torch.tensor(std))
+        return vae
+
+    @staticmethod
+    def tiny_transformer(attention_head_dim: int, cross_attention_dim: int) -> diffusers.LTXVideoTransformer3DModel:
+        """A 2-layer LTXVideoTransformer3DModel (4 heads, patch 1) on 8 latent channels, T5 d 32."""
+        transformer = diffusers.LTXVideoTransformer3DModel(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
+            attention_head_dim=attention_head_dim, cross_attention_dim=cross_attention_dim, num_layers=2,
+            caption_channels=32,
+        )
+        refill_zero_params(transformer)
+        return transformer
+
     # --- encoding ---
     def _pipe(self, **parts: Any) -> diffusers.DiffusionPipeline:
-        """The family's pipeline over ``parts`` (the rest None), to call its own helpers."""
-        names = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
-        return self.pipeline_class(**{n: parts.get(n) for n in names})
+        """The task's pipeline over ``parts`` (the rest of :attr:`pipeline_parts` None), to call its
+        own helpers."""
+        return self.pipeline_class_for(self.task)(**{n: parts.get(n) for n in self.pipeline_parts})
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -138,12 +179,29 @@ class LTXBase(Family):
         """videos: [B, 3, F, H, W] in [-1, 1], F = 8k+1, H and W multiples of 32
         -> unpacked latents [B, C, (F-1)/8+1, H/32, W/32], normalised as the pipeline expects.
 
-        Samples the posterior with ``generator``, as the original LTX-Video ``vae_encode`` and
-        LTX-Video-Trainer do (the model was trained on sampled latents). Raises ValueError for a
-        bad shape, RuntimeError if the VAE was released."""
+        LTX-Video samples the posterior with ``generator``, as the original LTX-Video ``vae_encode``
+        and LTX-Video-Trainer do (the model was trained on sampled latents); LTX-2 takes its mean
+        (:attr:`posterior_sample`). Raises ValueError for a bad shape, RuntimeError if the VAE was
+        released."""
         vae = self.components.vae
-        return self.pipeline_class._normalize_latents(self.vae_latents(videos, generator), vae.latents_mean,
-                                                      vae.latents_std, vae.config.scaling_factor)
+        latents = self.vae_latents(videos, generator, sample=self.posterior_sample)
+        return self.pipeline_class._normalize_latents(latents, vae.latents_mean, vae.latents_std,
+                                                      vae.config.scaling_factor)
+
+    # --- training ---
+    def video_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        """Transformer tokens of latents [B, C, f, h, w]: f*h*w over the patch sizes."""
+        _, _, frames, height, width = latent_shape
+        return (frames // self._patch_t) * (height // self._patch) * (width // self._patch)
+
+    def clean_first_timesteps(self, shape: tuple[int, ...], timesteps: torch.Tensor) -> torch.Tensor:
+        """timesteps [B] -> [B, f*h*w], one per token, 0 on the first latent frame's tokens (the clean
+        conditioning frame), in ``timesteps``' dtype: what the LTX image-to-video pipelines pass."""
+        b, _, _, h, w = shape
+        per_frame = (h // self._patch) * (w // self._patch)
+        mask = torch.ones(1, self.video_tokens(shape), device=timesteps.device, dtype=timesteps.dtype)
+        mask[:, :per_frame] = 0
+        return timesteps.view(b, 1) * mask
 
     # --- inference ---
     def pipeline(self) -> diffusers.DiffusionPipeline:
@@ -155,8 +213,8 @@ class LTXBase(Family):
                           transformer=c.transformer)
 
     def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
-        """The clip frame rate (RoPE time axis), the training prompt length, for timestep-aware
-        VAEs (0.9.1+) the recommended decode noise, and for i2v the image."""
+        """The clip frame rate (RoPE time axis; LTX-2's sound length), the training prompt length,
+        for timestep-aware VAEs (0.9.1+) the recommended decode noise, and for i2v the image."""
         kwargs: dict[str, Any] = {"frame_rate": fps, "max_sequence_length": self.text_len}
         vae = self.components.vae
         if vae is not None and vae.config.timestep_conditioning:
@@ -166,16 +224,24 @@ class LTXBase(Family):
     # --- LoRA interchange ---
     @classmethod
     def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
-        """Original LTX-Video names (``patchify_proj``, ``adaln_single.*``; blocks as in diffusers)."""
-        return LTX_KEY_MAP
+        """Original LTX names (``patchify_proj``, ``adaln_single.*``; blocks as in diffusers)."""
+        return cls.key_map
 
     # --- checks ---
     def _check_checkpoint(self) -> None:
-        """The checkpoint's VAE generation (0.9.0/0.9.1 or 0.9.5+) must be the family's, and its
-        compression the class's frame and size rules; each error names the family to use."""
+        """The checkpoint must be the family's model (:meth:`check_vae`) with the class's compression
+        (frame and size rules); each error names the family to use."""
         vae = self.components.vae
         if vae is None:
             return
+        self.check_vae(vae)
+        self.check_compression(vae.spatial_compression_ratio * self._patch,
+                               vae.temporal_compression_ratio * self._patch_t,
+                               f"use a checkpoint such as {self.default_model_id}")
+
+    def check_vae(self, vae: torch.nn.Module) -> None:
+        """Raise ValueError naming the other family unless the VAE's generation (0.9.0/0.9.1 or
+        0.9.5+) is the family's."""
         is_095 = tuple(vae.config.down_block_types)[-1] == VAE_095_BLOCK
         if is_095 != self.vae_095:
             found, other = ("0.9.5 or later", "ltxv095") if is_095 else ("0.9.0/0.9.1", "ltx")
@@ -184,6 +250,3 @@ class LTXBase(Family):
                 f"block is {tuple(vae.config.down_block_types)[-1]}); use model.family={other} for it, or a "
                 f"checkpoint such as {self.default_model_id} with {self.name}"
             )
-        self.check_compression(vae.spatial_compression_ratio * self._patch,
-                               vae.temporal_compression_ratio * self._patch_t,
-                               f"use a checkpoint such as {self.default_model_id}")

@@ -17,26 +17,13 @@ import transformers
 
 from finetune.families import register
 from finetune.families._ltx import LTX_2B, LTXBase, ltx_full_size
-from finetune.families._tiny import (
-    calibration_videos,
-    channel_stats,
-    refill_zero_params,
-    tiny_t5_text,
-)
+from finetune.families._tiny import tiny_t5_text
 from finetune.families.base import Components, FullSize
 
 # Mirrors scheduler/scheduler_config.json of Lightricks/LTX-Video: flow-matching Euler whose
 # shift grows with the latent token count (1024 -> 0.95, 4096 -> 2.05, exponential).
-_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    shift=1.0,
-    use_dynamic_shifting=True,
-    base_shift=0.95,
-    max_shift=2.05,
-    base_image_seq_len=1024,
-    max_image_seq_len=4096,
-    shift_terminal=0.1,
-)
+_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.95,
+                         max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
 
 @register
 class LTXFamily(LTXBase):
@@ -68,52 +55,22 @@ class LTXFamily(LTXBase):
         downsamples: 32x space, 8x time) and 8 latent channels (its latent statistics measured on
         calibration clips), 1-layer T5 with d_model 32, character tokenizer, the real scheduler config."""
         tokenizer, text_encoder, extra = tiny_t5_text(transformers.T5EncoderModel, cls.tiny_max_sequence_length)
-        vae = diffusers.AutoencoderKLLTXVideo(
-            latent_channels=8,
-            block_out_channels=(8, 8, 8, 8),
-            decoder_block_out_channels=(8, 8, 8, 8),
-            layers_per_block=(1, 1, 1, 1, 1),
-            decoder_layers_per_block=(1, 1, 1, 1, 1),
+        vae = cls.calibrated(diffusers.AutoencoderKLLTXVideo(
+            latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
             spatio_temporal_scaling=(True, True, True, False),
             decoder_spatio_temporal_scaling=(True, True, True, False),
-            decoder_inject_noise=(False, False, False, False, False),
-            patch_size=4,
-            patch_size_t=1,
-            encoder_causal=True,
-            decoder_causal=False,
+            decoder_inject_noise=(False, False, False, False, False), patch_size=4, patch_size_t=1,
+            encoder_causal=True, decoder_causal=False,
             timestep_conditioning=False,  # as 0.9.0, the default checkpoint
-        )
-        # The checkpoint's latents_mean/std buffers fit the real VAE; measure the tiny one's the
-        # same way (on posterior samples, what encode_videos uses) so normalisation is not a no-op.
-        with torch.no_grad():
-            raw = vae.encode(calibration_videos(frames=9, height=64, width=64)).latent_dist.sample()
-            mean, std = channel_stats(raw)
-            vae.latents_mean.copy_(torch.tensor(mean))
-            vae.latents_std.copy_(torch.tensor(std))
-        transformer = diffusers.LTXVideoTransformer3DModel(
-            in_channels=8,
-            out_channels=8,
-            patch_size=1,
-            patch_size_t=1,
-            num_attention_heads=4,
-            attention_head_dim=8,
-            cross_attention_dim=32,
-            num_layers=2,
-            caption_channels=32,
-        )
-        refill_zero_params(transformer)
+        ))
+        transformer = cls.tiny_transformer(attention_head_dim=8, cross_attention_dim=32)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra)
 
     # --- training ---
-    def predict(
-        self,
-        transformer: torch.nn.Module,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        fps: float,
-    ) -> torch.Tensor:
+    def predict(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor], fps: float) -> torch.Tensor:
         """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond as from
         :meth:`encode_prompts`, fps of the clip -> velocity [B, C, f, h, w] in the transformer's dtype.
 

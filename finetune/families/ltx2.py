@@ -58,8 +58,9 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from finetune.families import register
 from finetune.families._encoders import GEMMA3_12B_TEXT, GEMMA3_SIGLIP_896
 from finetune.families._loading import check_quantization, from_subfolders, load_transformer
-from finetune.families._tiny import calibration_videos, channel_stats, refill_zero_params, tiny_gemma_tokenizer
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised, Stream
+from finetune.families._ltx import TRAINER_SHIFT_MU, TRAINER_SHIFT_TOKENS, LTXBase
+from finetune.families._tiny import refill_zero_params, tiny_gemma_tokenizer
+from finetune.families.base import TEXT_LEN_KEY, Components, FullSize, ModelSpec, Noised, Stream
 from finetune.lora_formats import KeyMap
 
 Pipeline = diffusers.LTX2Pipeline
@@ -70,9 +71,7 @@ _SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
     base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
 )
-# ltx-trainer ShiftedLogitNormalTimestepSampler constants.
-_SHIFT_TOKENS = (1024, 4096)
-_SHIFT_MU = (0.95, 2.05)
+# ltx-trainer ShiftedLogitNormalTimestepSampler constants (mu through _ltx.TRAINER_SHIFT_*).
 _STRETCH_Z = (-2.5758, 3.0902)  # the normal's 0.5th and 99.9th percentiles
 _UNIFORM_P = 0.1
 _REFLECT_EPS = 1e-3  # raw samples below this are reflected around it
@@ -144,10 +143,8 @@ def _audio_latent_frames(pixel_frames: int, fps: float, rate: float) -> int:
 
 
 @register
-class LTX2Family(Family):
+class LTX2Family(LTXBase):
     name = "ltx2"
-    frame_rule = FrameRule(8)
-    spatial_factor = 32  # VAE 32 x transformer patch 1
     default_lora_targets = _BLOCK_TARGETS
     # The diffusers-format LTX-2 19B dev checkpoint; image-to-video uses the same weights.
     default_model_id = "Lightricks/LTX-2"
@@ -161,6 +158,11 @@ class LTX2Family(Family):
     # Gemma tokens per prompt: LTX2Pipeline's max_sequence_length default.
     max_sequence_length: ClassVar[int] = 1024
     supports_audio = True
+    # Latents are posterior means, as the i2v pipeline encodes its image (``argmax``) and ltx-core's encoder.
+    posterior_sample = False
+    pipeline_parts = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer",
+                      "vocoder")
+    key_map = LTX2_KEY_MAP
 
     @classmethod
     def default_targets(cls, audio: bool = False) -> tuple[str, ...]:
@@ -170,10 +172,8 @@ class LTX2Family(Family):
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)
         config = components.transformer.config
-        self._patch, self._patch_t = int(config.patch_size), int(config.patch_size_t)
         self._audio_channels = int(config.audio_in_channels)
         self._audio_rate = _audio_latent_rate(config.audio_sampling_rate, config.audio_hop_length)
-        self._check_checkpoint()
 
     # --- loading ---
     @classmethod
@@ -289,12 +289,7 @@ class LTX2Family(Family):
             # the tiny model decode the 1x1 latents of the smallest test clips (32x32).
             decoder_spatial_padding_mode="zeros",
         )
-        with torch.no_grad():
-            raw = vae.encode(calibration_videos(frames=9, height=64, width=64)).latent_dist.mode()
-            mean, std = channel_stats(raw)
-            vae.latents_mean.copy_(torch.tensor(mean))
-            vae.latents_std.copy_(torch.tensor(std))
-        return vae
+        return cls.calibrated(vae, sample=False)
 
     @classmethod
     def build_tiny(cls, task: str = "t2v") -> Components:
@@ -371,11 +366,6 @@ class LTX2Family(Family):
                 m.to(device)
 
     # --- encoding ---
-    def _pipe(self, **parts: Any) -> diffusers.DiffusionPipeline:
-        """The task's pipeline over ``parts`` (the rest None), to call its own helpers."""
-        names = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder")
-        return self.pipeline_class_for(self.task)(**{n: parts.get(n) for n in names})
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """prompts (B strings) -> {"prompt_embeds": [B, L, D] (video stream), "audio_prompt_embeds":
@@ -392,15 +382,6 @@ class LTX2Family(Family):
         video, audio, conn_mask = connectors(embeds.to(connectors.dtype), mask,
                                              padding_side=getattr(c.tokenizer, "padding_side", "left"))
         return {"prompt_embeds": video, "audio_prompt_embeds": audio, "prompt_attention_mask": conn_mask}
-
-    @torch.no_grad()
-    def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """videos: [B, 3, F, H, W] in [-1, 1], F = 8k+1, H and W multiples of 32 -> normalised latents
-        [B, 128, (F-1)/8+1, H/32, W/32] (posterior means; ``generator`` is unused). Raises
-        ValueError for a bad shape, RuntimeError if the VAE was released."""
-        vae = self.components.vae
-        latents = self.vae_latents(videos, sample=False)
-        return Pipeline._normalize_latents(latents, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
 
     @torch.no_grad()
     def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -506,23 +487,11 @@ class LTX2Family(Family):
     def video_timesteps(self, shape: tuple[int, ...], timesteps: torch.Tensor, clean_first: bool) -> torch.Tensor:
         """timesteps [B] -> what the pipelines pass: [B] for t2v; for i2v [B, f*h*w] with 0 on the
         first latent frame's tokens (LTX2ImageToVideoPipeline: t * (1 - conditioning_mask))."""
-        b, _, f, h, w = shape
-        if not clean_first:
-            return timesteps
-        per_frame = (h // self._patch) * (w // self._patch)
-        mask = torch.ones(1, (f // self._patch_t) * per_frame, device=timesteps.device, dtype=timesteps.dtype)
-        mask[:, :per_frame] = 0
-        return timesteps.view(b, 1) * mask
+        return self.clean_first_timesteps(shape, timesteps) if clean_first else timesteps
 
-    def predict(
-        self,
-        transformer: torch.nn.Module,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        fps: float,
-        streams: dict[str, Stream] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def predict(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor], fps: float, streams: dict[str, Stream] | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond as from
         :meth:`encode_prompts` (+ ``first_latent`` for i2v), fps of the clip -> velocity
         [B, C, f, h, w] of the video stream, in the transformer's dtype.
@@ -571,10 +540,9 @@ class LTX2Family(Family):
         return (video, {"audio": audio_out}) if sound is not None else video
 
     def _mu(self, latent_shape: tuple[int, ...]) -> float:
-        _, _, frames, height, width = latent_shape
-        tokens = (frames // self._patch_t) * (height // self._patch) * (width // self._patch)
-        tokens = min(tokens, _SHIFT_TOKENS[1])  # ltx-trainer caps the count (past it the stretch degenerates)
-        (t0, t1), (m0, m1) = _SHIFT_TOKENS, _SHIFT_MU
+        (t0, t1), (m0, m1) = TRAINER_SHIFT_TOKENS, TRAINER_SHIFT_MU
+        # ltx-trainer caps the count (past it the stretch degenerates)
+        tokens = min(self.video_tokens(latent_shape), t1)
         return m0 + (m1 - m0) / (t1 - t0) * (tokens - t0)
 
     def timestep_shift(self, latent_shape: tuple[int, ...]) -> float:
@@ -629,18 +597,7 @@ class LTX2Family(Family):
                           text_encoder=c.text_encoder, tokenizer=c.tokenizer, connectors=c.text_encoder_2,
                           transformer=c.transformer, vocoder=c.extra.get("vocoder"))
 
-    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
-        """The clip frame rate (rope time axis and the sound's length), the training prompt length,
-        and for i2v the image."""
-        kwargs: dict[str, Any] = {"frame_rate": fps, "max_sequence_length": self.text_len}
-        return {**kwargs, **super().pipeline_call_kwargs(fps, image)}
-
     # --- LoRA interchange ---
-    @classmethod
-    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
-        """Original LTX-2 names (``patchify_proj``, ``adaln_single.*``, ``av_ca_*``; blocks as in diffusers)."""
-        return LTX2_KEY_MAP
-
     # --- checks ---
     @classmethod
     def _check_model_index(cls, spec: ModelSpec) -> None:
@@ -657,17 +614,11 @@ class LTX2Family(Family):
             f"LTX2VideoTransformer3DModel; use {hint}, or a checkpoint such as {cls.default_model_id} with {cls.name}"
         )
 
-    def _check_checkpoint(self) -> None:
-        """The checkpoint must be an LTX-2 one with the class's compression (32x space, 8x time)."""
-        vae = self.components.vae
-        if vae is None:
-            return
+    def check_vae(self, vae: torch.nn.Module) -> None:
+        """Raise ValueError naming the LTX-Video families unless the VAE is LTX-2's."""
         if not isinstance(vae, diffusers.AutoencoderKLLTX2Video):
             raise ValueError(
                 f"{self.name}: {self.spec.display_id} has a {type(vae).__name__} VAE, not LTX-2's "
                 f"AutoencoderKLLTX2Video; use model.family=ltx or ltxv095 for LTX-Video 0.9.x, or a checkpoint "
                 f"such as {self.default_model_id} with {self.name}"
             )
-        self.check_compression(vae.spatial_compression_ratio * self._patch,
-                               vae.temporal_compression_ratio * self._patch_t,
-                               f"use a checkpoint such as {self.default_model_id}")

@@ -26,23 +26,23 @@ import torch
 import transformers
 
 from finetune.families import register
-from finetune.families._ltx import LTX_2B, LTX_13B, LTX_VAE_095, VAE_095_BLOCK, LTXBase, ltx_full_size
-from finetune.families._tiny import (
-    calibration_videos,
-    channel_stats,
-    refill_zero_params,
-    tiny_t5_text,
+from finetune.families._ltx import (
+    LTX_2B,
+    LTX_13B,
+    LTX_VAE_095,
+    TRAINER_SHIFT_MU,
+    TRAINER_SHIFT_TOKENS,
+    VAE_095_BLOCK,
+    LTXBase,
+    ltx_full_size,
 )
+from finetune.families._tiny import tiny_t5_text
 from finetune.families.base import Components, FullSize
 
 Pipeline = diffusers.LTXConditionPipeline
 # Scheduler of the 0.9.5 / 0.9.7 diffusers repos (diffusers' convert_ltx_to_diffusers.py): plain
 # flow-matching Euler, no dynamic shift; LTXConditionPipeline hands it explicit timesteps.
 _SCHEDULER_CONFIG = dict(use_dynamic_shifting=False)
-# LTX-Video-Trainer's ShiftedLogitNormalTimestepSampler: mu linear in the token count through
-# these two points. sigmoid(z + mu) is the logit-normal sigmoid(z) time-shifted by exp(mu).
-_SHIFT_TOKENS = (1024, 4096)
-_SHIFT_MU = (0.95, 2.05)
 
 
 @register
@@ -87,12 +87,7 @@ class LTXV095Family(LTXBase):
             spatial_compression_ratio=32,
             temporal_compression_ratio=8,
         )
-        with torch.no_grad():
-            raw = vae.encode(calibration_videos(frames=9, height=64, width=64)).latent_dist.sample()
-            mean, std = channel_stats(raw)
-            vae.latents_mean.copy_(torch.tensor(mean))
-            vae.latents_std.copy_(torch.tensor(std))
-        return vae
+        return cls.calibrated(vae)
 
     @classmethod
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
@@ -108,18 +103,7 @@ class LTXV095Family(LTXBase):
         0.9.5 repos' scheduler config. Both tasks share it, as the real checkpoints do."""
         tokenizer, text_encoder, extra = tiny_t5_text(transformers.T5EncoderModel, cls.tiny_max_sequence_length)
         vae = cls.tiny_vae()
-        transformer = diffusers.LTXVideoTransformer3DModel(
-            in_channels=8,
-            out_channels=8,
-            patch_size=1,
-            patch_size_t=1,
-            num_attention_heads=4,
-            attention_head_dim=16,
-            cross_attention_dim=64,
-            num_layers=2,
-            caption_channels=32,
-        )
-        refill_zero_params(transformer)
+        transformer = cls.tiny_transformer(attention_head_dim=16, cross_attention_dim=64)
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG)
         return Components(transformer, vae, text_encoder, tokenizer, scheduler, extra=extra)
 
@@ -161,23 +145,11 @@ class LTXV095Family(LTXBase):
     def token_timesteps(self, shape: tuple[int, ...], timesteps: torch.Tensor, clean_first: bool) -> torch.Tensor:
         """timesteps [B] -> what LTXConditionPipeline passes: [B, 1] without conditioning, else
         [B, f*h*w] with 0 on the first latent frame's tokens (the conditioning frame)."""
-        b, _, f, h, w = shape
-        t = timesteps.float().view(b, 1)
-        if not clean_first:
-            return t
-        tokens_per_frame = (h // self._patch) * (w // self._patch)
-        mask = torch.ones(1, (f // self._patch_t) * tokens_per_frame, device=t.device)
-        mask[:, :tokens_per_frame] = 0
-        return t * mask
+        t = timesteps.float()
+        return self.clean_first_timesteps(shape, t) if clean_first else t.view(shape[0], 1)
 
-    def predict(
-        self,
-        transformer: torch.nn.Module,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        fps: float,
-    ) -> torch.Tensor:
+    def predict(self, transformer: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor], fps: float) -> torch.Tensor:
         """noisy_latents [B, C, f, h, w], timesteps [B] in [0, 1000], cond as from
         :meth:`encode_prompts` (+ ``first_latent`` for i2v), fps of the clip -> velocity
         [B, C, f, h, w] in the transformer's dtype.
@@ -206,6 +178,4 @@ class LTXV095Family(LTXBase):
         shift of LTX-Video-Trainer's shifted logit-normal sampler (sigmoid(N(mu, 1)) equals the
         logit-normal time-shifted by exp(mu)). Fixed constants, not the scheduler config's: the
         0.9.5+ scheduler has no resolution shift."""
-        _, _, frames, height, width = latent_shape
-        tokens = (frames // self._patch_t) * (height // self._patch) * (width // self._patch)
-        return self.resolution_shift(tokens, *_SHIFT_TOKENS, *_SHIFT_MU)
+        return self.resolution_shift(self.video_tokens(latent_shape), *TRAINER_SHIFT_TOKENS, *TRAINER_SHIFT_MU)
