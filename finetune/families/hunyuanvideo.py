@@ -39,9 +39,9 @@ from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video_image2video
 from PIL import Image
 
 from finetune.families import register
-from finetune.families._attention import PadFreeJointProcessor, SelfAttentionProcessor
+from finetune.families._attention import PadFreeJointProcessor
 from finetune.families._encoders import CLIP_L_336_VISION, CLIP_L_TEXT, LLAMA3_8B
-from finetune.families._hunyuan import SHARED_PAIRS
+from finetune.families._hunyuan import FINAL_PAIRS, SHARED_PAIRS, HunyuanVideoBase
 from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
@@ -49,8 +49,8 @@ from finetune.families._tiny import (
     tiny_clip_text,
     tiny_llama3_tokenizer,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
-from finetune.lora_formats import KeyMap, fused, swapped_halves
+from finetune.families.base import TEXT_LEN_KEY, Components, FullSize, ModelSpec
+from finetune.lora_formats import KeyMap, fused
 from finetune.video import pil_image
 
 # Mirrors scheduler/scheduler_config.json of hunyuanvideo-community/HunyuanVideo: Euler with flow shift 7.
@@ -109,16 +109,13 @@ KEY_MAP = KeyMap((
     ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
     ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
     ("x_embedder.proj", "img_in.proj"),
-    swapped_halves("norm_out.linear", "final_layer.adaLN_modulation.1"),
-    ("proj_out", "final_layer.linear"),
+    *FINAL_PAIRS,
 ))
 
 
 @register
-class HunyuanVideoFamily(Family):
+class HunyuanVideoFamily(HunyuanVideoBase):
     name = "hunyuanvideo"
-    frame_rule = FrameRule(4)
-    spatial_factor = 16  # VAE 8 x transformer patch 2
     # Dual-stream blocks: both streams' attention and MLPs; single-stream blocks: q/k/v, the MLP
     # input (proj_mlp) and the joint attention+MLP output (proj_out, which also names the final
     # projection). The token refiner's attention and MLP share the to_q/ff names.
@@ -137,27 +134,21 @@ class HunyuanVideoFamily(Family):
     train_guidance: ClassVar[float] = 1.0
     # Every 4th image token kept in the I2V prompt: the pipeline's default for token_replace.
     image_embed_interleave: ClassVar[int] = 4
+    key_map = KEY_MAP
 
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)
         # Read once here, unwrapped: predict() gets the transformer maybe wrapped by DDP/PEFT.
-        config = components.transformer.config
-        self._guidance_embeds = bool(config.guidance_embeds)
-        self._check_checkpoint()
-        self.attend_valid_tokens_only(components.transformer)
+        self._guidance_embeds = bool(components.transformer.config.guidance_embeds)
 
     @staticmethod
-    def attend_valid_tokens_only(transformer: torch.nn.Module) -> None:
-        """Every attention of ``transformer`` over its valid tokens alone, without a mask
-        (finetune/families/_attention.py). diffusers gives the dual- and single-stream blocks a
-        [B, 1, 1, S] key mask (small, no fully masked row, but no flash kernel with it) and the
-        token refiner a [B, 1, L, L] one; both only mark the prompt padding. Same outputs; used
-        by :meth:`predict` and :meth:`pipeline` alike."""
+    def set_block_processors(transformer: torch.nn.Module) -> None:
+        """diffusers gives the dual- and single-stream blocks a [B, 1, 1, S] key mask that only marks
+        the prompt padding (small, no fully masked row, but no flash kernel with it): each runs
+        through :class:`PadFreeJointProcessor` instead."""
         for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
             if not isinstance(block.attn.processor, PadFreeJointProcessor):
                 block.attn.set_processor(PadFreeJointProcessor(block.attn.processor))
-        for block in transformer.context_embedder.token_refiner.refiner_blocks:
-            block.attn.set_processor(SelfAttentionProcessor())
 
     # --- loading ---
     @classmethod
@@ -318,14 +309,6 @@ class HunyuanVideoFamily(Family):
             return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
         return self._encode(pipe, prompts)
 
-    @torch.no_grad()
-    def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """videos: [B, 3, F, H, W] in [-1, 1], F = 4k+1, H and W multiples of 16 -> latents
-        [B, 16, (F-1)/4+1, H/8, W/8] times the VAE's scaling_factor (the pipelines divide by it
-        before decoding). Samples the posterior with ``generator``, as the community trainers do.
-        Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
-        return self.scaled_latents(videos, generator)
-
     def conditioning_uses_captions(self) -> bool:
         """i2v: the Llava text encoder reads the first frame and the caption together."""
         return self.task == "i2v"
@@ -396,18 +379,12 @@ class HunyuanVideoFamily(Family):
 
     def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
         """The training prompt length and template, and the first frame for i2v."""
-        kwargs: dict[str, Any] = {"max_sequence_length": self.text_len, **super().pipeline_call_kwargs(fps, image)}
+        kwargs = super().pipeline_call_kwargs(fps, image)
         if TEMPLATE_KEY in self.components.extra:
             kwargs["prompt_template"] = self.components.extra[TEMPLATE_KEY]
         return kwargs
 
     # --- LoRA interchange ---
-    @classmethod
-    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
-        """Original HunyuanVideo names (``double_blocks.{i}.img_attn_qkv`` fusing to_q/to_k/to_v,
-        ``single_blocks.{i}.linear1`` fusing q/k/v and the mlp input, ...)."""
-        return KEY_MAP
-
     # --- checks ---
     def _check_checkpoint(self) -> None:
         """The class-level frame and size rules, and the task's conditioning, must match the
@@ -423,8 +400,7 @@ class HunyuanVideoFamily(Family):
             raise ValueError(
                 f"hunyuanvideo: {self.spec.display_id} has image_condition_type={kind!r}, but model.task={self.task} "
                 f"needs {want!r}; {fix}, or use a checkpoint such as {self.model_id_for(self.task)}")
-        if c.vae is None:
-            return
-        self.check_compression(c.vae.spatial_compression_ratio * config.patch_size,
-                               c.vae.temporal_compression_ratio * config.patch_size_t,
-                               f"use a HunyuanVideo checkpoint such as {self.model_id_for(self.task)}")
+        super()._check_checkpoint()
+
+    def checkpoint_fix(self) -> str:
+        return f"use a HunyuanVideo checkpoint such as {self.model_id_for(self.task)}"

@@ -43,9 +43,9 @@ import transformers
 from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
 
 from finetune.families import register
-from finetune.families._attention import HunyuanVideo15Processor, SelfAttentionProcessor
+from finetune.families._attention import HunyuanVideo15Processor
 from finetune.families._encoders import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
-from finetune.families._hunyuan import SHARED_PAIRS
+from finetune.families._hunyuan import FINAL_PAIRS, SHARED_PAIRS, HunyuanVideoBase
 from finetune.families._loading import from_subfolders, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
@@ -54,8 +54,8 @@ from finetune.families._tiny import (
     tiny_qwen_tokenizer,
     tiny_t5_encoder_config,
 )
-from finetune.families.base import TEXT_LEN_KEY, Components, Family, FrameRule, FullSize, ModelSpec
-from finetune.lora_formats import KeyMap, embedding, swapped_halves
+from finetune.families.base import TEXT_LEN_KEY, Components, Family, FullSize, ModelSpec
+from finetune.lora_formats import KeyMap, embedding
 from finetune.video import pil_image
 
 # components.extra keys: the CFG guider, and the tiny builds' shorter text/image token counts
@@ -153,18 +153,15 @@ KEY_MAP = KeyMap((
     ("time_embed.timestep_embedder_r.linear_2", "time_r_in.mlp.2"),
     ("x_embedder.proj", "img_in.proj"),
     embedding("cond_type_embed", "cond_type_embedding"),
-    swapped_halves("norm_out.linear", "final_layer.adaLN_modulation.1"),
-    ("proj_out", "final_layer.linear"),
+    *FINAL_PAIRS,
 ))
 
 
 
 
 @register
-class HunyuanVideo15Family(Family):
+class HunyuanVideo15Family(HunyuanVideoBase):
     name = "hunyuanvideo15"
-    frame_rule = FrameRule(4)
-    spatial_factor = 16  # VAE 16 x transformer patch 1
     # Every double-stream block's video attention q/k/v/out, the text keys/values the video tokens
     # attend to, and the video MLP (the names also match the text refiner's attention and MLP): a
     # superset of diffusers' and finetrainers' HunyuanVideo default (to_q/k/v/out.0). The text
@@ -190,25 +187,19 @@ class HunyuanVideo15Family(Family):
     train_timestep_shift: ClassVar[float] = 3.0
     # train.py TimestepSampler.TRAIN_EPS: training t stays in [eps, 1 - eps]
     train_eps: ClassVar[float] = 1e-5
+    key_map = KEY_MAP
 
     def __init__(self, components: Components, spec: ModelSpec):
         super().__init__(components, spec)
         # Read once, unwrapped: predict() may get the transformer wrapped by DDP/PEFT.
-        config = components.transformer.config
-        self._image_embed_dim = int(config.image_embed_dim)
-        self._check_compression()
-        self.attend_valid_tokens_only(components.transformer)
+        self._image_embed_dim = int(components.transformer.config.image_embed_dim)
 
     @staticmethod
-    def attend_valid_tokens_only(transformer: torch.nn.Module) -> None:
-        """Every attention of ``transformer`` over its valid tokens alone, without a mask
-        (finetune/families/_attention.py): the double-stream blocks without diffusers' dense
-        [B, 1, S, S] text mask, the token refiner without fully masked padding rows. Same outputs
-        as diffusers' masked computation; used by :meth:`predict` and :meth:`pipeline` alike."""
+    def set_block_processors(transformer: torch.nn.Module) -> None:
+        """The double-stream blocks without diffusers' dense [B, 1, S, S] text mask
+        (:class:`HunyuanVideo15Processor`); the token refiner's padding rows are never fully masked."""
         for block in transformer.transformer_blocks:
             block.attn.set_processor(HunyuanVideo15Processor())
-        for block in transformer.context_embedder.token_refiner.refiner_blocks:
-            block.attn.set_processor(SelfAttentionProcessor())
 
     # --- loading ---
     @classmethod
@@ -364,14 +355,6 @@ class HunyuanVideo15Family(Family):
                 "prompt_embeds_2": embeds_2.to(dtype), "prompt_embeds_mask_2": mask_2.to(dtype)}
 
     @torch.no_grad()
-    def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """videos: [B, 3, F, H, W] in [-1, 1], F = 4k+1, H and W multiples of 16 -> latents
-        [B, C, (F-1)/4+1, H/16, W/16]: a posterior sample (with ``generator``) times the VAE's
-        scaling factor, as train.py's encode_vae does and the pipelines undo before decoding.
-        Raises ValueError for a bad shape, RuntimeError if the VAE was released."""
-        return self.scaled_latents(videos, generator)
-
-    @torch.no_grad()
     def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """i2v: {"condition": [B, C+1, f, h, w] (first-frame latent at frame 0, then the mask
         channel), "image_embeds": [B, N, D] (SigLIP)} from each clip's first frame, built by the I2V
@@ -453,29 +436,19 @@ class HunyuanVideo15Family(Family):
         pipe.vision_num_semantic_tokens = self.vision_tokens
         return pipe
 
-    def pipeline_call_kwargs(self, fps: float, image: Any = None) -> dict[str, Any]:
-        """The training prompt length, and the first frame for i2v (no frame-rate input)."""
-        return {"max_sequence_length": self.text_len, **super().pipeline_call_kwargs(fps, image)}
-
     # --- LoRA interchange ---
-    @classmethod
-    def comfyui_key_map(cls, transformer_name: str = "transformer") -> KeyMap:
-        """Original HunyuanVideo-1.5 names (``double_blocks.{i}.img_attn_q``, the token refiner's
-        fused ``self_attn_qkv``, ``final_layer.linear``, ...)."""
-        return KEY_MAP
-
     # --- checks ---
-    def _check_compression(self) -> None:
+    def checkpoint_fix(self) -> str:
+        return f"use a HunyuanVideo-1.5 checkpoint such as {self.model_id_for(self.task)}"
+
+    def _check_checkpoint(self) -> None:
         """The class-level frame and size rules and the 2C+1 input-channel layout must match the
         loaded checkpoint."""
+        super()._check_checkpoint()
         c = self.components
         if c.vae is None:
             return
-        config = c.transformer.config
-        spatial = c.vae.spatial_compression_ratio * config.patch_size
-        temporal = c.vae.temporal_compression_ratio * config.patch_size_t
-        fix = f"use a HunyuanVideo-1.5 checkpoint such as {self.model_id_for(self.task)}"
-        self.check_compression(spatial, temporal, fix)
+        config, fix = c.transformer.config, self.checkpoint_fix()
         latent = c.vae.config.latent_channels
         if config.in_channels != 2 * latent + 1 or config.out_channels != latent:
             raise ValueError(
