@@ -30,7 +30,7 @@ from finetune.families._tiny import (
     refill_zero_params,
     tiny_t5_text,
 )
-from finetune.families.base import Components, Family, FullSize, ModelSpec
+from finetune.families.base import Components, Family, FrameRule, FullSize, ModelSpec
 from finetune.lora_formats import KeyMap
 from finetune.video import pil_image
 
@@ -115,6 +115,8 @@ def wan_full_size(transformers_: dict[str, dict], vae: dict, image_encoder: bool
 class WanBase(Family):
     """Shared Wan machinery; subclasses set the class facts and build their tiny models."""
 
+    frame_rule = FrameRule(4)
+    spatial_factor = 16  # Wan 2.1 VAE 8 x transformer patch 2 (TI2V-5B's 16x VAE: 32)
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
     pipeline_class = diffusers.WanPipeline
     task_pipeline_classes: ClassVar[dict[str, type]] = {"i2v": diffusers.WanImageToVideoPipeline}

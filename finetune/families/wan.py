@@ -24,14 +24,12 @@ from finetune.families._wan import (
     WanBase,
     wan_full_size,
 )
-from finetune.families.base import Components, FrameRule, FullSize, ModelSpec
+from finetune.families.base import Components, FullSize, ModelSpec
 
 
 @register
 class WanFamily(WanBase):
     name = "wan"
-    frame_rule = FrameRule(4)
-    spatial_factor = 16  # VAE 8 x transformer patch 2
     default_model_id = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     tasks = ("t2v", "i2v")
     task_model_ids: ClassVar[dict[str, str]] = {"i2v": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"}

@@ -23,7 +23,7 @@ from finetune.families._wan import (
     WanBase,
     wan_full_size,
 )
-from finetune.families.base import Components, Expert, FrameRule, FullSize, ModelSpec
+from finetune.families.base import Components, Expert, FullSize, ModelSpec
 
 BOUNDARY_KEY = "boundary_ratio"  # components.extra key
 
@@ -31,8 +31,6 @@ BOUNDARY_KEY = "boundary_ratio"  # components.extra key
 @register
 class Wan22A14BFamily(WanBase):
     name = "wan22"
-    frame_rule = FrameRule(4)
-    spatial_factor = 16  # VAE 8 x transformer patch 2
     default_model_id = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     task_model_ids: ClassVar[dict[str, str]] = {"i2v": "Wan-AI/Wan2.2-I2V-A14B-Diffusers"}
     tasks = ("t2v", "i2v")

@@ -16,13 +16,12 @@ import diffusers
 
 from finetune.families import register
 from finetune.families._wan import SCHEDULER_CONFIG, WAN22_TRANSFORMER_5B, WAN22_VAE_5B, WanBase, wan_full_size
-from finetune.families.base import Components, FrameRule, FullSize
+from finetune.families.base import Components, FullSize
 
 
 @register
 class Wan22TI2V5BFamily(WanBase):
     name = "wan22_5b"
-    frame_rule = FrameRule(4)
     spatial_factor = 32  # VAE 16 x transformer patch 2
     default_model_id = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # one checkpoint for both tasks
     tasks = ("t2v", "i2v")
