@@ -231,19 +231,13 @@ class WanBase(Family):
         )
         return {"prompt_embeds": embeds}
 
-    def _normalise(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.components.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        return (latents - mean) / std
-
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """videos: [B, 3, F, H, W] in [-1, 1] fitting the family rules -> latents [B, C, f, h, w]
         normalised with the VAE's latents_mean/std (the inverse of what the pipelines do before
         decoding). Takes the posterior mode, as the original Wan VAE's encode does, so
         ``generator`` is unused. Raises ValueError for a bad shape, RuntimeError if released."""
-        return self._normalise(self.vae_latents(videos, sample=False))
+        return self.config_normalised(self.vae_latents(videos, sample=False))
 
     @torch.no_grad()
     def encode_conditioning(self, videos: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -476,6 +476,15 @@ class Family(ABC):
         posterior = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist
         return posterior.sample(generator) if sample else posterior.mode()
 
+    def config_normalised(self, latents: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """latents [B, C, f, h, w] -> (latents - mean) * ``scale`` / std with the per-channel
+        ``latents_mean`` / ``latents_std`` lists of the VAE's config (the Wan and Mochi VAEs): the
+        inverse of what their pipelines do before decoding."""
+        cfg = self.components.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        return (latents - mean) * scale / std
+
     def scaled_latents(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A posterior sample of ``videos`` (:meth:`vae_latents`) times the VAE's ``scaling_factor``,
         no shift: the latents of VAEs whose pipelines divide by that factor before decoding."""

@@ -243,19 +243,13 @@ class LongCatFamily(Family):
         embeds, mask = pipe.encode_prompt(list(prompts), self.text_len, device=self.components.text_encoder.device)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    def _normalise(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.components.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        return (latents - mean) / std
-
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """videos: [B, 3, F, H, W] in [-1, 1] fitting the family rules -> latents [B, 16, f, h, w]
         normalised with the VAE's latents_mean/std, as the pipeline does. Takes the posterior
         mode (as the Wan families), so ``generator`` is unused. Raises ValueError for a bad
         shape, RuntimeError if the VAE was released."""
-        return self._normalise(self.vae_latents(videos, sample=False)).float()
+        return self.config_normalised(self.vae_latents(videos, sample=False)).float()
 
     def task_cond_frames(self, frames: int) -> int:
         """Pixel frames of a ``frames``-frame clip that condition :attr:`task` (0 for t2v).

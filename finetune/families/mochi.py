@@ -187,11 +187,7 @@ class MochiFamily(Family):
         [B, 12, (F-1)/6+1, H/8, W/8] normalised as (z - mean) * scaling_factor / std, the inverse
         of what MochiPipeline does before decoding. Samples the posterior with ``generator``, as
         genmo's fine-tuner does. Raises ValueError for a bad shape, RuntimeError if released."""
-        z = self.vae_latents(videos, generator)
-        cfg = self.components.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(z)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1).to(z)
-        return (z - mean) * cfg.scaling_factor / std
+        return self.config_normalised(self.vae_latents(videos, generator), self.components.vae.config.scaling_factor)
 
     # --- training ---
     def training_sigmas(self, u: torch.Tensor, latent_shape: tuple[int, ...], logit_mean: float = 0.0,
