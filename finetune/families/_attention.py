@@ -63,6 +63,14 @@ def attend_valid(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, va
     return torch.cat(outs)
 
 
+def _project(x: torch.Tensor, heads: int, q: Any, k: Any, v: Any, norm_q: Any, norm_k: Any
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, L, D] through the q, k, v projections -> three [B, L, heads, D / heads], the
+    per-head q and k norms applied where the attention has them (not None)."""
+    query, key, value = (proj(x).unflatten(2, (heads, -1)) for proj in (q, k, v))
+    return (query if norm_q is None else norm_q(query)), (key if norm_k is None else norm_k(key)), value
+
+
 class _ValidTokensProcessor:
     """Base of the processors below: diffusers' attention-backend attributes, which
     ``set_attention_backend`` sets on every processor of a model."""
@@ -97,14 +105,8 @@ class SelfAttentionProcessor(_ValidTokensProcessor):
             raise ValueError(f"{type(self).__name__} computes plain self-attention only; this Attention has a "
                              "cross-attention input, spatial/group norm, residual or output rescale: keep "
                              "diffusers' AttnProcessor2_0 for it")
-        heads = (attn.heads, -1)
-        query = attn.to_q(hidden_states).unflatten(2, heads)
-        key = attn.to_k(hidden_states).unflatten(2, heads)
-        value = attn.to_v(hidden_states).unflatten(2, heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q,
+                                     attn.norm_k)
         valid = None if attention_mask is None else attention_mask.bool().flatten(1, 2).diagonal(dim1=1, dim2=2)
         out = self._attend(query, key, value, valid).flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
@@ -125,22 +127,15 @@ class HunyuanVideo15Processor(_ValidTokensProcessor):
                  encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        heads = (attn.heads, -1)
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, heads))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, heads))
-        value = attn.to_v(hidden_states).unflatten(2, heads)
+        query, key, value = _project(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q,
+                                     attn.norm_k)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         valid = None
         if encoder_hidden_states is not None:
-            text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, heads)
-            text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, heads)
-            text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, heads)
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = _project(encoder_hidden_states, attn.heads, attn.add_q_proj, attn.add_k_proj,
+                                              attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
             query, key, value = (torch.cat(p, dim=1) for p in ((query, text_q), (key, text_k), (value, text_v)))
             if attention_mask is not None:
                 valid = F.pad(attention_mask.bool(), (hidden_states.shape[1], 0), value=True)
