@@ -63,7 +63,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -656,50 +656,49 @@ def official_module_for(module: str) -> tuple[str, int, int] | None:
     return None
 
 
-def _split_param(key: str) -> tuple[str, str]:
-    module, _, param = key.rpartition(".")
-    return module, param
+def _known_params(state: Mapping[str, torch.Tensor], lookup: Callable[[str], Any]
+                  ) -> tuple[list[tuple[Any, str, torch.Tensor]], list[str]]:
+    """Split ``state`` into (``lookup(module)``, "weight" or "bias", tensor) for each key whose module
+    ``lookup`` knows (not None) and whose parameter is a weight or bias, and the other keys."""
+    known, unknown = [], []
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        found = lookup(module)
+        if found is None or param not in ("weight", "bias"):
+            unknown.append(key)
+        else:
+            known.append((found, param, tensor))
+    return known, unknown
 
 
 def official_to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official-layout tensors -> ours; fused tensors are split evenly along dim 0.
     Raises KeyError naming the first few official keys that map to nothing."""
+    known, unknown = _known_params(state, official_module_targets)
+    if unknown:
+        raise KeyError(f"longcat: {len(unknown)} checkpoint keys are not LongCat-Video transformer weights: "
+                       f"{', '.join(unknown[:5])}")
     out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, tensor in state.items():
-        module, param = _split_param(key)
-        targets = official_module_targets(module)
-        if targets is None or param not in ("weight", "bias"):
-            unknown.append(key)
-            continue
+    for targets, param, tensor in known:
         parts = tensor.chunk(len(targets), dim=0)
         for target, part in zip(targets, parts):
             # Own storage per part, so each parameter can be saved, offloaded or freed on its own
             # (safetensors' save_file rejects tensors sharing storage).
             out[f"{target}.{param}"] = part.clone() if len(parts) > 1 else part
-    if unknown:
-        raise KeyError(f"longcat: {len(unknown)} checkpoint keys are not LongCat-Video transformer weights: "
-                       f"{', '.join(unknown[:5])}")
     return out
 
 
 def diffusers_to_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our tensors -> official layout, fused parts concatenated in official order.
     Raises KeyError for keys with no official name or a fused module with a part missing."""
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    counts: dict[str, int] = {}
-    unknown = []
-    for key, tensor in state.items():
-        module, param = _split_param(key)
-        found = official_module_for(module)
-        if found is None or param not in ("weight", "bias"):
-            unknown.append(key)
-            continue
-        official, index, count = found
-        parts.setdefault(f"{official}.{param}", {})[index] = tensor
-        counts[f"{official}.{param}"] = count
+    known, unknown = _known_params(state, official_module_for)
     if unknown:
         raise KeyError(f"longcat: {len(unknown)} keys have no official name: {', '.join(unknown[:5])}")
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+    for (official, index, count), param, tensor in known:
+        parts.setdefault(f"{official}.{param}", {})[index] = tensor
+        counts[f"{official}.{param}"] = count
     incomplete = [k for k, p in parts.items() if len(p) != counts[k]]
     if incomplete:
         raise KeyError(f"longcat: {len(incomplete)} fused official tensors lack a part: {', '.join(incomplete[:5])}")
