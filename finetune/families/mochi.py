@@ -39,16 +39,8 @@ from finetune.lora_formats import KeyMap, alternatives, fused, swapped_halves
 
 # Mirrors scheduler/scheduler_config.json of genmo/mochi-1-preview: plain flow-matching Euler with
 # inverted sigmas (time 0 = noise), no shift.
-_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    shift=1.0,
-    invert_sigmas=True,
-    use_dynamic_shifting=False,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    base_shift=0.5,
-    max_shift=1.15,
-)
+_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, invert_sigmas=True, use_dynamic_shifting=False,
+                         base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
 # diffusers module name -> name in the original checkpoint (genmoai/mochi, src/genmo/mochi_preview/dit/
