@@ -227,13 +227,14 @@ def fixed_timestep_loss(family: Family, transformer, batch: dict, fps: float, se
 
 
 def write_metrics(run_dir: Path, step: int, loss: float, grad_norm: float, seconds: float,
-                  device: torch.device) -> None:
+                  device: torch.device, pinned: int = 0) -> None:
     """Append step ``step``'s figures to ``<run>/metrics.jsonl`` (what bench/memory.py reads): loss,
-    gradient norm, seconds, and on a GPU the allocated and reserved peaks since training began
-    (GiB), each a JSON line."""
+    gradient norm, seconds, the host bytes block swap and activation offload hold (``pinned``,
+    GiB), and on a GPU the allocated and reserved peaks since training began (GiB), each a JSON
+    line."""
     import json
 
-    row = {"step": step, "loss": loss, "grad_norm": grad_norm, "seconds": seconds}
+    row = {"step": step, "loss": loss, "grad_norm": grad_norm, "seconds": seconds, "pinned_gib": pinned / 2**30}
     if device.type == "cuda":
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -457,7 +458,8 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack, limit_vram_gb
             model.enable_gradient_checkpointing()
         model.train()
     # block swap and activation offload on every expert (validation renders them all), then onto the device
-    memory_runtime.apply(recipe.memory, {e.attr: getattr(family.components, e.attr) for e in family.experts()}, device)
+    runtime = memory_runtime.apply(recipe.memory, {e.attr: getattr(family.components, e.attr) for e in family.experts()},
+                                   device)
     optimizer = make_optimizer(params, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     *transformers, optimizer, scheduler = accelerator.prepare(*models, optimizer, scheduler)
@@ -507,7 +509,7 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack, limit_vram_gb
             accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                              "seconds_per_step": seconds, "peak_memory_gb": peak_memory_gb(device)}, step=done)
         if accelerator.is_main_process:
-            write_metrics(run_dir, done, loss_value, grad_norm, seconds, device)
+            write_metrics(run_dir, done, loss_value, grad_norm, seconds, device, runtime.pinned_bytes())
         if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < o.steps:
             ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
         v = recipe.validation
