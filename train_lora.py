@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.cli import run_main
+from finetune.cli import add_verbose_flag, run_main
 from finetune.config import load_recipe
 
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
     parser.add_argument("--plan", action="store_true", help="print the memory plan and exit (no weights load)")
     parser.add_argument("--vram", default=None, help="card memory in GiB to plan for (default: memory.vram_gb)")
+    add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=5e-5")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)

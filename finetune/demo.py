@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.cli import add_verbose_flag
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
 FOOTAGE = ("synth_lavfi.mp4", "bigbuckbunny.mp4", "oa4_launch.webm")
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="LoRA training steps")
     parser.add_argument("--clips-per-shot", type=int, default=2, help="clips data_prep cuts from each shot")
     parser.add_argument("--base-model", type=Path, default=BASE_MODEL, help="the pretrained tiny Wan (diffusers folder)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     check = run(args.out, args.steps, args.clips_per_shot, args.base_model)
     return 0 if check.passed else 1

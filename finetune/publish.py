@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.cli import add_verbose_flag
 from finetune.errors import UserError
 from finetune.export import RUN_INFO, RunInfo
 
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", type=Path, metavar="DIR", help="write the repo folder to DIR and upload nothing")
     p.add_argument("--license", help="licence id for the card; default: the base model's")
     p.add_argument("--prompt", action="append", default=[], help="preview prompt if the recipe has none (repeatable)")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
 
     check_repo_id(args.repo)

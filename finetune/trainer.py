@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune import skips
+from finetune._quiet import held_back
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
 from finetune.data import Clip, aspect_mismatches, load_manifest, split_validation
@@ -91,15 +92,19 @@ def default_cache_dir(recipe: Recipe) -> Path:
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
     """Attach a PEFT LoRA adapter named "default" (from ``lora.init_from`` if set); returns its
     (fp32) trainable parameters."""
-    if recipe.lora.init_from:
-        from finetune.lora_formats import add_lora_from_file
+    # On fp8 weights (model.quantization=fp8) peft wraps each layer in TorchaoLoraLinear and warns that
+    # merge() would fail; training never merges, and infer.py merges on a base loaded without fp8.
+    # This filter goes once fp8 LoRA layers are merge-capable (nothing left to warn about).
+    with held_back(r"TorchaoLoraLinear was instantiated without `get_apply_tensor_subclass`"):
+        if recipe.lora.init_from:
+            from finetune.lora_formats import add_lora_from_file
 
-        add_lora_from_file(transformer, recipe.lora, recipe.lora_targets, recipe.family_cls().comfyui_key_map())
-    else:
-        transformer.add_adapter(PeftLoraConfig(
-            r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-            target_modules=recipe.lora_targets, init_lora_weights=True,
-        ))
+            add_lora_from_file(transformer, recipe.lora, recipe.lora_targets, recipe.family_cls().comfyui_key_map())
+        else:
+            transformer.add_adapter(PeftLoraConfig(
+                r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                target_modules=recipe.lora_targets, init_lora_weights=True,
+            ))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         # Trainable weights in fp32 even when the frozen base is bf16: updates this small vanish in bf16.

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from finetune._quiet import held_back
 from finetune.families.base import Components, Family, FullSize, ModelSpec, Stream
 from finetune.memory.architecture import BLOCK_COUNT_KEYS, build_meta, keeps_fp32
 
@@ -175,8 +176,13 @@ def trace_transformer(fam: type[Family], checkpoint: str, task: str, frames: int
             shapes = fam.planning_streams(task, frames, height, width, fps) if audio else {}
             streams = {name: Stream(torch.zeros(shape, dtype=dtype, requires_grad=True), t, torch.zeros(shape))
                        for name, shape in shapes.items()}
-            # streams= only when there are some: the protocol's predict takes it only then
-            family.predict(model, latents, t, cond, fps, **({"streams": streams} if streams else {}))
+            # streams= only when there are some: the protocol's predict takes it only then. The
+            # warnings held back are about how this CPU trace computes, not about the user's run:
+            # torch's CPU layer norm names the fused kernel it skips for a float input and bf16
+            # weight (Kandinsky 5); CPU autocast refuses the float32 Mochi's rotary code asks for.
+            with held_back(r"Mismatch dtype between input and weight",
+                           r"In CPU autocast, but the target dtype is not supported"):
+                family.predict(model, latents, t, cond, fps, **({"streams": streams} if streams else {}))
     finally:
         for h in hooks:
             h.remove()
