@@ -35,7 +35,7 @@ class Noise:
     why: str
 
 
-IMPORT_NOISE: tuple[Noise, ...] = (
+LOG_NOISE: tuple[Noise, ...] = (
     Noise("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community",
           "bitsandbytes tries to fetch an optional faster CPU 4-bit kernel from the Hub when it is imported "
           "(diffusers imports it); it falls back to its own kernel, and only AdamW8bit and nf4 on a GPU use it"),
@@ -53,6 +53,9 @@ IMPORT_NOISE: tuple[Noise, ...] = (
           "torchao's int8 matmul kernels need Triton; this tool does not call them"),
     Noise("torch.utils._pytree", r"<enum '\w+'> is an Enum subclass and is now natively supported",
           "torchao registers its enums with torch's pytree as older torch needed; a deprecation for torchao"),
+    Noise("diffusers.guiders.guider_utils", r"Guiders are currently an experimental feature",
+          "HunyuanVideo-1.5's pipeline builds its guidance from diffusers' guiders, whose API may change: a note "
+          "for code that calls them, which ours pins through the diffusers version"),
 )
 
 
@@ -84,10 +87,10 @@ class _HoldBack(logging.Filter):
 
 
 def install() -> None:
-    """Put the :data:`IMPORT_NOISE` filters on their loggers (once). Loggers exist before the
+    """Put the :data:`LOG_NOISE` filters on their loggers (once). Loggers exist before the
     modules that use them are imported, so this runs before diffusers or torchao load."""
     by_logger: dict[str, list[re.Pattern]] = {}
-    for n in IMPORT_NOISE:
+    for n in LOG_NOISE:
         by_logger.setdefault(n.logger, []).append(re.compile(n.message))
     for name, patterns in by_logger.items():
         logger = logging.getLogger(name)

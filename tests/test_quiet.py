@@ -1,12 +1,14 @@
-"""Quiet by default: the entry scripts, run as a user runs them, print nothing on stderr but our own
-lines and progress bars; ``-v`` shows the third-party warnings held back; the filters hold back
-only the known harmless messages, at their source."""
+"""Quiet by default: the entry scripts, run as a user runs them (``--plan``, tiny training runs,
+``infer.py``, data_prep; publish in test_publish.py), print nothing on stderr but our own lines and
+progress bars; ``-v`` shows the third-party warnings held back; the filters hold back only the
+known harmless messages, at their source."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -68,7 +70,7 @@ def test_verbose_brings_the_held_back_warnings_back(plan_quiet):
     assert loud.returncode == 0, loud.stderr[-3000:]
     extra = foreign_lines(loud.stderr)
     assert extra, "-v showed no third-party warning that the quiet run held back"
-    known = [n for n in _quiet.IMPORT_NOISE if any(re.search(n.message, line) for line in extra)]
+    known = [n for n in _quiet.LOG_NOISE if any(re.search(n.message, line) for line in extra)]
     assert known, f"-v showed none of the held-back messages:\n" + "\n".join(extra)
     assert loud.stdout == plan_quiet.stdout
 
@@ -84,6 +86,16 @@ def test_tiny_training_fp8_training_and_infer_print_only_our_lines(tmp_path):
     done = checked(["infer.py", "--lora", str(tmp_path / "run"), "--prompt", "mystyle, a square", "--steps", "2",
                     "--out", str(tmp_path / "out.mp4")])
     assert (tmp_path / "out.mp4").is_file() and "video:" in done.stdout
+
+
+@pytest.mark.slow
+def test_data_prep_prints_only_our_lines(tmp_path):
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    shutil.copy2(ROOT / "tests" / "assets" / "synth_lavfi.mp4", footage)
+    done = checked(["-m", "data_prep", "prepare", str(footage), str(tmp_path / "dataset"), "--family", "wan",
+                    "--frames", "9", "--fps", "8", "--size", "32x32", "--trigger", "mystyle"])
+    assert (tmp_path / "dataset" / "manifest.jsonl").is_file() and "dataset:" in done.stdout
 
 
 # ---------------------------------------------------------------------------- the filters themselves
