@@ -6,7 +6,3 @@ keeps (:mod:`finetune.weights.dtypes`), text encoders quantised or kept on the C
 The layers import downwards only: ``finetune.families`` imports this package, and
 ``finetune.memory`` (runtime offload and the planner) imports both; nothing here imports either
 (tests/test_layers.py)."""
-
-from finetune._quiet import quiet_torchao
-
-quiet_torchao()
