@@ -286,7 +286,7 @@ def fp8_layer_names(model: torch.nn.Module) -> list[str]:
 
 def _torchao_int8(linear: torch.nn.Linear) -> None:
     # Imported on first use: torchao takes seconds to import and only int8 text encoders need it
-    # (its CUDA-library warnings are held back in finetune/weights/__init__.py).
+    # (its CUDA-library warnings are held back by finetune/_quiet.py).
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     quantize_(linear, Int8WeightOnlyConfig())
