@@ -400,11 +400,11 @@ def hunyuan_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     norm groups (32) and the compression (8x, 4x) are the official defaults, not in the weights.
     Raises UserError for a file that is no Hunyuan VAE."""
     blocks = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down_blocks.")})
-    if not blocks or "post_quant_conv.conv.weight" not in shapes:
+    if not blocks or "post_quant_conv.weight" not in shapes:
         raise UserError("opensora2: the VAE file is not a HunyuanVideo VAE (no encoder.down_blocks / post_quant_conv); "
                         "the Video DC-AE of the high-compression model is not supported")
     channels = [shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"][0] for i in blocks]
     layers = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")})
     return dict(block_out_channels=channels, layers_per_block=layers,
-                latent_channels=shapes["post_quant_conv.conv.weight"][0],
+                latent_channels=shapes["post_quant_conv.weight"][0],
                 mid_block_add_attention=any(k.startswith("encoder.mid_block.attentions.") for k in shapes))

@@ -58,7 +58,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
-from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, apply_rotary_emb
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous
@@ -85,27 +85,56 @@ OPEN_SORA_V2_CONFIG: dict[str, Any] = dict(
 # rotary embedding and attention
 # --------------------------------------------------------------------------------------------
 class OpenSora2RotaryEmbed(nn.Module):
-    """Per-token rotary (cos, sin) [S, head_dim] float32 from positions [S, len(axes_dim)]; each
-    axis i takes ``axes_dim[i]`` of the head dims, frequencies ``theta ** (-2j / axes_dim[i])``.
-    ``rotate_half``: the release's layout, cos = cat(c, c) pairing dims d and d + head_dim/2
-    (Liger's kernel, frequencies in float32); else cos = c repeated per adjacent pair (Flux,
-    frequencies in float64)."""
+    """Per-token rotary (cos, sin) [S, head_dim/2] from positions [S, len(axes_dim)]; each axis i
+    takes ``axes_dim[i]`` of the head dims, frequencies ``theta ** (-2j / axes_dim[i])``, computed
+    as the official code does (float32 for the Liger layout, float64 for Flux's), in float64 for a
+    float64 model. :func:`rotate` applies them."""
 
     def __init__(self, theta: float, axes_dim: list[int], rotate_half: bool):
         super().__init__()
         self.theta, self.axes_dim, self.rotate_half = theta, list(axes_dim), rotate_half
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freq_dtype = torch.float32 if self.rotate_half or ids.device.type == "mps" else torch.float64
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        wide = dtype == torch.float64
+        freq_dtype = torch.float64 if wide or not self.rotate_half else torch.float32
+        if ids.device.type == "mps":
+            freq_dtype = torch.float32
         angles = []
         for i, dim in enumerate(self.axes_dim):
             omega = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=freq_dtype, device=ids.device) / dim)
             angles.append(ids[:, i].to(freq_dtype)[:, None] * omega[None])
-        a = torch.cat(angles, dim=-1)  # [S, head_dim / 2]
-        cos, sin = a.cos().float(), a.sin().float()
-        if self.rotate_half:
-            return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
-        return cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        a = torch.cat(angles, dim=-1)
+        out = torch.float64 if wide else torch.float32
+        return a.cos().to(out), a.sin().to(out)
+
+
+class TimestepSinusoid(nn.Module):
+    """t [B] (already x1000) -> [B, dim]: cosines then sines of ``t * 10000 ** (-j / (dim/2))``,
+    computed in float32 as the official ``timestep_embedding`` (diffusers' ``Timesteps`` with
+    flip_sin_to_cos, the same numbers), in float64 for a float64 ``t``."""
+
+    def __init__(self, dim: int = 256, max_period: float = 10_000.0):
+        super().__init__()
+        self.dim, self.max_period = dim, max_period
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        args = t.to(dtype)[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], rotate_half: bool) -> torch.Tensor:
+    """x [B, S, H, D] rotated by (cos, sin) [S, D/2] in float32 (or wider), back in x's dtype:
+    dims (d, d + D/2) pair up for ``rotate_half`` (the release, Liger's kernel), else (2d, 2d+1)."""
+    cos, sin = (t[None, :, None, :] for t in rotary)
+    xf = x.to(torch.promote_types(x.dtype, cos.dtype))
+    if rotate_half:
+        a, b = xf.chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+    a, b = xf.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
 
 
 class OpenSora2AttnProcessor:
@@ -125,7 +154,7 @@ class OpenSora2AttnProcessor:
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
         """hidden_states [B, N, D] (single blocks: the joint [text, image] sequence);
         encoder_hidden_states [B, L, D] (double blocks) or None; image_rotary_emb (cos, sin)
-        [L + N, head_dim]. Returns [B, N, D] (single) or (image [B, N, D], text [B, L, D])."""
+        [L + N, head_dim/2] (:class:`OpenSora2RotaryEmbed`). Returns [B, N, D] (single) or (image [B, N, D], text [B, L, D])."""
         if attention_mask is not None:
             raise ValueError("opensora2: the official model attends every token; no attention mask is taken")
         q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
@@ -137,9 +166,7 @@ class OpenSora2AttnProcessor:
             ev = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
             q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
         if image_rotary_emb is not None:
-            unbind = -2 if self.rotate_half else -1
-            q = apply_rotary_emb(q, image_rotary_emb, use_real_unbind_dim=unbind, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, use_real_unbind_dim=unbind, sequence_dim=1)
+            q, k = rotate(q, image_rotary_emb, self.rotate_half), rotate(k, image_rotary_emb, self.rotate_half)
         out = dispatch_attention_fn(q, k, v, backend=self._attention_backend, parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
@@ -282,6 +309,7 @@ class OpenSora2Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cac
         self.x_embedder = nn.Linear(in_channels, hidden_size)
         self.cond_embedder = nn.Linear(in_channels + patch_size * patch_size, hidden_size) if cond_embed else None
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(hidden_size, vec_in_dim)
+        self.time_text_embed.time_proj = TimestepSinusoid(256)  # diffusers' Timesteps stays float32 in float64
         self.context_embedder = nn.Linear(context_in_dim, hidden_size)
         self.transformer_blocks = nn.ModuleList([
             OpenSora2DoubleBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, use_liger_rope) for _ in range(depth)
@@ -343,7 +371,7 @@ class OpenSora2Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cac
         t = timestep.reshape(-1).expand(b).to(dtype) * 1000
         temb = self.time_text_embed(t, pooled_projections.to(dtype))
         text = self.context_embedder(encoder_hidden_states.to(dtype))
-        rotary = self.pos_embed(position_ids(grid, text.shape[1], x.device))
+        rotary = self.pos_embed(position_ids(grid, text.shape[1], x.device), dtype)
 
         # Both kinds of block take (image, text, vec, rotary) and return (text, image).
         for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
