@@ -42,7 +42,8 @@ def write_official_layout(fam, folder):
     c = fam.components
     save_official(c.transformer, folder / OFFICIAL_TRANSFORMER)
     save_file({k: v.contiguous() for k, v in c.vae.state_dict().items()}, str(folder / OFFICIAL_VAE))
-    for sub, model, tok in ((OFFICIAL_T5, c.text_encoder, c.tokenizer), (OFFICIAL_CLIP, c.text_encoder_2, c.tokenizer_2)):
+    for sub, model, tok in ((OFFICIAL_T5, c.text_encoder, c.tokenizer),
+                            (OFFICIAL_CLIP, c.text_encoder_2, c.tokenizer_2)):
         model.save_pretrained(folder / sub)
         tok.save_pretrained(folder / sub)
     return folder
@@ -139,7 +140,7 @@ def test_the_i2v_first_frame_is_encoded_on_its_own_and_reproducibly():
     fam = tiny("i2v")
     videos = clips(batch=2)
     latents = fam.encode_videos(videos, torch.Generator().manual_seed(0))
-    a, b = fam.encode_conditioning(videos, latents)["cond_latents"], fam.encode_conditioning(videos, latents)["cond_latents"]
+    a, b = (fam.encode_conditioning(videos, latents)["cond_latents"] for _ in range(2))
     assert a.shape == (2, 16, 1, 4, 4) and torch.equal(a, b)
     vae = fam.components.vae
     with torch.no_grad():
@@ -190,14 +191,16 @@ def test_the_comfyui_file_updates_the_official_weights_as_the_adapter_updates_ou
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     lora = lora_from_peft(peft.get_peft_model_state_dict(tr), tr.peft_config["default"].to_dict())
-    assert {"single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp", "norm_out.linear"} <= set(lora.modules)
+    fused_and_swapped = {"single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp",
+                         "norm_out.linear"}
+    assert fused_and_swapped <= set(lora.modules)
     for name, m in lora.modules.items():
         plain[f"{name}.weight"] = plain[f"{name}.weight"] + m.up @ m.down * (m.alpha / m.rank)
     want = diffusers_to_official(plain, tr.config.hidden_size)
     got = tiny().components.transformer.to_official_state_dict()
     file = load_file(str(write_lora(lora, tmp_path / "c.safetensors", "comfyui", CLS.comfyui_key_map())))
     heads = {k.removesuffix(".alpha") for k in file if k.endswith(".alpha")}
-    assert "diffusion_model.single_blocks.0.v_mlp" in heads and "diffusion_model.final_layer.adaLN_modulation.1" in heads
+    assert {"diffusion_model.single_blocks.0.v_mlp", "diffusion_model.final_layer.adaLN_modulation.1"} <= heads
     for head in heads:
         a, b = file[f"{head}.lora_A.weight"], file[f"{head}.lora_B.weight"]
         key = head.removeprefix("diffusion_model.") + ".weight"

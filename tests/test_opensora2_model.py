@@ -45,7 +45,8 @@ def inputs(b: int = 2, f: int = 3, h: int = 4, w: int = 6, text: int = 7, dtype=
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 16, f, h, w, generator=gen)
     cond = first_frame_condition(torch.randn(b, 16, 1, h, w, generator=gen), f)
-    args = dict(hidden_states=x, timestep=torch.rand(b, generator=gen), encoder_hidden_states=torch.randn(b, text, 32, generator=gen),
+    args = dict(hidden_states=x, timestep=torch.rand(b, generator=gen),
+                encoder_hidden_states=torch.randn(b, text, 32, generator=gen),
                 pooled_projections=torch.randn(b, 32, generator=gen), condition=cond)
     return {k: v.to(dtype) for k, v in args.items()}
 
@@ -193,7 +194,8 @@ def reference_forward(sd: dict, cfg: dict, x, t, txt, vec, cond) -> torch.Tensor
     heads, p, liger = cfg["num_heads"], cfg["patch_size"], cfg["use_liger_rope"]
 
     def pack(z):
-        return z.reshape(b, z.shape[1], f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, -1, z.shape[1] * p * p)
+        z = z.reshape(b, z.shape[1], f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+        return z.reshape(b, f * (h // p) * (w // p), -1)
 
     img = _linear(sd, "img_in", pack(x)) + _linear(sd, "cond_in", pack(cond))
     vec = _mlp_embed(sd, "time_in", _timestep(t)) + _mlp_embed(sd, "vector_in", vec)
@@ -243,7 +245,8 @@ def reference_forward(sd: dict, cfg: dict, x, t, txt, vec, cond) -> torch.Tensor
         k = _rms(_heads(_linear(sd, f"{s}.k_proj", y), heads), sd[f"{s}.norm.key_norm.scale"])
         v = _heads(v_mlp[..., :hidden], heads)
         attn = _attention(_rotate(q, angles, liger), _rotate(k, angles, liger), v)
-        z = z + gate * _linear(sd, f"{s}.linear2", torch.cat([attn, F.gelu(v_mlp[..., hidden:], approximate="tanh")], -1))
+        mlp = F.gelu(v_mlp[..., hidden:], approximate="tanh")
+        z = z + gate * _linear(sd, f"{s}.linear2", torch.cat([attn, mlp], -1))
     img = z[:, L:]
     shift, scale = _linear(sd, "final_layer.adaLN_modulation.1", F.silu(vec)).chunk(2, dim=-1)
     out = _linear(sd, "final_layer.linear", (1 + scale[:, None]) * _layer_norm(img) + shift[:, None])

@@ -347,7 +347,8 @@ class OpenSora2Family(Family):
             condition = first_frame_condition(cond["cond_latents"].to(noisy_latents), noisy_latents.shape[2])
         return transformer(
             hidden_states=noisy_latents.to(dtype), timestep=timesteps,
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype), pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
             condition=None if condition is None else condition.to(dtype), return_dict=False,
         )[0]
 

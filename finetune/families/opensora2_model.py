@@ -154,7 +154,8 @@ class OpenSora2AttnProcessor:
                  image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
         """hidden_states [B, N, D] (single blocks: the joint [text, image] sequence);
         encoder_hidden_states [B, L, D] (double blocks) or None; image_rotary_emb (cos, sin)
-        [L + N, head_dim/2] (:class:`OpenSora2RotaryEmbed`). Returns [B, N, D] (single) or (image [B, N, D], text [B, L, D])."""
+        [L + N, head_dim/2] (:class:`OpenSora2RotaryEmbed`). Returns [B, N, D] (single) or
+        (image [B, N, D], text [B, L, D])."""
         if attention_mask is not None:
             raise ValueError("opensora2: the official model attends every token; no attention mask is taken")
         q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
