@@ -43,6 +43,8 @@ Differences from the official module (none changes the maths):
   the official Liger kernel after): the same in float32, last-bit differences in bf16.
 - ``guidance_embed=True`` (the Flux-dev image model of the official t2i2v pipeline, not this
   release) is refused.
+- the timestep sinusoid and the rotary rotation run in float32 as the official ones, but in
+  float64 for a float64 model (the tests compare it with a float64 reference).
 """
 
 from __future__ import annotations
