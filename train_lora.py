@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
     parser.add_argument("--plan", action="store_true", help="print the memory plan and exit (no weights load)")
     parser.add_argument("--vram", default=None, help="card memory in GiB to plan for (default: memory.vram_gb)")
+    parser.add_argument("--limit-vram", type=float, default=None, metavar="GIB",
+                        help="use at most this much of the GPU, as a smaller card would (measuring a budget)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=5e-5")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     check_implemented(recipe)
     check_blocks_to_swap(recipe)  # from the full-size config on the meta device, before any weight loads
 
-    result = train(recipe, resume=args.resume)
+    result = train(recipe, resume=args.resume, limit_vram_gb=args.limit_vram)
     if result.adapter.is_file():
         print(f"adapter:     {result.adapter}")
         print(f"tensorboard: tensorboard --logdir {result.run_dir / 'logs'}")

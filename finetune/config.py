@@ -137,6 +137,14 @@ class MemoryConfig(_Section):
     auto: bool = Field(
         False, description="Apply the memory planner's cheapest overrides that fit memory.vram_gb before training."
     )
+    margin_gb: float | None = Field(
+        None, ge=0, le=1024, description="Room the planner leaves on the card for what no trace sees (allocator "
+                                         "fragmentation, kernel workspaces); null = 6% of the card."
+    )
+    host_gb: float | None = Field(
+        None, gt=0, le=65536, description="Host memory (GiB) of the training machine, for the planner's check of "
+                                          "pinned and offloaded bytes; null = this machine's."
+    )
     blocks_to_swap: int = Field(
         0, ge=0, le=512, description="Block swap: the frozen weights of the transformer's last N blocks live in "
                                      "host memory and are copied in one block ahead of use (at most the model's "

@@ -225,6 +225,21 @@ def fixed_timestep_loss(family: Family, transformer, batch: dict, fps: float, se
     return sum(losses) / len(losses)
 
 
+def write_metrics(run_dir: Path, step: int, loss: float, grad_norm: float, seconds: float,
+                  device: torch.device) -> None:
+    """Append step ``step``'s figures to ``<run>/metrics.jsonl`` (what bench/memory.py reads): loss,
+    gradient norm, seconds, and on a GPU the allocated and reserved peaks since training began
+    (GiB), each a JSON line."""
+    import json
+
+    row = {"step": step, "loss": loss, "grad_norm": grad_norm, "seconds": seconds}
+    if device.type == "cuda":
+        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -306,6 +321,14 @@ def mixed_precision(recipe: Recipe, device_type: str) -> str:
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     mp = mixed_precision(recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mp and shared.get("num_processes", 1) == 1:
+        # a second run in one process (a notebook, the tests, gpu_check) with another precision:
+        # accelerate keeps the first run's state and refuses to change it; one process has
+        # nothing to keep in step, so start its state afresh
+        AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=mp, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -375,24 +398,27 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> tu
     return CachedDataset(train_entries * recipe.data.repeats), (CachedDataset(val_entries) if val_entries else None)
 
 
-def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
-    """Train a LoRA as ``recipe`` says. ``resume``: None, "latest" or a checkpoint folder.
+def train(recipe: Recipe, resume: str | None = None, limit_vram_gb: float | None = None) -> TrainResult:
+    """Train a LoRA as ``recipe`` says. ``resume``: None, "latest" or a checkpoint folder;
+    ``limit_vram_gb``: use at most that much of the GPU (finetune.memory.runtime.limit_vram).
 
     Raises: DataError (manifest, clips), CheckpointError (resume), TrainingDiverged (NaN/inf loss),
     RunLocked (another run uses output.dir), DiskSpaceError, TrainingStopped (SIGINT/SIGTERM, after
     saving a checkpoint and the adapter).
     """
     with ExitStack() as cleanup:  # the run lock and the signal handlers go however training ends
-        return _train(recipe, resume, cleanup)
+        return _train(recipe, resume, cleanup, limit_vram_gb)
 
 
-def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResult:
+def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack, limit_vram_gb: float | None = None) -> TrainResult:
     # 1. Run folder, accelerator, resolved recipe.
     run_dir = Path(recipe.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_ckpt = ckpt.resolve_resume(run_dir, resume) if resume else None
     accelerator = make_accelerator(recipe, run_dir)
     device, world = accelerator.device, accelerator.num_processes
+    if limit_vram_gb is not None:  # before anything is on the card
+        memory_runtime.limit_vram(limit_vram_gb, device)
     if accelerator.is_main_process:
         cleanup.enter_context(RunLock(run_dir))  # one run per output.dir
     stop = cleanup.enter_context(GracefulStop())
@@ -446,6 +472,8 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
 
     # 6. The loop (val_loss on the held-out clips before the first step, and with the samples).
     o = recipe.optim
+    if device.type == "cuda":  # the peaks logged from here are the training steps', not the caching's
+        torch.cuda.reset_peak_memory_stats(device)
     base_samples: dict[int, torch.Tensor] = {}  # base-model renders of the validation prompts, made once
     if val_dataset is not None and start_step == 0:
         log_validation_loss(accelerator, family, transformers, experts, val_dataset, recipe, 0)
@@ -470,11 +498,15 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack) -> TrainResul
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels, the optimizer's included, are in its time
         seconds = time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         if done % recipe.output.log_every == 0:
             accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                              "seconds_per_step": seconds, "peak_memory_gb": peak_memory_gb(device)}, step=done)
+        if accelerator.is_main_process:
+            write_metrics(run_dir, done, loss_value, grad_norm, seconds, device)
         if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < o.steps:
             ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
         v = recipe.validation

@@ -1,5 +1,6 @@
-"""bench/memory.py: the CPU smoke run end to end, the budget settings through the recipe machinery,
-and the ratios and target checks it reports (the full-size GPU mode needs a CUDA GPU)."""
+"""bench/memory.py: the CPU smoke run end to end (train_lora.py itself, in its own process per
+configuration, rows written as they finish), the budget settings through the planner, and the
+ratios and target checks it reports (the full-size GPU mode needs a CUDA GPU)."""
 
 from __future__ import annotations
 
@@ -15,42 +16,61 @@ sys.path.insert(0, str(ROOT / "bench"))
 import memory as bench  # noqa: E402  (bench/memory.py)
 
 
-def test_tiny_run_prints_the_table_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
+def test_tiny_run_prints_the_table_and_writes_each_row_as_it_finishes(tmp_path):
+    out = tmp_path / "bench.jsonl"
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--tiny", "--cases", "wan", "--steps",
-                          "1", "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          "1", "--json", str(out), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
     assert any(line.startswith("case") and "s/step" in line and "meas/pred" in line and "MFU" in line for line in lines)
     assert any(line.startswith("wan") and "unconstrained (baseline)" in line for line in lines)
     assert any(line.startswith("wan") and "budget 16G" in line for line in lines)
-    data = json.loads(out.read_text())
-    (row,) = data["cases"]
-    assert row["case"] == "wan" and data["tiny"] is True
-    base, budget = row["results"]["unconstrained"], row["results"]["budget"]
-    assert base["skipped"] is None and budget["skipped"] is None
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["config"] for r in rows] == ["unconstrained", "budget"]
+    base, budget = rows
+    assert base["skipped"] is None and budget["skipped"] is None, (base, budget)
     assert base["seconds_per_step"] > 0 and budget["seconds_per_step"] > 0
-    assert budget["overrides"] == {"model.quantization": "fp8"}
-    assert base["model_flops"] > 0  # counted by torch.utils.flop_counter, recompute left out
-    assert row["budget_over_unconstrained_time"] == pytest.approx(budget["seconds_per_step"] / base["seconds_per_step"])
+    assert budget["overrides"] == {"model.quantization": "fp8", "memory.blocks_to_swap": 1,
+                                   "memory.activation_offload": True}
+    assert base["device"] == "cpu, fp32"
+    # what train_lora.py wrote: two steps (one warm-up, one measured) in each run's metrics.jsonl
+    for config in ("unconstrained", "budget"):
+        metrics = (tmp_path / "work" / f"wan-{config}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(m)["step"] for m in metrics] == [1, 2]
     for key in ("peak_allocated_gib", "peak_reserved_gib"):  # no CUDA allocator on a CPU
-        assert key in base and base[key] is None
+        assert base[key] is None
 
 
-def test_budget_settings_come_from_the_planner_and_unrun_ones_are_skips(monkeypatch):
-    recipe, overrides, skip = bench.config_recipe(bench.CASES["ltx-2b"], "budget")
-    assert skip == "" and overrides == {"memory.text_encoder": "fp8"}
-    assert recipe.memory.text_encoder == "fp8"
-    # Wan 2.1 14B at 81 frames needs block swap and activation offload: the bench runs them as the trainer does
-    recipe, overrides, skip = bench.config_recipe(bench.CASES["wan-14b"], "budget")
-    assert overrides["memory.blocks_to_swap"] > 0 and overrides["memory.activation_offload"] is True
-    assert skip == "" and recipe.memory.blocks_to_swap == overrides["memory.blocks_to_swap"]
-    # a setting the bench does not apply itself is a skip line, never silently ignored
-    monkeypatch.setattr(bench, "APPLIED", bench.APPLIED - {"memory.blocks_to_swap"})
-    _, _, skip = bench.config_recipe(bench.CASES["wan-14b"], "budget")
-    assert "memory.blocks_to_swap: not applied by bench/memory.py" in skip
+def test_a_failed_or_cut_off_configuration_is_a_row_saying_why(tmp_path, monkeypatch):
+    """A run that fails (here: more swapped blocks than the tiny model has, a named error at load)
+    or outlives its time cap costs only its own row, which says why."""
+    case = bench.TINY_CASES["wan"]
+    recipe = bench.base_recipe(case)
+
+    monkeypatch.setattr(bench, "config_recipe", lambda c, config: (recipe, {"memory.blocks_to_swap": 99}, ""))
+    monkeypatch.setattr(recipe.memory, "blocks_to_swap", 99)
+    row = bench.run_config("wan", case, "unconstrained", 1, 300, tmp_path)
+    assert row["skipped"].startswith("failed: memory.blocks_to_swap=99"), row["skipped"]
+    row = bench.run_config("wan", case, "budget", 1, 0.5, tmp_path)
+    assert row["skipped"] == "not finished in 0 s (--timeout)" or row["skipped"].startswith("not finished in")
+
+
+def test_budget_settings_come_from_the_planner_and_fit():
+    from finetune.memory.planner import apply_overrides, check_implemented, choose_overrides, plan_recipe
+
+    for name in ("ltx-2b", "wan-14b"):
+        case = bench.CASES[name]
+        recipe, overrides, skip = bench.config_recipe(case, "budget")
+        assert skip == ""
+        base = bench.base_recipe(case)
+        assert overrides == choose_overrides(base, case.budget_gb).overrides
+        check_implemented(apply_overrides(base, overrides))
+        assert plan_recipe(recipe).fits(case.budget_gb) and recipe.model.weights == "random"
     recipe, overrides, skip = bench.config_recipe(bench.CASES["wan-14b"], "unconstrained")
     assert (recipe.model.quantization, recipe.optim.optimizer, overrides, skip) == ("none", "adamw", {}, "")
+    _, _, skip = bench.config_recipe(bench.CASES["wan-1.3b"], "budget")
+    assert "no card budget" in skip
 
 
 def test_ratios_and_target_checks():
@@ -64,8 +84,14 @@ def test_ratios_and_target_checks():
     row = bench.summarise("ltx-2b", case, results, tflops=1000.0)
     assert row["budget_over_unconstrained_time"] == pytest.approx(1.4)
     assert row["mfu"] == pytest.approx(4e14 / 2.0 / 1e15)
-    assert row["checks"] == {"budget peak <= 8 GiB": False, "budget s/step <= 1.3x unconstrained": False,
+    assert row["checks"] == {"budget peak reserved <= 8 GiB": False, "budget s/step <= 1.3x unconstrained": False,
                              "unconstrained: measured within 10% of predicted": True,
                              "budget: measured within 10% of predicted": False}
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
     assert bench.peak_tflops("NVIDIA H100 PCIe", None) == 756.0 and bench.peak_tflops("cpu", None) is None
+
+
+def test_the_error_line_of_a_failed_run_is_ours_or_the_exception():
+    assert bench._last_error("noise\nerror: data.frames=8 must be 4k+1\n") == "data.frames=8 must be 4k+1"
+    assert bench._last_error("Traceback\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. Tried") \
+        .startswith("torch.OutOfMemoryError: CUDA out of memory")

@@ -195,6 +195,31 @@ def test_bad_clip_shape_is_rejected_with_a_fix(name):
         fam.encode_videos(torch.zeros(1, 3, clip_frames(cls), size + 8, size))
 
 
+@pytest.mark.parametrize("name", CASES)
+@torch.no_grad()
+def test_attention_at_batch_1_gets_no_dense_mask_and_no_fully_masked_row(name):
+    """One clip with a padded prompt: any mask SDPA gets inside the transformers is a key mask
+    (one row broadcast over the queries, never [.., S, S]) and leaves every query a key to see
+    (a fully masked row is what cuDNN's SDPA backward turns NaN on H100/H200,
+    pytorch/pytorch#196678). The memory planner traces without masks; this keeps them small."""
+    from test_attention import sdpa_masks
+
+    cls = family_of(name)
+    fam = load(name)
+    latents, cond = encoded(fam, random_videos(cls, batch=1))
+    cond = {**fam.encode_prompts([PROMPT]), **cond}
+    noised = fam.noisy_input_and_target(latents, torch.randn_like(latents), torch.tensor([0.5]), cond)
+    with sdpa_masks() as masks:
+        for tr in transformers_of(fam):
+            fam.predict(tr, noised.noisy, noised.timesteps, cond, cls.default_fps)
+    assert len(masks) > 0
+    for mask in (m for m in masks if m is not None):
+        assert mask.shape[-2] == 1, f"{name}: a per-query mask {tuple(mask.shape)} reaches SDPA"
+        # bool: True = attend; additive: diffusers writes -10000 (or -inf) on masked keys
+        allowed = mask if mask.dtype == torch.bool else mask > -1e4
+        assert allowed.any(dim=-1).all(), f"{name}: a fully masked row in {tuple(mask.shape)}"
+
+
 # --- 3. gradients reach every LoRA layer ---
 def lora_grads(fam, cls, tr=None) -> dict[str, tuple[float, float]]:
     """Per adapted module of ``tr`` (default: the first expert): (|grad lora_A|, |grad lora_B|)

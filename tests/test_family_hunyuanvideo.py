@@ -1,15 +1,19 @@
 """What is specific to HunyuanVideo: the pipelines' own transformer calls (Llama + CLIP text,
 embedded guidance), the I2V conditioning (first-frame latent replaced, Llava reading the first
 frame and the caption together, built at cache time with the caption), the flow-matching target
-and the flow shift of the checkpoint. CPU, offline, seeded."""
+and the flow shift of the checkpoint, and attention over the valid tokens only, equal to
+diffusers' masked attention. CPU, offline, seeded."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from conftest import write_clips
+from test_attention import sdpa_masks
 from test_families import FRAMES, PROMPT, cond_image, first_transformer_call, load, random_videos
 
 from finetune.families import ModelSpec, get_family
@@ -133,3 +137,41 @@ def test_hunyuanvideo_wrong_checkpoint_for_the_task_is_named(tmp_path):
         rope_axes_dim=(4, 6, 6))
     with pytest.raises(ValueError, match=r"compresses 8x in space.*assumes 16x and 4x.*hunyuanvideo-community/HunyuanVideo"):
         CLS(c, ModelSpec(pretrained="some/other"))
+
+
+# --- attention over the valid tokens only (finetune/families/_attention.py) ---
+PROMPTS = [PROMPT, "a long prompt: a red door in the rain at night, neon signs reflected in the puddles"]
+
+
+def masked_attention(transformer) -> None:
+    """diffusers' own processors: the [B, 1, 1, S] key mask in the blocks, [B, 1, L, L] in the refiner."""
+    for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+        block.attn.set_processor(HunyuanVideoAttnProcessor2_0())
+    for block in transformer.context_embedder.token_refiner.refiner_blocks:
+        block.attn.set_processor(AttnProcessor2_0())
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+@torch.no_grad()
+def test_hunyuanvideo_attention_equals_diffusers_masked_attention(task):
+    """Prompts of two lengths in one batch and the padded one alone: the same prediction as
+    diffusers' masked attention, tightly in fp32 and within two bf16 steps in bf16; at batch 1
+    SDPA gets no mask."""
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        fam = CLS.load(ModelSpec(pretrained=CLS.model_id_for(task), tiny=True, task=task, dtype=dtype))
+        videos = random_videos(CLS, batch=2).to(dtype)
+        latents = fam.encode_videos(videos, generator=torch.Generator().manual_seed(0))
+        cond = fam.encode_prompts(PROMPTS)
+        cond.update(fam.encode_conditioning(videos, latents, captions=PROMPTS))
+        lengths = cond["prompt_attention_mask"].sum(1)
+        assert lengths[0] < lengths[1] <= cond["prompt_attention_mask"].shape[1]
+        t = torch.tensor([300.0, 700.0])
+        tr = fam.components.transformer
+        ours = fam.predict(tr, latents, t, cond, fps=24)
+        with sdpa_masks() as masks:
+            alone = fam.predict(tr, latents[:1], t[:1], {k: v[:1] for k, v in cond.items()}, fps=24)
+        assert masks and all(m is None for m in masks)
+        masked_attention(tr)
+        ref = fam.predict(tr, latents, t, cond, fps=24)
+        torch.testing.assert_close(ours, ref, atol=atol, rtol=0, msg=f"{dtype} batch of 2")
+        torch.testing.assert_close(alone, ref[:1], atol=atol, rtol=0, msg=f"{dtype} batch of 1")

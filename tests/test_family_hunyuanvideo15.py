@@ -1,7 +1,8 @@
 """What is specific to HunyuanVideo-1.5: training calls the transformer as the diffusers pipelines
 do (concat channels, three context streams), the official timestep sampling and shift
 (Tencent-Hunyuan/HunyuanVideo-1.5 train.py), a target over every latent frame, the pipelines
-taking the common call arguments, and the wrong-checkpoint error."""
+taking the common call arguments, the wrong-checkpoint error, and attention over the valid
+tokens only (no dense mask, no fully masked row) equal to diffusers' masked attention."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
 from finetune.families import ModelSpec, get_family
-from test_families import FRAMES, PROMPT, cond_image, first_transformer_call, load, random_videos
+from test_attention import cudnn_fully_masked_row_bug, largest_bool_tensor, sdpa_masks
+from test_families import FRAMES, PROMPT, add_lora, cond_image, first_transformer_call, load, random_videos, run
 
 NAME = "hunyuanvideo15"
 
@@ -136,3 +140,112 @@ def test_wrong_checkpoint_is_named():
     components.transformer.register_to_config(in_channels=16)
     with pytest.raises(ValueError, match=r"maps 16 -> 8 channels, but HunyuanVideo-1.5 takes 17"):
         cls(components, spec)
+
+
+# --- attention over the valid tokens only (finetune/families/_attention.py) ---
+# A short prompt (padded Qwen tokens, no byT5 tokens) and one that fills the Qwen tokens and quotes
+# text for byT5: two valid lengths in one batch.
+PROMPTS = [PROMPT, 'a long prompt: a shop sign that reads "OPEN" over a red door in the rain, at night']
+
+
+def masked_attention(transformer) -> None:
+    """diffusers' own processors: the dense [B, 1, S, S] mask in the blocks, the [B, 1, L, L] one
+    in the token refiner."""
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(HunyuanVideo15AttnProcessor2_0())
+    for block in transformer.context_embedder.token_refiner.refiner_blocks:
+        block.attn.set_processor(AttnProcessor2_0())
+
+
+def tiny(task: str = "t2v", dtype: torch.dtype = torch.float32):
+    cls = get_family(NAME)
+    return cls.load(ModelSpec(pretrained=cls.model_id_for(task), tiny=True, task=task, dtype=dtype))
+
+
+def inputs(fam, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(noisy latents [B, C, f, h, w], timesteps [B], cond) for len(prompts) clips."""
+    videos = random_videos(get_family(NAME), batch=len(prompts)).to(fam.spec.dtype)
+    latents = fam.encode_videos(videos, generator=torch.Generator().manual_seed(0))
+    cond = {**fam.encode_conditioning(videos, latents), **fam.encode_prompts(prompts)}
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(latents)
+    return 0.5 * (latents + noise), torch.linspace(300.0, 700.0, len(prompts)), cond
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+@torch.no_grad()
+def test_attention_equals_diffusers_masked_attention(task):
+    """The prediction with our processors equals diffusers' masked computation: a batch of two
+    prompts of different lengths (each sample attends over its own valid tokens) and the padded
+    one alone, tightly in fp32 and within two bf16 steps in bf16."""
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        fam = tiny(task, dtype)
+        latents, t, cond = inputs(fam, PROMPTS)
+        assert cond["prompt_embeds_mask"][0].sum() < cond["prompt_embeds_mask"].shape[1]  # padded
+        tr = fam.components.transformer
+        ours = fam.predict(tr, latents, t, cond, fps=24)
+        alone = fam.predict(tr, latents[:1], t[:1], {k: v[:1] for k, v in cond.items()}, fps=24)
+        masked_attention(tr)
+        ref = fam.predict(tr, latents, t, cond, fps=24)
+        torch.testing.assert_close(ours, ref, atol=atol, rtol=0, msg=f"{dtype} batch of 2")
+        torch.testing.assert_close(alone, ref[:1], atol=atol, rtol=0, msg=f"{dtype} batch of 1")
+
+
+def test_no_mask_reaches_sdpa_and_no_dense_mask_is_built():
+    """Batch 1 with a padded prompt through predict, and the pipeline (classifier-free guidance,
+    an empty negative prompt): SDPA never gets a mask in the transformer, and no bool tensor of
+    S x S elements (S: video plus text tokens) is made. diffusers' processors do both."""
+    fam = load(NAME)
+    tr = fam.components.transformer
+    latents, t, cond = inputs(fam, PROMPTS[:1])
+    tokens = latents[0, 0].numel() + fam.text_len + fam.byt5_len + fam.vision_tokens
+    with torch.no_grad():
+        def predict():
+            return fam.predict(tr, latents, t, cond, fps=24)
+
+        with sdpa_masks() as masks:
+            largest = largest_bool_tensor(predict)
+        assert masks and all(m is None for m in masks)
+        assert largest < tokens * tokens
+
+        calls = []
+        hooks = [tr.register_forward_pre_hook(lambda *_: calls.append([len(masks)])),
+                 tr.register_forward_hook(lambda *_: calls[-1].append(len(masks)))]
+        try:
+            with sdpa_masks() as masks:
+                run(fam, fam.pipeline(), steps=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert len(calls) == 2  # conditional and unconditional
+        assert all(m is None for a, b in calls for m in masks[a:b])
+
+        masked_attention(tr)
+        with sdpa_masks() as masks:
+            largest = largest_bool_tensor(predict)
+        assert any(m is not None for m in masks) and largest >= tokens * tokens
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_padded_prompts_give_finite_bf16_gradients(batch):
+    """bf16 on a CPU, LoRA on the default targets, padded prompts: a finite loss and finite LoRA
+    gradients, also with SDPA's backward behaving as cuDNN's does on H100/H200 (NaN grad_q rows
+    for fully masked queries, pytorch/pytorch#196678), which turns diffusers' masked computation
+    NaN: the failure of the first GPU run."""
+    fam = tiny("t2v", torch.bfloat16)
+    tr = fam.components.transformer
+    add_lora(tr, get_family(NAME))
+    latents, t, cond = inputs(fam, PROMPTS[:batch])
+
+    def lora_grads(bug: bool) -> list[torch.Tensor]:
+        tr.zero_grad()
+        with cudnn_fully_masked_row_bug() if bug else torch.enable_grad():
+            loss = fam.predict(tr, latents, t, cond, fps=24).float().square().mean()
+            loss.backward()
+        assert loss.isfinite()
+        return [p.grad for n, p in tr.named_parameters() if "lora_" in n]
+
+    for bug in (False, True):
+        grads = lora_grads(bug)
+        assert grads and all(g is not None and g.isfinite().all() for g in grads), f"bug emulated: {bug}"
+    masked_attention(tr)
+    assert not all(g.isfinite().all() for g in lora_grads(True))

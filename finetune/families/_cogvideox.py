@@ -29,6 +29,9 @@ odd latent frame count by one frame in front, which the pipeline discards after 
 
 Frames: 4k+1, the VAE's rule; the pipelines take any such count (1.5 padding as above). The
 official fine-tuning asks for 8N+1 (49, 81), which the shipped recipes use.
+
+Attention masks: none; the 226 T5 tokens are attended with their padding, as the released models
+were trained.
 """
 
 from __future__ import annotations

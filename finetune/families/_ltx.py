@@ -1,6 +1,10 @@
 """What the LTX-Video families (0.9.0/0.9.1 ``ltx``, 0.9.5+ ``ltxv095``) share: the classes
 (LTXVideoTransformer3DModel, AutoencoderKLLTXVideo, T5), so loading, the text path, latent
-normalisation, the original checkpoint's key names and the checkpoint checks."""
+normalisation, the original checkpoint's key names and the checkpoint checks.
+
+Attention masks: only the T5 cross-attention gets one, the prompt padding as a [B, heads, 1, L]
+additive bias (-10000, finite; L = 128 or 256 tokens); its queries are video tokens and always see
+the valid prompt tokens, so no row is fully masked. Self-attention gets none. Safe as it is."""
 
 from __future__ import annotations
 

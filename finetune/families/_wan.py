@@ -9,6 +9,9 @@ Image-to-video comes in two forms, both the way the released models were trained
                embedding of the first frame (``cond["image_embeds"]`` [B, 257, 1280]).
   first_frame  (2.2 TI2V-5B): the first latent frame is the clean latent of the image, its tokens
                get timestep 0, and it is left out of the loss (``cond["first_latent"]`` [B, C, 1, h, w]).
+
+Attention masks: none; the umT5 padding is zeroed and cross-attention attends it, as the released
+models do.
 """
 
 from __future__ import annotations

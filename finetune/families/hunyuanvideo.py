@@ -20,6 +20,11 @@ released): rectified flow with target noise - x_0 (diffusion-pipe models/hunyuan
 musubi-tuner hv_train_network.py), logit-normal sigmas shifted by the checkpoint's flow shift
 (7.0: musubi-tuner's documented HunyuanVideo setting and the scheduler config), embedded
 guidance 1.0 (diffusion-pipe's default; musubi-tuner's guidance_scale default is 1.0 too).
+
+Attention masks: diffusers gives the blocks a [B, 1, 1, S] key mask (the prompt padding; small,
+no fully masked row, but SDPA cannot use flash with it) and the token refiner a [B, 1, L, L] one
+in which every row also sees token 0 (never fully masked). The family's processors
+(``_attention.py``) cut each sample's padding instead, so no mask reaches SDPA; same outputs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video_image2video
 from PIL import Image
 
 from finetune.families import register
+from finetune.families._attention import PadFreeJointProcessor, SelfAttentionProcessor
 from finetune.families._encoders import CLIP_L_336_VISION, CLIP_L_TEXT, LLAMA3_8B
 from finetune.families._hunyuan import SHARED_PAIRS
 from finetune.families._loading import load_transformer
@@ -138,6 +144,20 @@ class HunyuanVideoFamily(Family):
         config = components.transformer.config
         self._guidance_embeds = bool(config.guidance_embeds)
         self._check_checkpoint()
+        self.attend_valid_tokens_only(components.transformer)
+
+    @staticmethod
+    def attend_valid_tokens_only(transformer: torch.nn.Module) -> None:
+        """Every attention of ``transformer`` over its valid tokens alone, without a mask
+        (finetune/families/_attention.py). diffusers gives the dual- and single-stream blocks a
+        [B, 1, 1, S] key mask (small, no fully masked row, but no flash kernel with it) and the
+        token refiner a [B, 1, L, L] one; both only mark the prompt padding. Same outputs; used
+        by :meth:`predict` and :meth:`pipeline` alike."""
+        for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+            if not isinstance(block.attn.processor, PadFreeJointProcessor):
+                block.attn.set_processor(PadFreeJointProcessor(block.attn.processor))
+        for block in transformer.context_embedder.token_refiner.refiner_blocks:
+            block.attn.set_processor(SelfAttentionProcessor())
 
     # --- loading ---
     @classmethod

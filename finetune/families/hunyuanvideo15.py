@@ -22,6 +22,13 @@ at 720p). The VAE posterior is sampled, as its ``encode_vae`` does.
 
 The diffusers pipelines have no ``load_lora_weights``; adapters load at transformer level
 (:meth:`Family.load_adapter`).
+
+Attention masks: diffusers builds a dense [B, 1, S, S] mask from the text masks in every block (S
+video + text tokens: 51k at 480p x 121, 2.6 GB as bool, 5 GB as a bf16 bias) and runs the token
+refiner with fully masked padding rows, which cuDNN's SDPA backward on H100/H200 turns into NaN
+(pytorch/pytorch#196678). The family sets processors that attend over each sample's valid tokens
+without a mask (``_attention.py``): the same outputs, nothing S x S, flash possible, no fully
+masked row; :meth:`predict` and :meth:`pipeline` both run through them.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import transformers
 from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
 
 from finetune.families import register
+from finetune.families._attention import HunyuanVideo15Processor, SelfAttentionProcessor
 from finetune.families._encoders import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
 from finetune.families._hunyuan import SHARED_PAIRS
 from finetune.families._loading import load_transformer
@@ -184,6 +192,18 @@ class HunyuanVideo15Family(Family):
         config = components.transformer.config
         self._image_embed_dim = int(config.image_embed_dim)
         self._check_compression()
+        self.attend_valid_tokens_only(components.transformer)
+
+    @staticmethod
+    def attend_valid_tokens_only(transformer: torch.nn.Module) -> None:
+        """Every attention of ``transformer`` over its valid tokens alone, without a mask
+        (finetune/families/_attention.py): the double-stream blocks without diffusers' dense
+        [B, 1, S, S] text mask, the token refiner without fully masked padding rows. Same outputs
+        as diffusers' masked computation; used by :meth:`predict` and :meth:`pipeline` alike."""
+        for block in transformer.transformer_blocks:
+            block.attn.set_processor(HunyuanVideo15Processor())
+        for block in transformer.context_embedder.token_refiner.refiner_blocks:
+            block.attn.set_processor(SelfAttentionProcessor())
 
     # --- loading ---
     @classmethod

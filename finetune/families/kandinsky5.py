@@ -22,6 +22,10 @@ no training code; noise levels are logit-normal, shifted with the model's own ``
 ``configs/k5_lite_i2v_5s_sft_sd.yaml``; the diffusers scheduler config's ``shift``).
 
 The diffusers pipelines load LoRA files (KandinskyLoraLoaderMixin).
+
+Attention masks: none at any batch size. There is no text padding (each prompt's own tokens, one
+prompt length per transformer call) and the Lite models' ``attention_type`` is "regular" (the
+Pro models' sparse "nabla" block mask is never built).
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ converted once into a diffusers folder under ``$FINETUNE_CACHE`` (default
 LoRA export: the diffusers-format file like every family; for the official (original code /
 ComfyUI-wrapper) naming, :func:`~finetune.families.longcat_model.peft_lora_to_official` turns
 it into the official LoRA format (fused qkv / kv_linear as split-rank "blocks" LoRAs).
+
+Attention masks: none. The released config's ``text_tokens_zero_pad`` zeroes the padded text
+tokens and cross-attention attends them all, as the official model does; the clean frames' isolation
+is two unmasked self-attention calls, not a mask.
 """
 
 from __future__ import annotations
@@ -188,13 +192,14 @@ class LongCatFamily(Family):
 
     @classmethod
     def full_size_configs(cls, task: str) -> dict[str, dict[str, FullSize]]:
-        """LongCat-Video 13.6B: our LongCatVideoTransformer3DModel's defaults are the released
-        dit/config.json (hidden 4096, depth 48, 32 heads, caption 4096, adaLN 512; not re-read from
-        the hub this session), the Wan 2.1 VAE (AutoencoderKLWan defaults) and umT5-XXL."""
+        """LongCat-Video 13.6B: the released dit/config.json (hidden 4096, depth 48, 32 heads,
+        caption 4096, adaLN 512, text_tokens_zero_pad true: no cross-attention mask; not re-read
+        from the hub this session), the Wan 2.1 VAE (AutoencoderKLWan defaults) and umT5-XXL."""
         return {cls.default_model_id: {
             "transformer": FullSize(LongCatVideoTransformer3DModel, dict(
                 in_channels=16, out_channels=16, hidden_size=4096, depth=48, num_heads=32, caption_channels=4096,
-                mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2])),
+                mlp_ratio=4, adaln_tembed_dim=512, frequency_embedding_size=256, patch_size=[1, 2, 2],
+                text_tokens_zero_pad=True)),
             "vae": FullSize(diffusers.AutoencoderKLWan, {}),
             "text_encoder": FullSize(transformers.UMT5EncoderModel, UMT5_XXL)}}
 

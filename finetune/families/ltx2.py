@@ -38,6 +38,10 @@ What this file follows, and where it comes from:
                its plain MSE is added to the video loss with weight 1 (ltx-trainer's
                ``compute_loss``). The adapter then also covers the audio stream and the two
                cross-modal attentions (:meth:`LTX2Family.default_targets`).
+  masks        only the two text cross-attentions get one: a [B, heads, 1, L] additive key bias
+               (L = 1024 at full size), 0 everywhere since the connectors replace the padding
+               (with their registers); self- and audio-video attentions get none. Nothing S x S
+               and no fully masked row, so safe as it is.
 """
 
 from __future__ import annotations

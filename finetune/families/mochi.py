@@ -11,6 +11,10 @@ sigma the noise fraction (x_t = (1 - sigma) x_0 + sigma * noise):
     sigmas of its ``invert_sigmas`` scheduler; the genmo DiT embeds ``1 - sigma``), and
   - it predicts x_0 - noise, the negative of the usual velocity (genmo's fine-tuner regresses
     ``ut = z - eps``; the inverted Euler step x += (t_next - t) * v moves towards the data).
+
+Attention masks: the blocks' joint attention already gathers each sample's valid prompt tokens
+and runs without a mask (diffusers' MochiAttnProcessor2_0); only the text pooling (one query)
+gets a [B, 1, 1, 1 + L] key mask whose first key, the mean token, is always valid. Safe as it is.
 """
 
 from __future__ import annotations

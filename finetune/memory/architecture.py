@@ -73,17 +73,32 @@ def param_dtype(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.
     return torch.float32 if keeps_fp32(model, name, dtype) else dtype
 
 
+def quantized_linears(model: torch.nn.Module, quantization: str, blocks_only: bool) -> set[str]:
+    """Names of the nn.Linear layers that ``quantization`` stores in fewer bytes: the block linears
+    ``finetune.memory.fp8`` converts (fp8, and torchao int8 for text encoders: ``blocks_only``),
+    or every linear (bitsandbytes int8/nf4 on the transformer)."""
+    if quantization == "none":
+        return set()
+    if blocks_only or quantization == "fp8":
+        from finetune.memory.fp8 import fp8_layer_names
+
+        return set(fp8_layer_names(model))
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def weight_bytes(model: torch.nn.Module, dtype: torch.dtype, quantization: str = "none",
-                 prefix: str = "") -> int:
+                 prefix: str = "", blocks_only: bool = False) -> int:
     """Bytes of the frozen parameters of ``model`` (those under ``prefix``) loaded in ``dtype`` and
-    quantised as ``quantization`` (module docstring). Floating buffers count in the load dtype
-    too (loading casts them); integer buffers as they are."""
+    quantised as ``quantization`` (module docstring; which layers: :func:`quantized_linears`, fp8
+    keeping embedders, norms, modulation and the output layer in ``dtype``). Floating buffers count
+    in the load dtype too (loading casts them); integer buffers as they are."""
     total = 0.0
     quantised: set[str] = set()
     if quantization != "none":
         per_el, per_row, per_el_scale = QUANT_BYTES[quantization]
+        layers = quantized_linears(model, quantization, blocks_only)
         for name, m in model.named_modules():
-            if isinstance(m, torch.nn.Linear) and name.startswith(prefix) and not keeps_fp32(model, name, dtype):
+            if name in layers and name.startswith(prefix) and not keeps_fp32(model, name, dtype):
                 out_f, in_f = m.weight.shape
                 total += out_f * in_f * (per_el + per_el_scale) + out_f * per_row
                 quantised.add(f"{name}.weight")

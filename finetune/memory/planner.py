@@ -1,9 +1,11 @@
 """The memory planner: peak accelerator memory of a recipe per phase, predicted before any weight
-loads, and the cheapest settings that make it fit a card.
+loads, and the cheapest settings that make it fit a card with room to spare.
 
 Every count comes from the real architecture (finetune/memory/architecture.py: the family's
-full-size configs built on the meta device) and from a trace of the real transformer
-(finetune/memory/trace.py); nothing here is a table of model sizes.
+full-size configs built on the meta device) and from a trace of the real training step
+(finetune/memory/trace.py: the transformer at full width with the trainer's LoRA, CUDA autocast's
+dtype rules, masks and dequantised weights as they run, forward, recomputation and backward,
+the live bytes at each moment); nothing here is a table of model sizes.
 
 Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
   caching     text encoder(s), image encoder and VAE weights + the VAE's encode working memory
@@ -12,31 +14,37 @@ Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
               resolution after the VAE's own pixel patchify if it has one; with
               ``memory.vae_tiling`` on or auto, a GPU's default, over one tile of the VAE's own
               tile size instead of the whole frame)
-  training    frozen transformer weights as loaded (dtype, quantisation, block swap; both experts
-              unless ``memory.offload_idle_expert``), LoRA parameters (fp32, 4 B), their
-              gradients (fp32, 4 B, one expert at a time), optimizer state (AdamW: 8 B/param,
-              AdamW8bit: 2 B/param), activations and workspace (:func:`activation_bytes`)
+  training    frozen transformer weights as loaded (dtype, quantisation: fp8 converts the block
+              linears only; block swap; both experts unless ``memory.offload_idle_expert``), LoRA
+              parameters (fp32, 4 B), their gradients (fp32, 4 B, one expert at a time), optimizer
+              state (AdamW: 8 B/param, AdamW8bit: 2 B/param), and the traced live peak of the step's
+              activations and temporaries (:func:`finetune.memory.trace.step_peak`)
   validation  only with ``validation.prompts``: the optimizer state, which stays on the card,
               plus the largest of the models the render brings in one at a time
               (finetune/memory/render.py): each text or image encoder (none for
               ``memory.text_encoder=cpu``, which runs in host memory), each transformer with its
-              LoRA and one block's activations per classifier-free-guidance branch, or the VAE
-              with its decode working memory (the encode estimate, tiled as for caching)
-Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace, allocator slack).
+              LoRA and the traced peak of one denoising forward per classifier-free-guidance
+              branch, or the VAE with its decode working memory (the encode estimate, tiled as for
+              caching)
+Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace). A plan fits a card of
+V GiB when its peak plus the margin (``memory.margin_gb``, default :data:`MARGIN` of the card: the
+allocator's fragmentation, the block-swap stream's own pool, what no trace sees) is at most V.
+
+Host memory: block swap keeps the swapped blocks' frozen weights in pinned host memory (every
+expert's), activation offload what the step saves (traced), a CPU text encoder its weights; the
+plan lists them and raises HostMemoryShort when they exceed the machine's memory
+(``memory.host_gb``, default this machine's).
 
 Audio-video runs (``data.audio: true``, families with ``supports_audio``): the LoRA counts the
 recipe's targets (``default_targets(audio=True)`` unless ``lora.targets``), the trace runs the
-family's further streams (:meth:`Family.planning_streams`: LTX-2's sound at the clip's duration)
-requiring grad, and caching and validation count the family's ``audio_vae`` weights (its encode
-working memory, a log-mel spectrogram of a few seconds, is left out: megabytes).
+family's further streams (:meth:`Family.planning_streams`: LTX-2's sound at the clip's duration),
+and caching and validation count the family's ``audio_vae`` weights (its encode working memory, a
+log-mel spectrogram of a few seconds, is left out: megabytes).
 
 Block swap (``memory.blocks_to_swap: N``, finetune/memory/blockswap.py): the last N blocks in
 execution order live in host memory; at most two of them are on the card at once (the one
-computing and the next one, being copied in). Activation offload (``memory.activation_offload``,
-finetune/memory/activations.py): what each block keeps for backward goes to host memory and comes
-back one block at a time; two blocks' worth are counted as resident (the one in use and headroom
-for the copy), the tensors saved outside the blocks are still counted on the card (an
-overestimate: the trainer offloads them too).
+computing and the next one, being copied in). Bitsandbytes int8/nf4 weights trace as fp8 ones do
+(dequantised per layer, nothing of them saved).
 """
 
 from __future__ import annotations
@@ -51,11 +59,12 @@ from finetune.errors import UserError
 from finetune.families.base import Components, Family, FullSize, ModelSpec
 from finetune.memory.architecture import blocks_of, build_meta, lora_param_count, weight_bytes
 from finetune.memory.blockswap import BlockSwapError
-from finetune.memory.trace import Trace, trace_transformer
+from finetune.memory.trace import StepEstimate, StepSettings, step_peak
 from finetune.memory.vae import tile_size as vae_tile_size
 
 GIB = 2 ** 30
 RUNTIME_OVERHEAD = int(0.5 * GIB)
+MARGIN = 0.06  # of the card, unless memory.margin_gb says otherwise
 # the planner plans GPU runs, where model.dtype=auto is bf16
 DTYPES = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPTIM_BYTES = {"adamw": 8, "adamw8bit": 2}
@@ -83,6 +92,11 @@ class DoesNotFit(PlannerError):
 
 class NotImplementedYet(UserError):
     """A memory setting the planner plans with but the trainer does not run yet."""
+
+
+class HostMemoryShort(PlannerError):
+    """What the plan keeps in host memory (pinned swapped blocks and offloaded activations, a CPU
+    text encoder) exceeds the machine's memory."""
 
 
 class TooManySwappedBlocks(BlockSwapError):
@@ -113,6 +127,9 @@ class Plan:
     overrides: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     stream_tokens: dict[str, int] = field(default_factory=dict)  # audio-video runs: tokens per further stream
+    host: list[tuple[str, int]] = field(default_factory=list)  # what the run keeps in host memory, by item
+    flops: int = 0  # traced FLOPs of one training step (forward, recomputation, backward)
+    model_flops: int = 0  # the same without the recomputation (what MFU counts)
 
     @property
     def peak(self) -> int:
@@ -122,8 +139,17 @@ class Plan:
     def peak_phase(self) -> str:
         return max(self.phases, key=lambda p: p.peak).name
 
+    @property
+    def host_bytes(self) -> int:
+        return sum(b for _, b in self.host)
+
+    def margin(self, vram_gb: float) -> int:
+        """Bytes left free on a card of ``vram_gb`` GiB (``memory.margin_gb``, or MARGIN of it)."""
+        m = self.recipe.memory.margin_gb
+        return int((m if m is not None else MARGIN * vram_gb) * GIB)
+
     def fits(self, vram_gb: float) -> bool:
-        return self.peak <= vram_gb * GIB
+        return self.peak + self.margin(vram_gb) <= vram_gb * GIB
 
 
 # ---------------------------------------------------------------------------- counting
@@ -175,22 +201,23 @@ def check_blocks_to_swap(recipe: Recipe) -> None:
                                    f"{blocks.total}")
 
 
-def activation_bytes(trace: Trace, counts: dict[str, int], checkpointing: bool, offload: bool) -> tuple[int, int]:
-    """(activations, workspace) of one training step for one clip, from ``trace``.
+def step_settings(recipe: Recipe, train: bool = True, batch: int | None = None) -> StepSettings:
+    """What of ``recipe`` shapes the traced step (finetune/memory/trace.py)."""
+    quant = recipe.model.quantization
+    m = recipe.memory
+    return StepSettings(dtype=DTYPES[recipe.model.dtype], quantization="none" if quant == "none" else "fp8",
+                        rank=recipe.lora.rank, alpha=float(recipe.lora.alpha), targets=tuple(recipe.lora_targets),
+                        checkpointing=m.gradient_checkpointing and train, offload=m.activation_offload and train,
+                        audio=recipe.data.audio, train=train, batch=batch or recipe.optim.batch_size)
 
-    With gradient checkpointing each block keeps only its input until backward recomputes it:
-    sum of n_k x input_k, plus one block's saved bytes (the recompute); without it every block
-    keeps everything: sum of n_k x saved_k. Offload moves the per-block part to host memory,
-    leaving two blocks of it (the one in use and the prefetch). Workspace: the gradient of a
-    block's input and output plus the largest single saved tensor, live during its backward."""
-    kinds = [k for k in counts if k in trace.saved]
-    per_block = trace.inputs if checkpointing else trace.saved
-    kept = sum(counts[k] * per_block[k] for k in kinds)
-    if offload:
-        kept = 2 * max((per_block[k] for k in kinds), default=0)
-    recompute = max((trace.saved[k] for k in kinds), default=0) if checkpointing else 0
-    workspace = 2 * max((trace.inputs[k] for k in kinds), default=0) + max((trace.largest[k] for k in kinds), default=0)
-    return kept + recompute + trace.outside, workspace
+
+def traced_step(recipe: Recipe, train: bool = True, batch: int | None = None) -> StepEstimate:
+    """``recipe``'s traced step (``train`` False: one denoising forward of ``batch`` clips, as a
+    render runs it)."""
+    fam, ckpt, _ = checkpoint_parts(recipe)
+    d = recipe.data
+    return step_peak(fam, ckpt, recipe.model.task, d.frames, d.height, d.width, recipe.fps,
+                     step_settings(recipe, train, batch))
 
 
 def _vae_working(vae: torch.nn.Module, frames: int, height: int, width: int, temporal: int, dtype: torch.dtype,
@@ -220,30 +247,71 @@ def plan_recipe(recipe: Recipe, vram_gb: float | None = None) -> Plan:
     fam, ckpt, parts = checkpoint_parts(recipe)
     check_blocks_to_swap(recipe)
     d = recipe.data
-    trace = trace_transformer(fam, ckpt, recipe.model.task, d.frames, d.height, d.width, recipe.fps, audio=d.audio)
     cache, enc_bytes, vae_work = caching_phase(recipe, d.frames)
-    train = training_phase(recipe, trace)
+    train, step = training_phase(recipe)
     phases = [cache, train]
     v = recipe.validation
     if v.prompts:
-        phases.append(validation_phase(recipe, train, enc_bytes, vae_work, trace))
+        phases.append(validation_phase(recipe, train, enc_bytes, vae_work))
     latent, _ = fam.planning_inputs(recipe.model.task, d.frames, d.height, d.width, fam.max_sequence_length)
     tokens = latent[2] * latent[3] * latent[4] // _patch_area(parts["transformer"])
     streams = fam.planning_streams(recipe.model.task, d.frames, d.height, d.width, recipe.fps) if d.audio else {}
-    return Plan(recipe, ckpt, tokens, phases, vram_gb, stream_tokens={n: s[1] for n, s in streams.items()})
+    return Plan(recipe, ckpt, tokens, phases, vram_gb, stream_tokens={n: s[1] for n, s in streams.items()},
+                host=host_items(recipe, enc_bytes, step.offloaded), flops=step.flops, model_flops=step.model_flops)
 
 
-def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], vae_work: int, trace: Trace) -> Phase:
+def host_items(recipe: Recipe, enc_bytes: dict[str, int], offloaded: int) -> list[tuple[str, int]]:
+    """What the run keeps in host memory while training (module docstring)."""
+    fam, ckpt, parts = checkpoint_parts(recipe)
+    dtype, quant, mem = DTYPES[recipe.model.dtype], recipe.model.quantization, recipe.memory
+    names = [n for n in ("transformer", "transformer_2") if n in parts]
+    out = []
+    swap = min(mem.blocks_to_swap, blocks_of(parts["transformer"], dtype, quant).total)
+    if swap:  # every expert's blocks swap (validation renders them all)
+        swapped = sum(blocks_of(parts[n], dtype, quant).swapped(swap)[0] for n in names)
+        out.append((f"swapped blocks' frozen weights ({swap} per transformer, pinned)", swapped))
+    if mem.activation_offload:
+        out.append(("offloaded activations (pinned, traced)", offloaded))
+    if mem.offload_idle_expert and len(names) > 1:
+        out.append(("the idle expert's frozen weights", weight_bytes(build_meta(parts[names[1]]), dtype, quant)))
+    if mem.text_encoder == "cpu":
+        cpu = sum(weight_bytes(build_meta(parts[n]), _dtype_of(parts[n], dtype)) for n in enc_bytes
+                  if n.startswith("text_encoder"))
+        out.append(("text encoders in CPU memory (caching)", cpu))
+    return out
+
+
+def machine_memory_gb() -> float:
+    """This machine's physical memory in GiB."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def check_host(plan: Plan) -> None:
+    """Raise HostMemoryShort when the plan's host memory exceeds the machine's (``memory.host_gb``,
+    else this machine's), with room for the process itself (10%)."""
+    have = plan.recipe.memory.host_gb or machine_memory_gb()
+    need = plan.host_bytes / GIB
+    if need > 0.9 * have:
+        biggest = max(plan.host, key=lambda it: it[1])
+        raise HostMemoryShort(f"{plan.recipe.model.family} {plan.checkpoint}: the run keeps {need:.1f} GiB in host memory "
+                              f"(largest: {biggest[0]}, {biggest[1] / GIB:.1f} GiB), more than 90% of the machine's "
+                              f"{have:.1f} GiB; swap fewer blocks (memory.blocks_to_swap), turn off "
+                              f"memory.activation_offload, or set memory.host_gb to the training machine's memory")
+
+
+def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], vae_work: int) -> Phase:
     """A validation render (module docstring): the optimizer state plus the largest model in
     use, each model coming to the card only while it runs."""
     fam, _, parts = checkpoint_parts(recipe)
     dtype, quant, v = DTYPES[recipe.model.dtype], recipe.model.quantization, recipe.validation
     branches = 2 if v.guidance > 1 else 1
-    denoise = branches * (max(trace.saved.values(), default=0) + trace.outside)
+    denoise = traced_step(recipe, train=False, batch=branches).peak
     lora = next(b for label, b in train.items if label.startswith("LoRA param"))
     stages = {n: b for n, b in enc_bytes.items() if n != "vae" and b}
     for n in (n for n in ("transformer", "transformer_2") if n in parts):
-        stages[f"{n} + LoRA + denoising ({branches} guidance branch{'es' if branches > 1 else ''})"] = \
+        stages[f"{n} + LoRA + denoising ({branches} guidance branch{'es' if branches > 1 else ''}, traced)"] = \
             weight_bytes(build_meta(parts[n]), dtype, quant) + lora + denoise
     if "vae" in parts:
         stages["vae + decode working memory"] = enc_bytes["vae"] + vae_work
@@ -255,9 +323,9 @@ def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], va
     return val
 
 
-def training_phase(recipe: Recipe, trace: Trace) -> Phase:
+def training_phase(recipe: Recipe) -> tuple[Phase, StepEstimate]:
     """Resident frozen transformer weights, the trained experts' LoRA, gradients and optimizer
-    state, activations and workspace of one step (module docstring)."""
+    state, and the traced live peak of one step (module docstring); with the traced step."""
     fam, ckpt, parts = checkpoint_parts(recipe)
     dtype, o, mem, quant = DTYPES[recipe.model.dtype], recipe.optim, recipe.memory, recipe.model.quantization
     names = [n for n in ("transformer", "transformer_2") if n in parts]
@@ -281,13 +349,12 @@ def training_phase(recipe: Recipe, trace: Trace) -> Phase:
         ("LoRA gradients (fp32, one expert)", max(lora_each.values()) * LORA_BYTES),
         (f"optimizer state ({o.optimizer})", lora_params * OPTIM_BYTES[o.optimizer]),
     ]
-    acts, work = activation_bytes(trace, blocks.counts, mem.gradient_checkpointing, mem.activation_offload)
-    ckpt_note = "checkpointed" if mem.gradient_checkpointing else "no checkpointing"
-    train.items += [(f"activations ({ckpt_note}{', offloaded' if mem.activation_offload else ''})",
-                     acts * o.batch_size),
-                    ("backward workspace", work * o.batch_size),
+    step = traced_step(recipe)
+    how = "checkpointed" if mem.gradient_checkpointing else "no checkpointing"
+    train.items += [(f"activations and temporaries (traced live peak; {how}"
+                     f"{', offloaded' if mem.activation_offload else ''})", step.peak),
                     ("runtime overhead", RUNTIME_OVERHEAD)]
-    return train
+    return train, step
 
 
 def caching_phase(recipe: Recipe, frames: int) -> tuple[Phase, dict[str, int], int]:
@@ -364,22 +431,36 @@ def _stages(recipe: Recipe) -> list[tuple[str, Any]]:
     return out
 
 
+def _runnable(recipe: Recipe) -> bool:
+    """Whether the trainer runs ``recipe``'s memory settings (check_implemented passes)."""
+    return not any(needs(recipe) for needs in NOT_IMPLEMENTED.values())
+
+
+def _ok(plan: Plan, vram_gb: float) -> bool:
+    """A plan the planner may propose: it fits with the margin, and the trainer runs it."""
+    return plan.fits(vram_gb) and _runnable(plan.recipe)
+
+
 def _min_swap(recipe: Recipe, base: dict[str, Any], vram_gb: float) -> tuple[dict[str, Any], Plan]:
-    """``base`` plus the fewest blocks_to_swap that fit (or the most there are)."""
+    """``base`` plus the fewest blocks_to_swap that fit (or the most there are). Block swap streams
+    fp8 weights, not bitsandbytes ones: an int8/nf4 recipe swaps with model.quantization=fp8."""
     fam, _, parts = checkpoint_parts(recipe)
     total = blocks_of(parts["transformer"], DTYPES[recipe.model.dtype], recipe.model.quantization).total
+    swappable = dict(base)
+    if _with(recipe, base).model.quantization in ("int8", "nf4"):
+        swappable["model.quantization"] = "fp8"
     lo, hi = 0, max(total - 1, 0)
     best = None
     while lo <= hi:  # peak falls as N grows (past N = 2), so bisect on "fits"
         mid = (lo + hi) // 2
-        trial = {**base, "memory.blocks_to_swap": mid} if mid else dict(base)
+        trial = {**swappable, "memory.blocks_to_swap": mid} if mid else dict(base)
         plan = plan_recipe(_with(recipe, trial), vram_gb)
-        if plan.fits(vram_gb):
+        if _ok(plan, vram_gb):
             best, hi = (trial, plan), mid - 1
         else:
             lo = mid + 1
     if best is None:
-        trial = {**base, "memory.blocks_to_swap": max(total - 1, 0)}
+        trial = {**swappable, "memory.blocks_to_swap": max(total - 1, 0)}
         best = (trial, plan_recipe(_with(recipe, trial), vram_gb))
     return best
 
@@ -397,20 +478,21 @@ def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
     closest setting and its peak, InvalidVram for a bad size."""
     vram_gb = check_vram(vram_gb)
     plan = plan_recipe(recipe, vram_gb)
-    if plan.fits(vram_gb):
+    if _ok(plan, vram_gb):
         return plan
+    room = vram_gb * GIB - plan.margin(vram_gb)
     base: dict[str, Any] = {}
     # cheaper text encoder settings than the recipe's, in order (a recipe already in fp8 or int8
     # can still go to the CPU)
     cheaper = {"gpu": ("fp8", "cpu"), "int8": ("cpu",), "fp8": ("cpu",)}.get(recipe.memory.text_encoder, ())
-    if cheaper and caching_phase(recipe, 1)[0].peak > vram_gb * GIB:
+    if cheaper and caching_phase(recipe, 1)[0].peak > room:
         # the encoders alone are too big: the first lever is where the text encoder runs (on the
         # CPU, the closest setting, when even fp8 does not fit)
         fits = [m for m in cheaper
-                if caching_phase(_with(recipe, {"memory.text_encoder": m}), 1)[0].peak <= vram_gb * GIB]
+                if caching_phase(_with(recipe, {"memory.text_encoder": m}), 1)[0].peak <= room]
         base["memory.text_encoder"] = fits[0] if fits else "cpu"
     cache = caching_phase(_with(recipe, base), 1)[0]
-    if cache.peak > vram_gb * GIB:  # no training setting changes the encoders
+    if cache.peak > room:  # no training setting changes the encoders
         biggest = max(cache.items, key=lambda it: it[1])
         closest = ", ".join(f"{k}={_fmt(v)}" for k, v in _changed(recipe, base).items()) or "the recipe as it is"
         raise DoesNotFit(f"{recipe.model.family} {plan.checkpoint}: the caching phase alone needs "
@@ -422,31 +504,39 @@ def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
         base[key] = value
         trial = _changed(recipe, base)
         plan = plan_recipe(_with(recipe, trial), vram_gb)
-        if plan.fits(vram_gb):
+        if _ok(plan, vram_gb):
             plan.overrides = trial
             return plan
     for offload in (False, True):
         if offload:
             base["memory.activation_offload"] = True
         trial, plan = _min_swap(recipe, _changed(recipe, base), vram_gb)
-        if plan.fits(vram_gb):
+        if _ok(plan, vram_gb):
             plan.overrides = _changed(recipe, trial)
             return plan
     rule, frames = recipe.family_cls().frame_rule, recipe.data.frames
     floor = (recipe.model.cond_frames or 0) + rule.temporal_factor if recipe.model.task == "continue" else 1
-    while frames - rule.temporal_factor >= max(floor, 1):
-        frames -= rule.temporal_factor
-        trial, plan = _min_swap(recipe, {**_changed(recipe, base), "data.frames": frames}, vram_gb)
-        if plan.fits(vram_gb):
-            plan.overrides = _changed(recipe, trial)
-            plan.warnings.append(f"data.frames lowered from {recipe.data.frames} to {frames} to fit {vram_gb:g} GiB: "
-                                 f"the LoRA sees shorter clips than the recipe asks for")
-            return plan
+    shorter = list(range(frames - rule.temporal_factor, max(floor, 1) - 1, -rule.temporal_factor))
+    found = None
+    lo, hi = 0, len(shorter) - 1
+    while lo <= hi:  # the longest clip that fits: the peak grows with the frames, so bisect
+        mid = (lo + hi) // 2
+        trial, plan = _min_swap(recipe, {**_changed(recipe, base), "data.frames": shorter[mid]}, vram_gb)
+        if _ok(plan, vram_gb):
+            found, hi = (trial, plan, shorter[mid]), mid - 1
+        else:
+            lo = mid + 1
+    if found is not None:
+        trial, plan, frames = found
+        plan.overrides = _changed(recipe, trial)
+        plan.warnings.append(f"data.frames lowered from {recipe.data.frames} to {frames} to fit {vram_gb:g} GiB: "
+                             f"the LoRA sees shorter clips than the recipe asks for")
+        return plan
     closest = ", ".join(f"{k}={_fmt(v)}" for k, v in _changed(recipe, trial).items())
     raise DoesNotFit(f"{recipe.model.family} {plan.checkpoint}: does not fit {vram_gb:g} GiB even with every memory "
                      f"setting on; the closest is {closest or 'the recipe as it is'}, predicted peak "
-                     f"{plan.peak / GIB:.2f} GiB ({plan.peak_phase}). Use a larger card, a smaller size "
-                     f"(data.height/data.width) or a smaller checkpoint")
+                     f"{plan.peak / GIB:.2f} GiB ({plan.peak_phase}) + margin {plan.margin(vram_gb) / GIB:.2f} GiB. "
+                     f"Use a larger card, a smaller size (data.height/data.width) or a smaller checkpoint")
 
 
 # ---------------------------------------------------------------------------- output
@@ -470,17 +560,21 @@ def format_plan(plan: Plan, source: str = "") -> str:
         lines.append(f"  {'':<12}{'= phase peak':<{width}}{p.peak / GIB:>8.2f}")
     lines.append(f"predicted peak: {plan.peak / GIB:.2f} GiB ({plan.peak_phase})")
     if plan.vram_gb:
-        spare = plan.vram_gb - plan.peak / GIB
-        lines.append(f"card: {plan.vram_gb:g} GiB -> " + (f"fits ({spare:.2f} GiB to spare)" if spare >= 0
-                                                           else f"does not fit ({-spare:.2f} GiB over)"))
+        margin = plan.margin(plan.vram_gb)
+        how = "memory.margin_gb" if r.memory.margin_gb is not None else f"{MARGIN:.0%} of the card"
+        lines.append(f"margin: {margin / GIB:.2f} GiB ({how}: fragmentation, kernel workspaces, what no trace sees)")
+        spare = plan.vram_gb - (plan.peak + margin) / GIB
+        lines.append(f"card: {plan.vram_gb:g} GiB -> " + (f"fits ({spare:.2f} GiB to spare after the margin)"
+                                                           if spare >= 0 else f"does not fit ({-spare:.2f} GiB over)"))
+    if plan.host:
+        lines.append(f"host memory: {plan.host_bytes / GIB:.2f} GiB ("
+                     + ", ".join(f"{label} {b / GIB:.2f}" for label, b in plan.host) + ")")
+    if plan.flops:
+        lines.append(f"step FLOPs (traced): {plan.flops / 1e12:,.1f} TFLOP as run, {plan.model_flops / 1e12:,.1f} "
+                     f"without the recomputation")
     if plan.overrides:
         lines.append("overrides to add (the cheapest that fit):")
         lines += [f"  {k}={_fmt(v)}" for k, v in plan.overrides.items()]
-        pending = [f"{k}={_fmt(v)}" for k, v in plan.overrides.items()
-                   if k in NOT_IMPLEMENTED and NOT_IMPLEMENTED[k](plan.recipe)]
-        if pending:
-            lines.append(f"  note: {', '.join(pending)}: planned with but not run by the trainer with "
-                         f"model.quantization={plan.recipe.model.quantization} yet")
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -513,8 +607,10 @@ def run_planner(recipe: Recipe, source: str, vram: Any = None, apply: bool = Fal
                          "--vram" if vram is not None else "memory.vram_gb")
     as_is = plan_recipe(recipe, vram_gb)
     print(format_plan(as_is, source))
-    if as_is.fits(vram_gb):
+    if _ok(as_is, vram_gb):
+        check_host(as_is)
         return recipe
     plan = choose_overrides(recipe, vram_gb)  # raises DoesNotFit after the table is out
     print(f"\nwith the overrides:\n{format_plan(plan, source)}")
+    check_host(plan)
     return apply_overrides(recipe, plan.overrides) if apply else recipe

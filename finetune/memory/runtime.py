@@ -52,3 +52,19 @@ def apply(memory: MemoryConfig, transformers: dict[str, torch.nn.Module], device
         if memory.activation_offload:
             out.offloads[name] = install_activation_offload(model, device, log=log)
     return out
+
+
+def limit_vram(gb: float, device: torch.device | str) -> None:
+    """Let this process's CUDA caching allocator use at most ``gb`` GiB of ``device`` (a smaller
+    card on a larger one: what does not fit fails as out of memory). Raises UserError without a
+    GPU or for more than the card has."""
+    from finetune.errors import UserError
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise UserError(f"--limit-vram {gb:g}: limits a CUDA GPU's memory, and this run has none")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    if gb * 2**30 > total:
+        raise UserError(f"--limit-vram {gb:g}: the card has only {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gb * 2**30 / total, index)
