@@ -32,6 +32,10 @@ is read tensor by tensor, so fp8 quantises while loading; bitsandbytes (int8/nf4
 the official file while reading it, so it is first converted once into a diffusers folder under
 ``$FINETUNE_CACHE`` (default ``~/.cache/finetune``)/opensora2/.
 
+Attention masks: none at any batch size. As in the official model, T5 encodes the padded prompt
+without a mask and the transformer attends all 512 text tokens, padding included (dropping them
+would change the released model's outputs); no mask is built or passed anywhere.
+
 Not covered: the high-compression checkpoint (hpcai-tech/Open-Sora-v2-Video-DC-AE: patch 1 on
 Open-Sora's own Video DC-AE, 32x spatial, 128 channels), whose autoencoder has no diffusers
 class; loading it is a named error.
