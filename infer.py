@@ -17,7 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune.cli import run_main
+from finetune.allocator import configure_cuda_allocator
+
+configure_cuda_allocator()  # before anything imports torch: CUDA reads it once, when it starts
+
+from finetune.cli import run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.cli import run_main
-from finetune.config import load_recipe
+from finetune.allocator import configure_cuda_allocator
+
+configure_cuda_allocator()  # before anything imports torch: CUDA reads it once, when it starts
+
+from finetune.cli import run_main  # noqa: E402
+from finetune.config import load_recipe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

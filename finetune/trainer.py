@@ -30,6 +30,7 @@ from finetune.errors import DataError, TrainingDiverged
 from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
 from finetune.memory import runtime as memory_runtime
+from finetune.memory.lora import train_in_fp32
 from finetune.runlock import RunLock
 from finetune.stopping import GracefulStop
 
@@ -90,7 +91,9 @@ def default_cache_dir(recipe: Recipe) -> Path:
 
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
     """Attach a PEFT LoRA adapter named "default" (from ``lora.init_from`` if set); returns its
-    (fp32) trainable parameters."""
+    trainable parameters, float32 masters whose layers compute in the activation dtype under
+    autocast (:func:`finetune.memory.lora.train_in_fp32`). Works on a model built on the meta
+    device or with fake weights too (the planner traces it)."""
     if recipe.lora.init_from:
         from finetune.lora_formats import add_lora_from_file
 
@@ -100,11 +103,9 @@ def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Para
             r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
             target_modules=recipe.lora_targets, init_lora_weights=True,
         ))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        # Trainable weights in fp32 even when the frozen base is bf16: updates this small vanish in bf16.
-        p.data = p.data.float()
-    return params
+    # Trainable weights in fp32 even when the frozen base is bf16 (updates this small vanish in bf16),
+    # computing in the activation dtype under autocast (finetune/memory/lora.py).
+    return train_in_fp32(transformer)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:

@@ -426,7 +426,7 @@ def _current(recipe: Recipe, key: str) -> Any:
 def _stages(recipe: Recipe) -> list[tuple[str, Any]]:
     """The fixed order of cost: each (key, value) is added to all before it."""
     out: list[tuple[str, Any]] = [("memory.gradient_checkpointing", True), ("optim.optimizer", "adamw8bit")]
-    if recipe.model.quantization == "none":  # int8/nf4 already store weights in <= 1 B
+    if recipe.model.quantization == "none" and recipe.family_cls().fp8_ok:  # int8/nf4 store <= 1 B already
         out.append(("model.quantization", "fp8"))
     return out
 
@@ -448,6 +448,8 @@ def _min_swap(recipe: Recipe, base: dict[str, Any], vram_gb: float) -> tuple[dic
     total = blocks_of(parts["transformer"], DTYPES[recipe.model.dtype], recipe.model.quantization).total
     swappable = dict(base)
     if _with(recipe, base).model.quantization in ("int8", "nf4"):
+        if not fam.fp8_ok:  # bitsandbytes weights do not stream, and this family has no fp8: no swap
+            return dict(base), plan_recipe(_with(recipe, base), vram_gb)
         swappable["model.quantization"] = "fp8"
     lo, hi = 0, max(total - 1, 0)
     best = None
