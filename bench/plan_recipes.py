@@ -3,6 +3,7 @@
     python bench/plan_recipes.py                       # every recipe x --vram 12 16 24: what --plan proposes
     python bench/plan_recipes.py --vram 16 --recipes recipes/wan/*.yaml
     python bench/plan_recipes.py --replan [--write]    # each 16/24 GB recipe at its model's native clip length
+    python bench/plan_recipes.py --table               # the README's recipe table
 
 Sweep: for each recipe and card, what ``train_lora.py --plan --vram N`` proposes, then the proposal
 applied to the recipe and checked as the trainer checks it before loading (``check_implemented``,
@@ -95,6 +96,22 @@ def _value(v) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def memory_settings(r, long: bool = False) -> list[str]:
+    """A recipe's memory choices in words: frozen weights, swapped blocks, offload, text encoder,
+    optimizer, rank (``long``: as the recipes' description lines say them)."""
+    weights = {"none": r.model.dtype if r.model.dtype != "auto" else "bf16", "fp8": "fp8", "nf4": "NF4",
+               "int8": "int8"}[r.model.quantization]
+    out = [weights + (" frozen transformer" if long else "")]
+    if r.memory.blocks_to_swap:
+        out.append(f"{r.memory.blocks_to_swap} blocks swapped" + (" to host memory" if long else ""))
+    if r.memory.activation_offload:
+        out.append("activation offload")
+    if r.memory.text_encoder != "gpu":
+        out.append(f"text encoder {r.memory.text_encoder}")
+    adam8 = "8-bit AdamW" if long else "AdamW8bit"
+    return out + [adam8 if r.optim.optimizer == "adamw8bit" else "AdamW", f"rank {r.lora.rank}"]
+
+
 def write_recipe(path: Path, old, new, plan, card: float) -> None:
     """Put ``new``'s values of CHANGED_KEYS into ``path`` line by line (comments kept; missing keys
     added at the end of their section) and rewrite the description line's settings."""
@@ -114,15 +131,7 @@ def write_recipe(path: Path, old, new, plan, card: float) -> None:
         else:
             lines.insert(end, f"  {name}: {_value(value)}")
     head, _, _ = lines[1].partition(": ")
-    settings = [{"none": "bf16", "fp8": "fp8", "nf4": "NF4", "int8": "int8"}[new.model.quantization] + " frozen transformer"]
-    if new.memory.blocks_to_swap:
-        settings.append(f"{new.memory.blocks_to_swap} blocks swapped to host memory")
-    if new.memory.activation_offload:
-        settings.append("activation offload")
-    if new.memory.text_encoder != "gpu":
-        settings.append(f"text encoder {new.memory.text_encoder}")
-    settings += ["8-bit AdamW" if new.optim.optimizer == "adamw8bit" else "AdamW", f"rank {new.lora.rank}",
-                 f"{new.data.frames} frames at {new.data.width}x{new.data.height}"]
+    settings = [*memory_settings(new, long=True), f"{new.data.frames} frames at {new.data.width}x{new.data.height}"]
     lines[1] = f"{head}: {', '.join(settings)} (planned peak {plan.peak / 2**30:.1f} GiB + margin, not measured)."
     path.write_text("\n".join(lines) + "\n")
 
@@ -150,6 +159,26 @@ def _key(recipe, key: str):
     return getattr(getattr(recipe, section), name)
 
 
+def table(recipes: list[Path]) -> int:
+    """The README's recipe table: each recipe's model, card, clip, memory settings and planned peak."""
+    from finetune.config import load_recipe
+    from finetune.memory import planner
+
+    print("| recipe | model | card | clip | memory settings | planned peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for path in recipes:
+        m = re.search(r"_(\d+)gb\.yaml$", path.name)
+        if not m:
+            continue
+        r = load_recipe(path)
+        plan = planner.plan_recipe(r, float(m.group(1)))
+        model = path.read_text().splitlines()[1].lstrip("# ").split(" on a ")[0]
+        parts = memory_settings(r)
+        print(f"| `{path.relative_to(ROOT)}` | {model} | {m.group(1)} GB | {r.data.frames} f, {r.data.width}x"
+              f"{r.data.height}, {r.fps:g} fps | {', '.join(parts)} | {plan.peak / 2**30:.1f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -159,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", nargs="+", help="recipe files (default: every shipped one)")
     p.add_argument("--replan", action="store_true", help="re-plan each 16/24 GB recipe at its native clip length")
     p.add_argument("--write", action="store_true", help="with --replan: rewrite the recipe files")
+    p.add_argument("--table", action="store_true", help="print the README's recipe table (markdown)")
     args = p.parse_args(argv)
     recipes = shipped(args.recipes)
+    if args.table:
+        return table(recipes)
     return replan(recipes, args.write) if args.replan else sweep(recipes, args.vram)
 
 

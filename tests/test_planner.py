@@ -335,4 +335,11 @@ def test_host_memory_beyond_the_machine_is_a_named_error():
                                    "memory.activation_offload=true", "memory.host_gb=8"])
     with pytest.raises(planner.HostMemoryShort, match=r"keeps \d+\.\d GiB in host memory \(largest: .*\).*"
                                                      r"memory.host_gb"):
-        planner.run_planner(recipe, WAN_14B, vram=48)
+        planner.run_planner(recipe, WAN_14B, vram=48, apply=True)
+
+
+def test_plan_alone_warns_of_host_memory_it_may_be_run_elsewhere(capsys):
+    recipe = load_recipe(WAN_14B, ["model.quantization=fp8", "memory.blocks_to_swap=30",
+                                   "memory.activation_offload=true", "memory.host_gb=8"])
+    planner.run_planner(recipe, WAN_14B, vram=48)
+    assert "warning: wan Wan-AI/Wan2.1-T2V-14B-Diffusers: the run keeps" in capsys.readouterr().out

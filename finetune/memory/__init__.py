@@ -7,7 +7,3 @@ buffers of exactly their size (:mod:`finetune.memory.blockswap`, :mod:`finetune.
 validation renders with one model on the device at a time (:mod:`finetune.memory.render`), and
 the planner that predicts peak memory per phase from the real architecture
 (:mod:`finetune.memory.planner`). Families contribute facts only; the machinery lives here."""
-
-from finetune._quiet import quiet_torchao
-
-quiet_torchao()

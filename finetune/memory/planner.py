@@ -609,10 +609,13 @@ def run_planner(recipe: Recipe, source: str, vram: Any = None, apply: bool = Fal
                          "--vram" if vram is not None else "memory.vram_gb")
     as_is = plan_recipe(recipe, vram_gb)
     print(format_plan(as_is, source))
-    if _ok(as_is, vram_gb):
-        check_host(as_is)
-        return recipe
-    plan = choose_overrides(recipe, vram_gb)  # raises DoesNotFit after the table is out
-    print(f"\nwith the overrides:\n{format_plan(plan, source)}")
-    check_host(plan)
+    plan = as_is if _ok(as_is, vram_gb) else choose_overrides(recipe, vram_gb)  # DoesNotFit after the table
+    if plan is not as_is:
+        print(f"\nwith the overrides:\n{format_plan(plan, source)}")
+    try:
+        check_host(plan)
+    except HostMemoryShort as e:
+        if apply:  # about to train here: stop before any weight loads
+            raise
+        print(f"warning: {e}")  # --plan may be run away from the training machine
     return apply_overrides(recipe, plan.overrides) if apply else recipe

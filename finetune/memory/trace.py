@@ -52,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten, tree_map
 
+from finetune._quiet import held_back
 from finetune.families.base import Components, Family, FullSize, ModelSpec, Stream
 from finetune.memory.architecture import BLOCK_COUNT_KEYS, block_lists, build_meta, keeps_fp32
 from finetune.memory.lora import set_emulated_autocast
@@ -498,10 +499,12 @@ def trace_step(fam: type[Family], checkpoint: str, task: str, frames: int, heigh
     meta tensors when the family's code runs on them (several times faster), else on fake ones
     (code that reads a tensor back to the host, ``.cpu()``, runs only there); both count alike."""
     args = (fam, checkpoint, task, frames, height, width, fps, s, counts)
-    try:
-        return _trace(*args, fake=False)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return _trace(*args, fake=True)
+    # torch's notes about the CPU kernels of this trace say nothing about the user's run
+    with held_back(r"Mismatch dtype between input and weight", r"In CPU autocast, but the target dtype is not supported"):
+        try:
+            return _trace(*args, fake=False)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            return _trace(*args, fake=True)
 
 
 def _trace(fam: type[Family], checkpoint: str, task: str, frames: int, height: int, width: int, fps: float,
