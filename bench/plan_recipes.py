@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 # The clip lengths the released models generate by default (their pipelines' num_frames).
 NATIVE_FRAMES = {"wan": 81, "wan22": 81, "wan22_5b": 121, "hunyuanvideo15": 121, "hunyuanvideo": 129, "ltx": 121,
                  "ltxv095": 121, "ltx2": 121, "cogvideox": 49, "cogvideox15": 81, "longcat": 93, "mochi": 163,
-                 "kandinsky5": 121}
+                 "kandinsky5": 121, "opensora2": 129}
 CHANGED_KEYS = ("data.frames", "model.quantization", "optim.optimizer", "memory.text_encoder",
                 "memory.gradient_checkpointing", "memory.blocks_to_swap", "memory.activation_offload")
 

@@ -288,6 +288,8 @@ def _sat_adaln(w: torch.Tensor) -> list[torch.Tensor]:
 _REORDERED = [
     ("hunyuanvideo15", ["norm_out.linear"], "final_layer.adaLN_modulation.1", _swap_halves),  # swap_scale_shift
     ("hunyuanvideo", ["norm_out.linear"], "final_layer.adaLN_modulation.1", _swap_halves),
+    # no diffusers script for Open-Sora 2.0; its MMDiT's final layer is Flux's (convert_flux: swap_scale_shift)
+    ("opensora2", ["norm_out.linear"], "final_layer.adaLN_modulation.1", _swap_halves),
     ("mochi", ["transformer_blocks.0.ff.net.0.proj"], "blocks.0.mlp_x.w1", _swap_halves),  # swap_proj_gate
     ("mochi", ["norm_out.linear"], "final_layer.mod", _swap_halves),
     ("cogvideox", ["transformer_blocks.1.norm1.linear", "transformer_blocks.1.norm2.linear"],

@@ -11,7 +11,7 @@ from finetune.families.base import Components, Expert, Family, FrameRule, ModelS
 _REGISTRY: dict[str, type[Family]] = {}
 # One module per family, named as the family; add a new family by adding its name here.
 _FAMILY_MODULES = ("wan", "ltx", "wan22", "wan22_5b", "ltxv095", "hunyuanvideo15", "cogvideox", "cogvideox15",
-                   "longcat", "mochi", "hunyuanvideo", "ltx2", "kandinsky5")
+                   "longcat", "mochi", "hunyuanvideo", "ltx2", "kandinsky5", "opensora2")
 
 
 def register(cls: type[Family]) -> type[Family]:

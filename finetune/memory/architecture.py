@@ -31,8 +31,10 @@ QUANT_BYTES: dict[str, tuple[float, float, float]] = {
     "fp8": (1.0, 4.0, 0.0),
 }
 # config keys that count repeated transformer blocks; the trace builds the model with each set to 1
-# (Kandinsky 5 counts its text and visual blocks as num_text_blocks / num_visual_blocks)
-BLOCK_COUNT_KEYS = ("num_layers", "num_single_layers", "depth", "num_text_blocks", "num_visual_blocks")
+# (Kandinsky 5 counts its text and visual blocks as num_text_blocks / num_visual_blocks, Open-Sora 2.0
+# its double- and single-stream blocks as depth / depth_single_blocks)
+BLOCK_COUNT_KEYS = ("num_layers", "num_single_layers", "depth", "num_text_blocks", "num_visual_blocks",
+                    "depth_single_blocks")
 
 
 def _freeze(config: dict) -> str:
