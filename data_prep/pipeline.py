@@ -19,7 +19,7 @@ from data_prep.caption import CaptionItem, apply_trigger, make_captioner
 from data_prep.manifest import dataset_card, jsonl, manifest_row, write_if_changed
 from data_prep.options import PrepOptions, family_facts, resolve_clip_settings
 from data_prep.probe import ProbeResult, list_videos, probe_file
-from data_prep.split import ShotList, default_threshold, detect_shots
+from data_prep.split import SPLIT_VERSION, ShotList, default_threshold, detect_shots
 
 STATE_FILE = "prep_state.json"
 STATE_VERSION = 1
@@ -158,7 +158,8 @@ def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary
     good = [p for p in probes if p.ok]
     todo: list[ProbeResult] = []
     for pr in good:
-        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len, opts.transitions)
+        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len, opts.transitions,
+                         SPLIT_VERSION)
         shot_file = ds.shot_dir / f"{source_key(pr.path, footage)}.json"
         old = ds.state["split"].get(pr.path)
         if old and old["fp"] == fp and shot_file.is_file():
