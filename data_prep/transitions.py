@@ -61,6 +61,7 @@ class Settings:
     # for the motion of the samples' other candidates
     max_off_line: float = 0.3
     max_drift: float = 0.1  # mean |weight - 0| of the clean frames before, |weight - 1| after (within k)
+    min_clean: int = 2  # clean frames a shot shows on its side of a transition, at least
     max_ramp_dev: float = 0.1  # mean |weight - straight ramp| of the mixed frames (eased fades stay under it)
     black_level: float = 6.0  # mean level (0-255) under which a frame is black
 
@@ -188,21 +189,25 @@ def _fit(frames: np.ndarray, x: int, y: int, min_mixed: int) -> tuple[int, int]:
 
 
 def _mix_ok(thumbs: np.ndarray, frames: np.ndarray, s: int, e: int, lo: int, hi: int, k: int, st: Settings,
-            fade: bool = False) -> bool:
-    """Frames [s, e) are a steady mix of frame s - 1 and frame e, which differ as shots do
-    (unless ``fade``: one end is black), and the clean frames within ``k`` of it (inside
-    [lo, hi]) stay at their end of the line."""
+            pictures: tuple[bool, bool] = (True, True)) -> bool:
+    """Frames [s, e) are a steady mix of frame s - 1 and frame e, and the clean frames within
+    ``k`` of it (inside [lo, hi]) stay at their end of the line. ``pictures``: whether the frames
+    before and after are shots (False: black, one side of a fade); a shot's side needs at least
+    ``min_clean`` frames to show it stays put (a file that brightens from its first frame to its
+    last is a mix of the two, but no transition), and two shots must differ as shots do."""
     x, y = s - 1, e
     if x < 0 or y >= len(frames) or e - s < st.min_frames:
         return False
-    if not fade and (np.abs(frames[y] - frames[x]).mean() < st.shot_diff
-                              or hist_distance(thumbs[x], thumbs[y]) < st.shot_hist):
+    if all(pictures) and (np.abs(frames[y] - frames[x]).mean() < st.shot_diff
+                          or hist_distance(thumbs[x], thumbs[y]) < st.shot_hist):
         return False
     a0, a1 = max(lo, x - k), min(hi, y + k) + 1
     a, off = mix_weights(frames, x, y, a0, a1)
     mixed = slice(s - a0, e - a0)
     ramp = (np.arange(e - s) + 1) / (e - s + 1)
     before, after = a[: x - a0], a[y + 1 - a0 :]
+    if (pictures[0] and len(before) < st.min_clean) or (pictures[1] and len(after) < st.min_clean):
+        return False
     # a zoom or a pan drifts on past the ends of its "ramp": a dissolve's shots stay put
     drift = max(np.abs(before).mean() if len(before) else 0.0, np.abs(after - 1).mean() if len(after) else 0.0)
     return bool(off[mixed].mean() <= st.max_off_line and np.abs(a[mixed] - ramp).mean() <= st.max_ramp_dev
@@ -241,21 +246,38 @@ def _fade(thumbs, frames, level, b0: int, b1: int, k: int, max_len: int, cuts: l
     """The fade around the black frames [b0, b1): from the first frame the fade out darkens to
     the last the fade in has not fully lit. A side with no steady ramp (a cut to or from black,
     the file's start or end) starts or ends at the black frames."""
+    start = _fade_side(thumbs, frames, b0, -1, k, max_len, cuts, st) if b0 > 0 else None
+    end = _fade_side(thumbs, frames, b1 - 1, 1, k, max_len, cuts, st) if b1 < len(frames) else None
+    return Transition(b0 if start is None else start, b1 if end is None else end, "fade")
+
+
+def _fade_side(thumbs, frames, black: int, step: int, k: int, max_len: int, cuts: list[int], st: Settings) -> int | None:
+    """The first frame the fade out into black frame ``black`` darkens (``step`` -1), or one past
+    the last frame the fade in from it has not fully lit (``step`` 1); None without a steady ramp.
+    The window grows from 2k frames until the ramp has k clean frames beyond it, so whatever
+    follows (a dissolve a few seconds on) does not bend the fit."""
     n = len(frames)
-    start, end = b0, b1
-    if b0 > 0:
-        x, _ = _bounds(max(0, b0 - max_len - k), b0, cuts, (b0 - 1, b0))
-        if b0 - x >= st.min_frames + 1:
-            s, e = _fit(frames, x, b0, st.min_frames)
-            if e >= b0 - 2 and _mix_ok(thumbs, frames, s, e, x, b0, k, st, fade=True):
-                start = s
-    if b1 < n:
-        _, y = _bounds(b1 - 1, min(n - 1, b1 - 1 + max_len + k), cuts, (b1 - 1, b1))
-        if y - (b1 - 1) >= st.min_frames + 1:
-            s, e = _fit(frames, b1 - 1, y, st.min_frames)
-            if s <= b1 + 2 and _mix_ok(thumbs, frames, s, e, b1 - 1, y, k, st, fade=True):
-                end = e
-    return Transition(start, end, "fade")
+    for w in range(2 * k, max_len + 2 * k + 1, k):
+        if step < 0:
+            x, y = _bounds(max(0, black - w), black, cuts, (black - 1, black))
+            edge = x == 0 or x in cuts or x == black - max_len - 2 * k
+        else:
+            x, y = _bounds(black, min(n - 1, black + w), cuts, (black, black + 1))
+            edge = y == n - 1 or y + 1 in cuts or y == black + max_len + 2 * k
+        if y - x < st.min_frames + 1:
+            return None
+        s, e = _fit(frames, x, y, st.min_frames)
+        if step < 0:
+            ok = e >= black - 2 and _mix_ok(thumbs, frames, s, e, x, black, k, st, pictures=(True, False))
+            if ok and (s - 1 - x >= k or edge):
+                return s
+        else:
+            ok = s <= black + 3 and _mix_ok(thumbs, frames, s, e, black, y, k, st, pictures=(False, True))
+            if ok and (y - e >= k or edge):
+                return e
+        if edge:
+            return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
