@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.caption import CaptionItem, apply_trigger, make_captioner
-from data_prep.manifest import dataset_card, jsonl, manifest_row, write_if_changed
+from data_prep.manifest import caption_trigger, dataset_card, jsonl, manifest_row, metadata_row, write_if_changed
 from data_prep.options import PrepOptions, family_facts, resolve_clip_settings
 from data_prep.probe import ProbeResult, list_videos, probe_file
 from data_prep.split import SPLIT_VERSION, ShotList, default_threshold, detect_shots
@@ -417,7 +417,8 @@ def _set_caption(ds: Dataset, name: str, body: str, by: str, fp: str, trigger: s
 
 
 def run_manifest(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
-    """manifest.jsonl (kept clips), rejected.jsonl (with reasons) and README.md."""
+    """manifest.jsonl (kept clips), rejected.jsonl (with reasons), README.md, and metadata.jsonl
+    (the kept clips again, as the ``videofolder`` builder of Hugging Face ``datasets`` reads them)."""
     rows, rejected = [], []
     rej = ds.state.get("rejected", {})
     caps = ds.state["captions"]
@@ -435,6 +436,8 @@ def run_manifest(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
     summary.human_captions = sum(1 for n in caps if caps[n].get("by") == "human" and n not in rej)
     skipped = _skipped(ds)
     summary.manifest_written = write_if_changed(ds.root / "manifest.jsonl", jsonl(rows))
+    trigger = caption_trigger(ds.state, opts.trigger)
+    write_if_changed(ds.root / "metadata.jsonl", jsonl([metadata_row(r, trigger) for r in rows]))
     write_if_changed(ds.root / "rejected.jsonl", jsonl(rejected))
     settings = dict(ds.state.get("cut_settings", {}))
     settings.update(ds.state.get("caption_settings", {}))

@@ -48,17 +48,9 @@ class Preview:
 
 def check_repo_id(repo_id: str) -> str:
     """``USER/NAME`` as the Hub accepts it. Raises PublishError naming the fix."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from finetune.hub import repo_id_problem
 
-    problem = None
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        problem = "must be USER/NAME (or ORG/NAME)"
-    else:
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as e:
-            problem = str(e).split("\n")[0]
+    problem = repo_id_problem(repo_id)
     if problem:
         raise PublishError(f"--repo {repo_id!r}: {problem}; e.g. --repo me/my-style")
     return repo_id
@@ -324,10 +316,11 @@ def build_folder(run_dir: str | Path, out_dir: str | Path, repo_id: str, license
 
 def require_token() -> None:
     """Raises PublishError if huggingface_hub finds no token (HF_TOKEN or a saved login)."""
-    from huggingface_hub import get_token
+    from finetune.hub import token_missing
 
-    if get_token() is None:
-        raise PublishError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token), then retry")
+    missing = token_missing()
+    if missing:
+        raise PublishError(missing)
 
 
 def upload(folder: Path, repo_id: str, private: bool, info: RunInfo) -> str:

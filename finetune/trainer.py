@@ -25,7 +25,7 @@ from finetune import checkpoint as ckpt
 from finetune import skips
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
-from finetune.data import Clip, aspect_mismatches, load_manifest, split_validation
+from finetune.data import Clip, aspect_mismatches, clips_cache_dir, load_clips, load_manifest, split_validation
 from finetune.errors import DataError, TrainingDiverged
 from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
@@ -85,7 +85,7 @@ def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:
 
 
 def default_cache_dir(recipe: Recipe) -> Path:
-    return Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.data.manifest).parent / ".cache"
+    return Path(recipe.cache.dir) if recipe.cache.dir else clips_cache_dir(recipe.data.manifest, recipe.data.dataset)
 
 
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
@@ -344,7 +344,7 @@ def bucket_keys(recipe: Recipe, family: Family, clips: list[Clip]) -> list[Cache
 def training_and_held_out(recipe: Recipe) -> tuple[list[Clip], list[Clip]]:
     """The clips to train on and those held out for val_loss (``data.validation_manifest``, or a
     seeded ``data.validation_split`` of the manifest). Raises DataError (manifests, split)."""
-    clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    clips = load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)
     if recipe.data.validation_manifest:
         return clips, load_manifest(recipe.data.validation_manifest, recipe.data.trigger)
     return split_validation(clips, recipe.data.validation_split, recipe.optim.seed)
@@ -377,7 +377,7 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> tu
               f"{stats.text_computed} prompts encoded, {stats.text_reused} reused"
               + (f"; {stats.damaged} damaged entries recomputed" if stats.damaged else ""))
     skipped = misfits + stats.skipped
-    warning = skips.report_skipped(skipped, total, Path(recipe.output.dir), recipe.data.manifest,
+    warning = skips.report_skipped(skipped, total, Path(recipe.output.dir), recipe.data.manifest or recipe.data.dataset,
                                    recipe.data.strict, write=accelerator.is_main_process)
     if warning:
         accelerator.print(warning)
@@ -662,7 +662,7 @@ def validation_inputs(recipe: Recipe, family: Family) -> list:
         return validation_images(recipe, None)
     from finetune.video import pil_frames, read_clip
 
-    d, clips = recipe.data, load_manifest(recipe.data.manifest, recipe.data.trigger)
+    d, clips = recipe.data, load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)
     return [pil_frames(read_clip(c.path, family.cond_frames, recipe.fps, d.height, d.width))
             for c in clips[:len(recipe.validation.prompts)]]
 
@@ -676,7 +676,7 @@ def validation_images(recipe: Recipe, dataset: CachedDataset | None) -> list:
 
     if recipe.validation.images:
         return [Image.open(p).convert("RGB") for p in recipe.validation.images]
-    clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    clips = load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)
     return [first_frame(c.path) for c in clips[:len(recipe.validation.prompts)]]
 
 
