@@ -452,15 +452,31 @@ def _skipped(ds: Dataset) -> list[tuple[str, str]]:
 
 
 def run_report(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
-    from data_prep.report import write_report
+    from data_prep.report import write_report, write_transition_strips
 
     query = ds.state.get("query", {})
-    fp = fingerprint((ds.root / "manifest.jsonl").read_text(), (ds.root / "rejected.jsonl").read_text(), _skipped(ds), query)
+    sources = _saved_shots(ds)
+    spans = [(s["source"], s.get("transitions", [])) for s, _, _ in sources]
+    fp = fingerprint((ds.root / "manifest.jsonl").read_text(), (ds.root / "rejected.jsonl").read_text(), _skipped(ds), query,
+                     spans)  # fmt: skip
     if ds.state.get("report_fp") == fp and (ds.root / "report.html").is_file():
         return
-    write_report(ds.root, _skipped(ds), progress=opts.progress, query=query)
+    strips = write_transition_strips(ds.root, sources, progress=opts.progress)
+    write_report(ds.root, _skipped(ds), progress=opts.progress, query=query, transitions=strips)
     ds.state["report_fp"] = fp
     summary.report_written = True
+
+
+def _saved_shots(ds: Dataset) -> list[tuple[dict, int, str]]:
+    """(shot list as split saved it, display rotation, file-name key) of every source split for
+    this dataset."""
+    out = []
+    for path, entry in sorted(ds.state.get("split", {}).items()):
+        file = ds.shot_dir / entry["file"]
+        if file.is_file():
+            rotation = ds.state["probe"].get(path, {}).get("result", {}).get("rotation", 0)
+            out.append((json.loads(file.read_text()), rotation, file.stem))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """Fades and dissolves are found frame-exactly: real sample shots joined by ffmpeg's xfade and fade
 filters, with the mixed frames known from the same edit made of solid colours (data_prep_fixtures.
 compose). Shots end within 2 frames of where the mixing starts and begin within 2 frames of where
-it ends; every shot long enough for a clip gives one; hard cuts stay exactly where they were."""
+it ends; every shot long enough for a clip gives one; hard cuts stay exactly where they were; the
+review page shows each transition as a strip of frames, marked."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 from data_prep_fixtures import ASSETS, SYNTH_CUTS, compose
+from PIL import Image
 
 from data_prep import PrepOptions, prepare
 from data_prep.manifest import read_jsonl
 from data_prep.probe import probe_file
+from data_prep.report import strip_frames
 from data_prep.split import detect_shots, merge_ranges, shot_ranges
 from data_prep.transitions import find_transitions, fit_ramp, mix_weights
 
@@ -78,15 +83,22 @@ def test_without_transitions_the_dissolve_is_in_a_shot(edits, name):
     assert any(overlaps(s.start_frame, s.end_frame, *edit.transitions[0]) for s in shots.shots)
 
 
-def test_every_shot_with_a_clean_second_gives_clips_and_none_holds_a_transition(edits, tmp_path):
+@pytest.fixture(scope="module")
+def four_shots(edits, tmp_path_factory):
     """The user's run of issue 18 (--mode sliding --family wan --fps 16 --frames 17) on the four-shot
-    edit: a clip lasts one second, so every shot, the 37 clean frames between the first dissolve
-    and the fade included, gives at least one, and no clip holds a mixed or black frame."""
-    edit = edits["four_shots"]
+    edit, every step but captions by a model."""
+    out = tmp_path_factory.mktemp("four_shots") / "ds"
     opts = PrepOptions(family="wan", frames=17, fps=16, size="64x48", buckets="fixed", mode="sliding", filter=False,
                        progress=False)  # fmt: skip
-    summary = prepare(edit.path, tmp_path / "ds", opts, steps=("probe", "split", "cut", "filter", "manifest"))
-    rows = read_jsonl(tmp_path / "ds" / "manifest.jsonl")
+    return out, prepare(edits["four_shots"].path, out, opts)
+
+
+def test_every_shot_with_a_clean_second_gives_clips_and_none_holds_a_transition(edits, four_shots):
+    """A clip lasts one second, so every shot, the 37 clean frames between the first dissolve and
+    the fade included, gives at least one, and no clip holds a mixed or black frame."""
+    edit = edits["four_shots"]
+    out, summary = four_shots
+    rows = read_jsonl(out / "manifest.jsonl")
     assert summary.exit_code == 0 and summary.short_shots == 0
     need = 1.0 * 24 + 1 + 2 * TOL  # frames a clean stretch needs for one clip, with the tolerance at both ends
     for a, b in edit.shots:
@@ -96,6 +108,31 @@ def test_every_shot_with_a_clean_second_gives_clips_and_none_holds_a_transition(
         for lo, hi in edit.transitions:
             assert not overlaps(r["start_frame"], r["end_frame"], lo + TOL, hi - TOL), (r, (lo, hi))
     assert {r["shot"] for r in rows} == {0, 1, 2, 3}
+
+
+def _border_runs(strip: Image.Image, y: int) -> list[str]:
+    """Colours along row ``y`` of a strip, runs collapsed: "kept" (green), "out" (red)."""
+    row = np.asarray(strip.convert("RGB"))[y].astype(int)
+    names = ["kept" if g > 110 and r < 100 else "out" if r > 150 and g < 90 else "" for r, g, _ in row]
+    runs = [n for i, n in enumerate(names) if n and (i == 0 or names[i - 1] != n)]
+    return runs
+
+
+def test_review_page_shows_each_transition_as_a_marked_strip(edits, four_shots):
+    """report.html names every transition found and shows a strip of frames across it: two kept
+    frames each side framed green, the left-out frames (at most 8) framed red."""
+    out, _ = four_shots
+    page = (out / "report.html").read_text()
+    shots = detect_shots(probe_file(edits["four_shots"].path))
+    assert "Transitions left out (3)" in page
+    for (a, b), kind in zip(shots.transitions, shots.transition_kinds):
+        assert f"{kind}, frames {a}-{b - 1}," in page
+        found = re.search(rf'src="(transitions/four_shots-\w+_{a:06d}-{b:06d}\.jpg)"', page)
+        assert found, (a, b)
+        with Image.open(out / found.group(1)) as strip:
+            assert _border_runs(strip, 23) == ["kept", "kept"] + ["out"] * min(b - a, 8) + ["kept", "kept"]
+    assert strip_frames(73, 96, 284) == ([71, 72], [73, 76, 79, 82, 86, 89, 92, 95], [96, 97])
+    assert strip_frames(0, 3, 5) == ([], [0, 1, 2], [3, 4])
 
 
 @pytest.mark.parametrize("name,cuts", [("synth_lavfi.mp4", SYNTH_CUTS), ("oa4_launch.webm", [74]),
