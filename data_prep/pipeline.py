@@ -167,7 +167,9 @@ def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary
         else:
             todo.append(pr)
         state[pr.path] = {"fp": fp, "file": shot_file.name}
-    detect = lambda pr: detect_shots(pr, opts.detector, threshold, opts.min_shot_len, opts.transitions)  # noqa: E731
+    at_once = min(len(todo), opts.workers or os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // max(1, at_once))  # the cores, shared by the files decoded at once
+    detect = lambda pr: detect_shots(pr, opts.detector, threshold, opts.min_shot_len, opts.transitions, threads)  # noqa: E731
     for pr, shots in zip(todo, parallel_map(detect, todo, opts.workers, desc="split", progress=opts.progress)):
         (ds.shot_dir / state[pr.path]["file"]).write_text(json.dumps(shots.to_dict()))
         summary.files_split += 1
