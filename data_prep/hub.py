@@ -94,11 +94,12 @@ def dataset_card(rows: list[dict], state: dict, repo_id: str, license: str, show
     licence_note = (" The licence of the footage was not given (`push --license`): check the terms of every source "
                     "below before using or sharing the clips." if license == "other" else "")
     columns = ", ".join(("video",) + METADATA_KEYS[1:])
+    files = f"{len(per_source)} source file{'s' if len(per_source) != 1 else ''}"
     body = f"""
 # {repo_id.split("/")[1]}
 
-{len(rows)} video clips ({seconds:.1f} s) from {len(per_source)} source file{"s" if len(per_source) != 1 else ""}, cut, captioned and reviewed with
-video-lora-studio's `data_prep` for LoRA training{f" of {family} models" if family else ""}.
+{len(rows)} video clips ({seconds:.1f} s) from {files}, cut, captioned and reviewed with video-lora-studio's
+`data_prep` for LoRA training{f" of {family} models" if family else ""}.
 
 ![contact sheet]({SHEET})
 

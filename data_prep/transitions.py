@@ -13,17 +13,21 @@ model, not a threshold on one pair of frames:
    between is projected on the line from X to Y, which gives its mixing weight ``a[t]`` and how
    far it lies off the line. A ramp (0 before s, rising over [s, e), 1 from e) is fitted to
    ``a`` by least squares over every s, e; the fit is repeated with X = frame s - 1 and
-   Y = frame e, which makes both ends exact.
+   Y = frame e until it stays put, then each end is moved to where the weights bend (a two-piece
+   line fitted near it: motion during a long dissolve bows the weights, pulling a straight
+   ramp's ends inwards).
 3. Checks: at least ``min_frames`` mixed frames, at most ``max_s`` seconds; X and Y differ as
-   two shots do; the mixed frames lie on the line from X to Y (motion does not: a pan or a
-   zoom leaves the line) and their weights follow a straight ramp from 0 to 1.
+   two shots do, in pixels and in colour histograms; the mixed frames lie near the line from X
+   to Y and their weights follow a straight ramp from 0 to 1; the clean frames on each side (2
+   at least) stay at their end of the line (a pan or a zoom drifts on past its "ends").
 
 A fade to black is split at its black frames: the fade out (picture to black) and the fade in
 (black to picture) are fitted separately, and the transition runs from the first darkened
 frame to the last, black frames included, so the clean frames on both sides stay in their shots.
 
 Everything here is numpy on thumbnails ``[n, h, w, 3]`` uint8 (32 px wide: 1.7 kB a frame,
-187 MB for an hour at 30 fps), so detection costs nothing per decoded frame beyond the resize.
+187 MB for an hour at 30 fps, made float only a window at a time), so detection costs nothing per
+decoded frame beyond the resize.
 """
 
 from __future__ import annotations
@@ -66,23 +70,26 @@ class Settings:
     black_level: float = 6.0  # mean level (0-255) under which a frame is black
 
 
-def find_transitions(thumbs: np.ndarray, rate: float, hard_cuts: list[int] = (), settings: Settings = Settings()) -> list[Transition]:
+def find_transitions(thumbs: np.ndarray, rate: float, hard_cuts: list[int] = (),
+                     settings: Settings = Settings()) -> list[Transition]:
     """Dissolves and fades in ``thumbs`` [n, h, w, 3] uint8 (every decoded frame, in order) of a
     video at ``rate`` fps, as sorted, disjoint transitions. ``hard_cuts`` (first frames of new
     shots) bound the frames a candidate may be fitted with."""
     n = len(thumbs)
     if n < 4:
         return []
-    frames = thumbs.reshape(n, -1).astype(np.float32)
+    frames = thumbs.reshape(n, -1)  # uint8 [n, d]: windows are made float where they are used
     level = frames.mean(1)
     k = max(2, round(settings.span_s * rate))
     max_len = max(settings.min_frames + 1, round(settings.max_s * rate))
     cuts = sorted(c for c in set(hard_cuts) if 0 < c < n)
     found: list[Transition] = []
     for b0, b1 in _runs(level < settings.black_level):
-        found.append(_fade(thumbs, frames, level, b0, b1, k, max_len, cuts, settings))
+        found.append(_fade(thumbs, frames, b0, b1, k, max_len, cuts, settings))
     far = np.zeros(n, np.float32)
-    far[k:] = np.abs(frames[k:] - frames[:-k]).mean(1)
+    for i in range(k, n, 4096):  # in chunks: a float copy of an hour of thumbnails would take 750 MB
+        j = min(n, i + 4096)
+        far[i:j] = np.abs(frames[i:j].astype(np.int16) - frames[i - k : j - k]).mean(1)
     taken = np.zeros(n, bool)
     for t in found:  # a fade's bump is explained
         taken[t.start : min(n, t.end + k)] = True
@@ -108,10 +115,11 @@ def find_transitions(thumbs: np.ndarray, rate: float, hard_cuts: list[int] = (),
 
 
 def mix_weights(frames: np.ndarray, x: int, y: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """For frames [lo, hi) of ``frames`` [n, d]: the weight ``a`` of frame y in each as a mix of
-    frames x and y (projection on the line from x to y), and each one's distance from that line
-    relative to |frame y - frame x|. Both [hi - lo]."""
-    base, d = frames[x], frames[y] - frames[x]
+    """For frames [lo, hi) of ``frames`` [n, d] (any dtype): the weight ``a`` of frame y in each as
+    a mix of frames x and y (projection on the line from x to y), and each one's distance from
+    that line relative to |frame y - frame x|. Both [hi - lo] float32."""
+    base = frames[x].astype(np.float32)
+    d = frames[y] - base
     norm2 = float(d @ d) or 1e-6
     rel = frames[lo:hi] - base
     a = rel @ d / norm2
@@ -198,7 +206,7 @@ def _mix_ok(thumbs: np.ndarray, frames: np.ndarray, s: int, e: int, lo: int, hi:
     x, y = s - 1, e
     if x < 0 or y >= len(frames) or e - s < st.min_frames:
         return False
-    if all(pictures) and (np.abs(frames[y] - frames[x]).mean() < st.shot_diff
+    if all(pictures) and (np.abs(frames[y].astype(np.float32) - frames[x]).mean() < st.shot_diff
                           or hist_distance(thumbs[x], thumbs[y]) < st.shot_hist):
         return False
     a0, a1 = max(lo, x - k), min(hi, y + k) + 1
@@ -242,7 +250,7 @@ def _dissolve(thumbs, frames, r0: int, r1: int, k: int, max_len: int, cuts: list
     return Transition(s, e, "dissolve"), (s, e)
 
 
-def _fade(thumbs, frames, level, b0: int, b1: int, k: int, max_len: int, cuts: list[int], st: Settings) -> Transition:
+def _fade(thumbs, frames, b0: int, b1: int, k: int, max_len: int, cuts: list[int], st: Settings) -> Transition:
     """The fade around the black frames [b0, b1): from the first frame the fade out darkens to
     the last the fade in has not fully lit. A side with no steady ramp (a cut to or from black,
     the file's start or end) starts or ends at the black frames."""
