@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         _print_probe(dataset)
     elif command == "split":
         for src, cuts in summary.cuts.items():
-            print(f"{src}: {len(cuts) + 1} shots, cuts at frames {cuts}")
+            left = ", ".join(f"{a}-{b - 1} ({kind})" for a, b, kind in summary.transitions.get(src, []))
+            print(f"{src}: {len(cuts) + 1} shots, cuts at frames {cuts}"
+                  + (f"; in no shot (fades, dissolves): frames {left}" if left else ""))
     print(summary.text())
     if command == "report":
         print(f"review: {dataset}/report.html and {dataset}/contact_sheet.png")

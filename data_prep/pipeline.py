@@ -53,6 +53,8 @@ class Summary:
     query_kept: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): inputs with no clips
     cuts: dict[str, list[int]] = field(default_factory=dict)  # source -> first frame of each new shot
+    # source -> [start, end, kind] of each fade and dissolve left out of every shot
+    transitions: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
     dataset: str = ""
     makes_clips: bool = True  # False for probe/split alone: success then means usable files, not clips
 
@@ -176,6 +178,8 @@ def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary
         out[pr.path] = shots
     out = {pr.path: out[pr.path] for pr in good}
     summary.cuts.update({path: shots.cuts for path, shots in out.items()})
+    summary.transitions.update({path: [(a, b, kind) for (a, b), kind in zip(shots.transitions, shots.transition_kinds)]
+                                for path, shots in out.items()})
     ds.state["split"] = state
     return out
 
