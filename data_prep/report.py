@@ -119,7 +119,7 @@ def transition_strip(frames: dict[int, np.ndarray], before: list[int], inside: l
         tile.paste(im, (3, 3))
         ImageDraw.Draw(tile).text((4, STRIP_H + 5), f"{i}{'' if i in inside else ' kept'}", fill=(255, 255, 255), font=font)
         tiles.append(tile)
-    gap = 8  # a gap where frames are skipped: between the sides and the left-out frames, and inside
+    gap = 8  # pixels between tiles
     width = sum(t.width for t in tiles) + gap * (len(tiles) + 1)
     strip = Image.new("RGB", (max(width, 360), STRIP_H + 46), (250, 250, 250))
     ImageDraw.Draw(strip).text((gap, 6), title, fill=(0, 0, 0), font=font)
