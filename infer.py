@@ -17,7 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune.cli import run_main
+from finetune.allocator import configure_cuda_allocator
+
+configure_cuda_allocator()  # before anything imports torch: CUDA reads it once, when it starts
+
+from finetune.cli import add_verbose_flag, run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weights and computation; auto = bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--out", type=Path, default=Path("out.mp4"))
+    add_verbose_flag(p)
     args = p.parse_args(argv)
 
     import torch  # heavy imports after argument parsing

@@ -18,8 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.cli import run_main
-from finetune.config import load_recipe
+from finetune.allocator import configure_cuda_allocator
+
+configure_cuda_allocator()  # before anything imports torch: CUDA reads it once, when it starts
+
+from finetune.cli import add_verbose_flag, run_main  # noqa: E402
+from finetune.config import load_recipe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram", default=None, help="card memory in GiB to plan for (default: memory.vram_gb)")
     parser.add_argument("--limit-vram", type=float, default=None, metavar="GIB",
                         help="use at most this much of the GPU, as a smaller card would (measuring a budget)")
+    add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=5e-5")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)

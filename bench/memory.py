@@ -208,6 +208,7 @@ def run_config(name: str, case: Case, config: str, steps: int, timeout: float, w
     row["loss"] = metrics[-1]["loss"]
     row["peak_allocated_gib"] = max((m.get("peak_allocated_gib") for m in metrics), default=None, key=lambda v: v or 0)
     row["peak_reserved_gib"] = max((m.get("peak_reserved_gib") for m in metrics), default=None, key=lambda v: v or 0)
+    row["pinned_gib"] = metrics[-1].get("pinned_gib")
     row["device"] = _device_line(res.stdout)
     if row.get("peak_reserved_gib") and row.get("predicted_allocator_gib"):
         row["measured_over_predicted"] = row["peak_reserved_gib"] / row["predicted_allocator_gib"]

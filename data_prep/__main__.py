@@ -9,6 +9,7 @@ from dataclasses import fields
 
 from data_prep.options import PrepOptions
 from data_prep.pipeline import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE
+from finetune.cli import add_verbose_flag
 
 EPILOG = f"""\
 exit status:
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_options(p, names, title)
         p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bars")
         p.add_argument("--json", action="store_true", help="print the summary as JSON too")
+        add_verbose_flag(p)
         return p
 
     cmd("prepare", "run every step: probe, split, cut, filter, caption, manifest, report", True,
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args["command"] == "push":
         return _push(args)
     command, as_json = args.pop("command"), args.pop("json")
+    args.pop("verbose")
     footage, dataset = args.pop("footage", None), args.pop("dataset")
     try:
         opts = PrepOptions(**args)

@@ -1,5 +1,5 @@
 """Video LoRA fine-tuning: recipes, model families, cache, trainer, export, inference."""
 
-from finetune._quiet import quiet_torchao
+from finetune import _quiet
 
-quiet_torchao()
+_quiet.install()  # before diffusers, transformers or torchao load: their known harmless warnings stay back

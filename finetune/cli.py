@@ -1,11 +1,14 @@
-"""What the entry scripts share: user errors become one clear message and a non-zero exit."""
+"""What the entry scripts share: user errors become one clear message and a non-zero exit;
+``-v``/``--verbose`` lets every third-party warning through (finetune/_quiet.py)."""
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from collections.abc import Callable
 
+from finetune import _quiet
 from finetune.errors import TrainingStopped, UserError
 
 USER_ERROR_EXIT = 2
@@ -28,3 +31,20 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
+
+
+class _Verbose(argparse.Action):
+    """``-v``: sets verbose while the arguments are parsed, before any heavy import."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        _quiet.set_verbose(True)
+        setattr(namespace, self.dest, True)
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``-v``/``--verbose`` on an entry script's parser: show every third-party warning."""
+    parser.add_argument("-v", "--verbose", action=_Verbose,
+                        help="show every third-party warning (by default the known harmless ones are held back)")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.cli import add_verbose_flag
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
 FOOTAGE = ("synth_lavfi.mp4", "bigbuckbunny.mp4", "oa4_launch.webm")
@@ -168,16 +170,14 @@ def render_pair(run_dir: Path, steps: int, seed: int) -> tuple[np.ndarray, np.nd
     """The demo prompt without and with the run's LoRA, same seed: two [F, H, W, 3] in [0, 1], fps."""
     import torch
 
-    from finetune.inference import LoraRef, RenderArgs, apply_loras, complete_args, load_base, render
+    from finetune.inference import RenderArgs, complete_args, load_base, render_base_then_lora
 
     family, info = load_base([], run_dir, torch.device("cpu"), torch.float32)
     pipe = family.pipeline()
     pipe.set_progress_bar_config(disable=True)
     args = complete_args(RenderArgs(prompt=PROMPT, steps=steps, guidance=1.0, seed=seed), family, info)
-    base = render(family, pipe, args).numpy()
-    apply_loras(family, [LoraRef(run_dir)], merge=False)
-    lora = render(family, pipe, args).numpy()
-    return base, lora, args.fps
+    frames = {which: f.numpy() for which, _, f, _ in render_base_then_lora(family, pipe, run_dir, [args])}
+    return frames["base"], frames["lora"], args.fps
 
 
 # ---------------------------------------------------------------------------- main
@@ -212,7 +212,7 @@ def run(out: Path, steps: int, clips_per_shot: int, base_model: Path = BASE_MODE
     base, lora, fps = render_pair(result.run_dir, v.steps, v.seed)
     style = style_clip_frames(manifest, d.frames, recipe.fps, size)
     check = StyleCheck(base=saturation(base), lora=saturation(lora), style=saturation(style))
-    from finetune.trainer import side_by_side
+    from finetune.video import side_by_side
 
     pair = side_by_side(torch.from_numpy(base), torch.from_numpy(lora)).numpy()
     videos = (write_video(base, out / "base.mp4", fps), write_video(lora, out / "lora.mp4", fps),
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="LoRA training steps")
     parser.add_argument("--clips-per-shot", type=int, default=2, help="clips data_prep cuts from each shot")
     parser.add_argument("--base-model", type=Path, default=BASE_MODEL, help="the pretrained tiny Wan (diffusers folder)")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
     check = run(args.out, args.steps, args.clips_per_shot, args.base_model)
     return 0 if check.passed else 1

@@ -4,6 +4,7 @@ scale) or merged into the base weights. The base model comes from the run folder
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,24 @@ def render_with_audio(family: Family, pipe, args: RenderArgs) -> tuple[torch.Ten
     )
     video = out.frames[0]  # [F, 3, H, W] in [0, 1]
     return video.permute(0, 2, 3, 1).float().cpu(), family.rendered_audio(out)
+
+
+def render_base_then_lora(family: Family, pipe, run_dir: Path, requests: list[RenderArgs],
+                          skip: Callable[[str, int], bool] = lambda which, k: False
+                          ) -> Iterator[tuple[str, int, torch.Tensor, tuple | None]]:
+    """Each of ``requests`` (complete: see :func:`complete_args`) rendered by ``family``'s base model
+    alone, then all of them again once the adapters of run folder ``run_dir`` are added (unfused,
+    scale 1): the same prompt, seed and settings, so each pair differs only by the LoRA. Yields
+    ``(which, k, frames, audio)`` as :func:`render_with_audio` makes them, ``which`` "base" or
+    "lora", ``k`` the request's index; ``skip(which, k)`` leaves a render out (one already on disk)."""
+    for which in ("base", "lora"):
+        if which == "lora":
+            apply_loras(family, [LoraRef(run_dir)], merge=False)
+        for k, args in enumerate(requests):
+            if not skip(which, k):
+                with torch.no_grad():
+                    frames, audio = render_with_audio(family, pipe, args)
+                yield which, k, frames, audio
 
 
 def render_to_file(family: Family, pipe, args: RenderArgs, out: Path) -> Path:

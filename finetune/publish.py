@@ -2,11 +2,15 @@
 
     python -m finetune.publish runs/my-style --repo me/my-style [--private]
     python -m finetune.publish runs/my-style --repo me/my-style --dry-run out/my-style   # writes, uploads nothing
+    python -m finetune.publish runs/my-style --repo me/my-style --preview-prompt "mystyle, a fox" [--no-previews]
 
 The repo folder holds both LoRA files (diffusers and ComfyUI naming; one ComfyUI file per
-transformer), ``video_lora.json``, the resolved ``recipe.yaml``, side-by-side previews of each
-validation prompt rendered without and with the LoRA (``previews/preview-K.mp4`` plus a small
-animated ``.webp`` shown in the card's gallery), and a model card (``README.md``).
+transformer), ``video_lora.json``, the resolved ``recipe.yaml``, side-by-side previews rendered
+without and with the LoRA, same seed (``previews/preview-K.mp4`` plus a small animated ``.webp``
+shown in the card's gallery), and a model card (``README.md``). The previews are the trainer's
+samples of ``validation.prompts``; a run without them gets 2 rendered now from prompts made of
+the trigger word and its training captions (``--preview-prompt`` chooses others, ``--no-previews``
+leaves them out), at the run's clip size, fewer steps on a CPU, kept in ``<run>/samples/``.
 
 The token comes from ``HF_TOKEN`` or the saved ``hf auth login``; huggingface_hub sends it in
 the Authorization header and this module never reads it into a string of its own.
@@ -15,6 +19,8 @@ the Authorization header and this module never reads it into a string of its own
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import shutil
 import sys
@@ -23,10 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.cli import add_verbose_flag
 from finetune.errors import UserError
 from finetune.export import RUN_INFO, RunInfo
 
 PREVIEWS = "previews"
+PREVIEW_PROMPTS = 2  # prompts publish makes from the training captions when the run has no validation samples
+# A CPU renders previews with at most this many steps: a tiny model's in seconds, a full one's in
+# hours rather than days (a GPU uses the recipe's validation.steps).
+CPU_PREVIEW_STEPS = 8
 RECIPE = "recipe.yaml"
 WEBP_MAX_SIDE = 256  # the gallery copy: small enough to load fast on the Hub page
 _GAP = 4  # pixels between the two halves of a preview
@@ -77,60 +88,163 @@ def check_run(run_dir: Path) -> RunInfo:
 # ---------------------------------------------------------------------------- previews
 
 
+@dataclass(frozen=True)
+class PreviewJob:
+    """One prompt shown rendered without and with the LoRA, same seed and settings."""
+
+    prompt: str
+    base: Path  # the base model's render, kept in the run folder for the next publish
+    lora: Path  # the LoRA's render
+    steps: int
+    clip: int  # the training clip (manifest index, cycled) an i2v or continue render starts from
+
+
+@dataclass(frozen=True)
+class PreviewPlan:
+    """The previews of a repo folder: ``jobs`` to render (or reuse), and what the card says of them:
+    ``made`` how they were made (empty for the trainer's validation samples), ``absent`` why
+    there are none."""
+
+    jobs: list[PreviewJob]
+    made: str = ""
+    absent: str = ""
+
+
 def sample_paths(run_dir: Path, info: RunInfo, k: int) -> tuple[Path, Path]:
     """(base render, LoRA render) of validation prompt ``k``: the trainer's final sample and the
     base model's render of the same prompt, seed and settings."""
     return run_dir / "samples" / f"base-{k}.mp4", run_dir / "samples" / f"step-{info.steps:08d}-{k}.mp4"
 
 
-def preview_image(info):
-    """The conditioning image of i2v previews: the run's first validation image, else the first
-    frame of its first training clip. Raises UserError if neither can be found."""
+def preview_paths(run_dir: Path, info: RunInfo, prompt: str, steps: int, clip: int) -> tuple[Path, Path]:
+    """(base render, LoRA render) of a preview that publish makes: named by what decides the
+    pixels, so a later publish reuses them only for the same prompt and settings."""
+    v = info.recipe.get("validation", {})
+    key = json.dumps([prompt, steps, v.get("guidance", 5.0), v.get("seed", 0), clip, info.steps])
+    name = "preview-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return run_dir / "samples" / f"{name}-base.mp4", run_dir / "samples" / f"{name}-lora.mp4"
+
+
+def run_recipe(info: RunInfo):
+    """The run's resolved recipe as a Recipe."""
+    from finetune.config import Recipe
+
+    return Recipe.model_validate(info.recipe)
+
+
+def caption_prompts(info: RunInfo, n: int = PREVIEW_PROMPTS) -> list[tuple[str, int]]:
+    """``n`` preview prompts made of the trigger word and captions of the run's training manifest:
+    (prompt, clip index) of clips with distinct captions, spread over the manifest. Raises
+    DataError if the manifest is gone or unreadable."""
     from finetune.data import load_manifest
-    from finetune.video import first_frame
+    from finetune.errors import DataError
 
-    images = info.recipe.get("validation", {}).get("images") or []
-    if images:
-        return images[0]
     manifest = info.recipe.get("data", {}).get("manifest")
-    if manifest and Path(manifest).is_file():
-        return first_frame(load_manifest(manifest)[0].path)
-    raise UserError(f"an {info.task} run needs a conditioning image for its previews: set validation.images in "
-                    f"the recipe, or keep data.manifest={manifest} where it was")
+    if not manifest or not Path(manifest).is_file():
+        raise DataError(f"data.manifest={manifest} is not there (moved or deleted since training)")
+    first: dict[str, int] = {}  # caption -> first clip with it
+    for i, clip in enumerate(load_manifest(manifest, info.trigger)):
+        first.setdefault(clip.caption, i)
+    distinct = list(first.items())
+    return [distinct[j * len(distinct) // n] for j in range(min(n, len(distinct)))]
 
 
-def render_missing_samples(run_dir: Path, info: RunInfo, prompts: list[str]) -> None:
-    """Render the base and LoRA samples of ``prompts`` that the run folder lacks, with the
-    recipe's validation settings; the base model loads only if something is missing."""
-    todo = [(k, p) for k, p in enumerate(prompts) if not all(x.is_file() for x in sample_paths(run_dir, info, k))]
-    if not todo:
-        return
+def preview_steps(info: RunInfo, device_type: str) -> int:
+    """Inference steps of the previews publish renders: the recipe's ``validation.steps``; on a
+    CPU at most :data:`CPU_PREVIEW_STEPS` (but never fewer than the family needs)."""
+    from finetune.families import get_family
+
+    steps = info.recipe.get("validation", {}).get("steps", 30)
+    if device_type == "cuda":
+        return steps
+    return max(get_family(info.family).min_inference_steps, min(steps, CPU_PREVIEW_STEPS))
+
+
+def plan_previews(run_dir: Path, info: RunInfo, chosen: list[str], wanted: bool = True) -> PreviewPlan:
+    """Which previews the repo shows: the trainer's renders of ``validation.prompts``; else (or if
+    ``chosen``, from --preview-prompt) prompts rendered now, by default :data:`PREVIEW_PROMPTS` made
+    of the trigger word and training captions. ``wanted`` False (--no-previews): none. A run whose
+    manifest is gone gets none, with a note saying how to choose prompts."""
+    if not wanted:
+        return PreviewPlan([], absent="No previews (published with `--no-previews`).")
+    v = info.recipe.get("validation", {})
+    if v.get("prompts") and not chosen:
+        return PreviewPlan([PreviewJob(p, *sample_paths(run_dir, info, k), v.get("steps", 30), k)
+                            for k, p in enumerate(v["prompts"])])
     import torch
 
-    from finetune.inference import LoraRef, RenderArgs, apply_loras, complete_args, load_base, render_to_file
+    from finetune.errors import DataError
 
+    steps = preview_steps(info, "cuda" if torch.cuda.is_available() else "cpu")
+    if chosen:
+        prompts, source = [(p, k) for k, p in enumerate(chosen)], "prompts chosen with `--preview-prompt`"
+    else:
+        try:
+            prompts = caption_prompts(info)
+        except DataError as e:
+            trigger = info.trigger or "your trigger word"
+            print(f"note: no previews: they are made of the training captions, but {e}; publishing without them "
+                  f"(choose prompts with --preview-prompt \"{trigger}, ...\", repeatable)")
+            return PreviewPlan([], absent="No previews: the training manifest was gone when this LoRA was published.")
+        source = "prompts: the trigger word and captions of training clips"
+    jobs = [PreviewJob(p, *preview_paths(run_dir, info, p, steps, clip), steps, clip) for p, clip in prompts]
+    return PreviewPlan(jobs, made=f"Rendered when publishing ({steps} steps, seed {v.get('seed', 0)}; {source}).")
+
+
+def conditioning_clips(info: RunInfo, jobs: list[PreviewJob]) -> list | None:
+    """The training clips the renders of an i2v or continue run start from, one per job (None when
+    it needs none: t2v, or i2v with ``validation.images``). Raises DataError if the manifest or its
+    clips are gone."""
+    from finetune.data import load_manifest
+    from finetune.families import get_family
+
+    kind = get_family(info.family).task_input(info.task)
+    v, d = info.recipe.get("validation", {}), info.recipe.get("data", {})
+    if kind is None or (kind == "image" and v.get("images")):
+        return None
+    clips = load_manifest(d.get("manifest"), info.trigger)
+    return [clips[j.clip % len(clips)] for j in jobs]
+
+
+def render_previews(run_dir: Path, info: RunInfo, jobs: list[PreviewJob]) -> str:
+    """Render the base and LoRA renders of ``jobs`` that the run folder lacks, with the recipe's
+    validation guidance and seed and each job's steps, at the run's clip size; the base model loads
+    only if something is missing. Returns "" when all are there, else why there are none (an i2v
+    or continue run whose training clips are gone: a note says so and publishing goes on)."""
+    todo = {(which, k) for k, j in enumerate(jobs) for which, path in (("base", j.base), ("lora", j.lora))
+            if not path.is_file()}
+    if not todo:
+        return ""
+    import torch
+    from tqdm.auto import tqdm
+
+    from finetune.errors import DataError
+    from finetune.inference import LoraRef, RenderArgs, complete_args, load_base, render_base_then_lora
+    from finetune.trainer import compute_dtype, validation_inputs
+    from finetune.video import write_video
+
+    try:
+        clips = conditioning_clips(info, jobs)
+    except DataError as e:
+        print(f"note: no previews: an {info.task} run's renders start from a training clip, but {e}; publishing "
+              f"without them (an i2v run can name its images in validation.images)")
+        return "No previews: the training clips they start from were gone when this LoRA was published."
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    family, _ = load_base([LoraRef(run_dir)], None, device, torch.bfloat16)
+    dtype = compute_dtype(info.recipe.get("model", {}).get("dtype", "auto"), device)
+    family, _ = load_base([LoraRef(run_dir)], None, device, dtype)
     pipe = family.pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    v = info.recipe.get("validation", {})
-
-    image = preview_image(info) if info.task != "t2v" else None
-
-    def args(prompt: str) -> RenderArgs:
-        return complete_args(RenderArgs(prompt=prompt, steps=v.get("steps", 30), guidance=v.get("guidance", 5.0),
-                                        seed=v.get("seed", 0), image=image), family, info)
-
-    for k, prompt in todo:  # base first: the adapter is added below
-        print(f"preview {k + 1}/{len(prompts)}: rendering the base model")
-        with torch.no_grad():
-            render_to_file(family, pipe, args(prompt), sample_paths(run_dir, info, k)[0])
-    apply_loras(family, [LoraRef(run_dir)], merge=False)
-    for k, prompt in todo:
-        lora_path = sample_paths(run_dir, info, k)[1]
-        if not lora_path.is_file():
-            with torch.no_grad():
-                render_to_file(family, pipe, args(prompt), lora_path)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the renders instead
+    kind, v = family.task_input(family.task), info.recipe.get("validation", {})
+    inputs = validation_inputs(run_recipe(info), family, clips) if kind else []
+    requests = [complete_args(RenderArgs(prompt=j.prompt, steps=j.steps, guidance=v.get("guidance", 5.0),
+                                         seed=v.get("seed", 0), **({kind: inputs[k % len(inputs)]} if kind else {})),
+                              family, info) for k, j in enumerate(jobs)]
+    with tqdm(total=len(todo), desc="previews (base, then LoRA)", unit="render") as bar:
+        for which, k, frames, audio in render_base_then_lora(family, pipe, run_dir, requests,
+                                                             skip=lambda which, k: (which, k) not in todo):
+            write_video(frames, jobs[k].base if which == "base" else jobs[k].lora, requests[k].fps, audio=audio)
+            bar.update()
+    return ""
 
 
 def _decode(path: Path) -> tuple[np.ndarray, float]:
@@ -143,16 +257,17 @@ def _decode(path: Path) -> tuple[np.ndarray, float]:
         return frames, float(stream.average_rate or 8)
 
 
-def side_by_side(base: Path, lora: Path, mp4: Path, webp: Path) -> None:
+def write_side_by_side(base: Path, lora: Path, mp4: Path, webp: Path) -> None:
     """Write ``base | lora`` (left: without the LoRA, right: with it) as mp4 and animated webp."""
+    import torch
     from PIL import Image
 
-    from finetune.video import write_video
+    from finetune.video import side_by_side, write_video
 
     (a, fps), (b, _) = _decode(base), _decode(lora)
     n = min(len(a), len(b))
-    gap = np.full((n, a.shape[1], _GAP, 3), 255, np.uint8)
-    both = np.concatenate([a[:n], gap, b[:n, : a.shape[1]]], axis=2)
+    both = side_by_side(torch.from_numpy(a[:n]) / 255, torch.from_numpy(b[:n]) / 255, gap=_GAP)
+    both = (both * 255).round().to(torch.uint8).numpy()
     write_video(both, mp4, fps)
     scale = min(1.0, WEBP_MAX_SIDE / max(both.shape[1:3]))
     size = (max(1, round(both.shape[2] * scale)), max(1, round(both.shape[1] * scale)))
@@ -190,9 +305,10 @@ def base_license(info: RunInfo, given: str | None) -> str:
 
 
 def model_card(info: RunInfo, repo_id: str, lora_files: list[str], comfy_files: list[str], previews: list[Preview],
-               license: str):
+               license: str, plan: PreviewPlan | None = None):
     """The repo's README: metadata for the Hub (base model, adapter relation, library, task,
-    tags, trigger word, licence, preview gallery) and how to use and reproduce the LoRA."""
+    tags, trigger word, licence, preview gallery) and how to use and reproduce the LoRA.
+    ``plan`` says how the previews were made, or why there are none."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from finetune.families import get_family
@@ -214,8 +330,10 @@ def model_card(info: RunInfo, repo_id: str, lora_files: list[str], comfy_files: 
     adapter = re.sub(r"\W", "_", name)  # a valid adapter name for peft
     prompt = info.trigger + ", " if info.trigger else ""
     rows = "\n".join(f"| {p.prompt} | ![{p.prompt}]({p.webp}) ([mp4]({p.mp4})) |" for p in previews)
-    gallery = (f"Left: {info.base_model} alone; right: with this LoRA (same prompt and seed).\n\n"
-               f"| prompt | base \\| LoRA |\n|---|---|\n{rows}\n") if previews else "No validation prompts were set.\n"
+    made = f" {plan.made}" if plan and plan.made else ""
+    absent = (plan.absent if plan and plan.absent else "No previews.") + "\n"
+    gallery = (f"Left: {info.base_model} alone; right: with this LoRA (same prompt and seed).{made}\n\n"
+               f"| prompt | base \\| LoRA |\n|---|---|\n{rows}\n") if previews else absent
     comfy = comfy_files[0] if comfy_files else "(none)"
     trigger_note = f" Trigger word: `{info.trigger}`." if info.trigger else ""
     tiny_note = " Trained on a tiny random test model: for demonstration only." if info.tiny else ""
@@ -271,14 +389,14 @@ Licence: that of the base model ({license}); check its terms before use.
 
 
 def build_folder(run_dir: str | Path, out_dir: str | Path, repo_id: str, license: str | None = None,
-                 prompts: list[str] | None = None) -> Path:
+                 preview_prompts: list[str] | None = None, previews: bool = True) -> Path:
     """Write the repo folder for ``run_dir`` into ``out_dir`` (emptied first if it holds an
-    earlier build). ``prompts``: preview prompts when the recipe has no validation prompts.
-    Raises PublishError before writing anything if the run or repo id is unusable."""
+    earlier build), previews as :func:`plan_previews` says: ``preview_prompts`` chooses their
+    prompts, ``previews`` False leaves them out. Raises PublishError before writing anything if
+    the run or repo id is unusable."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     check_repo_id(repo_id)
     info = check_run(run_dir)
-    prompts = list(info.recipe.get("validation", {}).get("prompts") or prompts or [])
     if out_dir.exists() and any(out_dir.iterdir()):
         if not (out_dir / "README.md").is_file():
             raise PublishError(f"--dry-run {out_dir}: folder is not empty; pass a new or empty folder")
@@ -303,13 +421,16 @@ def build_folder(run_dir: str | Path, out_dir: str | Path, repo_id: str, license
     for name in (RUN_INFO, RECIPE):
         shutil.copy2(run_dir / name, out_dir / name)
 
-    render_missing_samples(run_dir, info, prompts)
-    previews = []
-    for k, prompt in enumerate(prompts):
-        p = Preview(prompt, f"{PREVIEWS}/preview-{k}.mp4", f"{PREVIEWS}/preview-{k}.webp")
-        side_by_side(*sample_paths(run_dir, info, k), out_dir / p.mp4, out_dir / p.webp)
-        previews.append(p)
-    card = model_card(info, repo_id, lora_files, comfy_files, previews, base_license(info, license))
+    plan = plan_previews(run_dir, info, list(preview_prompts or []), previews)
+    absent = render_previews(run_dir, info, plan.jobs)
+    if absent:
+        plan = PreviewPlan([], absent=absent)
+    shown = []
+    for k, job in enumerate(plan.jobs):
+        p = Preview(job.prompt, f"{PREVIEWS}/preview-{k}.mp4", f"{PREVIEWS}/preview-{k}.webp")
+        write_side_by_side(job.base, job.lora, out_dir / p.mp4, out_dir / p.webp)
+        shown.append(p)
+    card = model_card(info, repo_id, lora_files, comfy_files, shown, base_license(info, license), plan)
     card.save(out_dir / "README.md")
     return out_dir
 
@@ -344,20 +465,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--dry-run", type=Path, metavar="DIR", help="write the repo folder to DIR and upload nothing")
     p.add_argument("--license", help="licence id for the card; default: the base model's")
-    p.add_argument("--prompt", action="append", default=[], help="preview prompt if the recipe has none (repeatable)")
+    p.add_argument("--preview-prompt", action="append", default=[], metavar="PROMPT",
+                   help="render the previews with this prompt (repeatable); default: the validation samples of a "
+                        f"run with validation.prompts, else {PREVIEW_PROMPTS} prompts made of the trigger word and "
+                        "training captions")
+    p.add_argument("--no-previews", dest="previews", action="store_false", help="publish without previews")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
 
     check_repo_id(args.repo)
     info = check_run(args.run_dir)
     if args.dry_run is not None:
-        out = build_folder(args.run_dir, args.dry_run, args.repo, args.license, args.prompt)
+        out = build_folder(args.run_dir, args.dry_run, args.repo, args.license, args.preview_prompt, args.previews)
         print(f"dry run: repo folder written to {out} (nothing uploaded)")
         return 0
     import tempfile
 
     require_token()
     with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
-        folder = build_folder(args.run_dir, Path(tmp) / "repo", args.repo, args.license, args.prompt)
+        folder = build_folder(args.run_dir, Path(tmp) / "repo", args.repo, args.license, args.preview_prompt,
+                              args.previews)
         url = upload(folder, args.repo, args.private, info)
     print(f"published: {url}")
     return 0

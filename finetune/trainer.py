@@ -30,8 +30,10 @@ from finetune.errors import DataError, TrainingDiverged
 from finetune.export import RunInfo, adapter_file_name, save_adapters, save_original_format, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
 from finetune.memory import runtime as memory_runtime
+from finetune.memory.lora import train_in_fp32
 from finetune.runlock import RunLock
 from finetune.stopping import GracefulStop
+from finetune.video import side_by_side
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -90,7 +92,9 @@ def default_cache_dir(recipe: Recipe) -> Path:
 
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
     """Attach a PEFT LoRA adapter named "default" (from ``lora.init_from`` if set); returns its
-    (fp32) trainable parameters."""
+    trainable parameters, float32 masters whose layers compute in the activation dtype under
+    autocast (:func:`finetune.memory.lora.train_in_fp32`). Works on a model built on the meta
+    device or with fake weights too (the planner traces it)."""
     if recipe.lora.init_from:
         from finetune.lora_formats import add_lora_from_file
 
@@ -100,11 +104,9 @@ def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Para
             r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
             target_modules=recipe.lora_targets, init_lora_weights=True,
         ))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        # Trainable weights in fp32 even when the frozen base is bf16: updates this small vanish in bf16.
-        p.data = p.data.float()
-    return params
+    # Trainable weights in fp32 even when the frozen base is bf16 (updates this small vanish in bf16),
+    # computing in the activation dtype under autocast (finetune/memory/lora.py).
+    return train_in_fp32(transformer)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
@@ -226,13 +228,14 @@ def fixed_timestep_loss(family: Family, transformer, batch: dict, fps: float, se
 
 
 def write_metrics(run_dir: Path, step: int, loss: float, grad_norm: float, seconds: float,
-                  device: torch.device) -> None:
+                  device: torch.device, pinned: int = 0) -> None:
     """Append step ``step``'s figures to ``<run>/metrics.jsonl`` (what bench/memory.py reads): loss,
-    gradient norm, seconds, and on a GPU the allocated and reserved peaks since training began
-    (GiB), each a JSON line."""
+    gradient norm, seconds, the host bytes block swap and activation offload hold (``pinned``,
+    GiB), and on a GPU the allocated and reserved peaks since training began (GiB), each a JSON
+    line."""
     import json
 
-    row = {"step": step, "loss": loss, "grad_norm": grad_norm, "seconds": seconds}
+    row = {"step": step, "loss": loss, "grad_norm": grad_norm, "seconds": seconds, "pinned_gib": pinned / 2**30}
     if device.type == "cuda":
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -321,6 +324,14 @@ def mixed_precision(recipe: Recipe, device_type: str) -> str:
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     mp = mixed_precision(recipe, "cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mp and shared.get("num_processes", 1) == 1:
+        # a second run in one process (a notebook, the tests, gpu_check) with another precision:
+        # accelerate keeps the first run's state and refuses to change it; one process has
+        # nothing to keep in step, so start its state afresh
+        AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=mp, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
@@ -448,7 +459,8 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack, limit_vram_gb
             model.enable_gradient_checkpointing()
         model.train()
     # block swap and activation offload on every expert (validation renders them all), then onto the device
-    memory_runtime.apply(recipe.memory, {e.attr: getattr(family.components, e.attr) for e in family.experts()}, device)
+    runtime = memory_runtime.apply(recipe.memory, {e.attr: getattr(family.components, e.attr) for e in family.experts()},
+                                   device)
     optimizer = make_optimizer(params, recipe)
     scheduler = make_scheduler(optimizer, recipe)
     *transformers, optimizer, scheduler = accelerator.prepare(*models, optimizer, scheduler)
@@ -498,7 +510,7 @@ def _train(recipe: Recipe, resume: str | None, cleanup: ExitStack, limit_vram_gb
             accelerator.log({"loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                              "seconds_per_step": seconds, "peak_memory_gb": peak_memory_gb(device)}, step=done)
         if accelerator.is_main_process:
-            write_metrics(run_dir, done, loss_value, grad_norm, seconds, device)
+            write_metrics(run_dir, done, loss_value, grad_norm, seconds, device, runtime.pinned_bytes())
         if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < o.steps:
             ckpt.save_checkpoint(accelerator, run_dir, done, recipe.checkpoint.keep_last)
         v = recipe.validation
@@ -599,12 +611,6 @@ def adapters_disabled(models: list):
             m.enable_adapters()
 
 
-def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 2) -> torch.Tensor:
-    """Two videos [F, H, W, 3] in [0, 1] -> [F, H, 2W + gap, 3], a white bar between them."""
-    bar = torch.ones(left.shape[0], left.shape[1], gap, 3)
-    return torch.cat([left.float().cpu(), bar, right.float().cpu()], dim=2)
-
-
 def log_video(accelerator: Accelerator, tag: str, frames: torch.Tensor, step: int, fps: float) -> None:
     """``frames`` [F, H, W, 3] in [0, 1] to TensorBoard as an animated GIF image summary, which
     TensorBoard plays as a video. Written with PIL because torch's ``add_video`` needs moviepy
@@ -654,30 +660,32 @@ def log_validation_loss(accelerator: Accelerator, family: Family, transformers: 
     return value
 
 
-def validation_inputs(recipe: Recipe, family: Family) -> list:
+def validation_inputs(recipe: Recipe, family: Family, clips: list[Clip] | None = None) -> list:
     """What each validation render of the family's task conditions on: images for i2v (see
     :func:`validation_images`); for video-conditioned tasks (continue) the first
-    ``family.cond_frames`` frames of each training clip, as lists of PIL images."""
+    ``family.cond_frames`` frames of each of ``clips``, as lists of PIL images. ``clips``: the
+    training clips to start from, by default the first of the manifest (or data.dataset), one per validation prompt
+    (publish passes those its previews' captions came from)."""
+    if clips is None and not (family.task_input(family.task) == "image" and recipe.validation.images):
+        clips = load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)[:len(recipe.validation.prompts)]
     if family.task_input(family.task) == "image":
-        return validation_images(recipe, None)
+        return validation_images(recipe, clips or [])
     from finetune.video import pil_frames, read_clip
 
-    d, clips = recipe.data, load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)
-    return [pil_frames(read_clip(c.path, family.cond_frames, recipe.fps, d.height, d.width))
-            for c in clips[:len(recipe.validation.prompts)]]
+    d = recipe.data
+    return [pil_frames(read_clip(c.path, family.cond_frames, recipe.fps, d.height, d.width)) for c in clips]
 
 
-def validation_images(recipe: Recipe, dataset: CachedDataset | None) -> list:
+def validation_images(recipe: Recipe, clips: list[Clip]) -> list:
     """Conditioning images for i2v samples: ``validation.images``, else the first frame of each
-    training clip (as PIL images)."""
+    of ``clips`` (as PIL images)."""
     from PIL import Image
 
     from finetune.video import first_frame
 
     if recipe.validation.images:
         return [Image.open(p).convert("RGB") for p in recipe.validation.images]
-    clips = load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)
-    return [first_frame(c.path) for c in clips[:len(recipe.validation.prompts)]]
+    return [first_frame(c.path) for c in clips]
 
 
 def first_bad_gradient(params: list[torch.nn.Parameter], names: dict[int, str]) -> str:

@@ -201,6 +201,15 @@ class Mp4Writer:
             self.tmp.unlink(missing_ok=True)
 
 
+def side_by_side(left: "torch.Tensor", right: "torch.Tensor", gap: int = 2) -> "torch.Tensor":
+    """Two videos [F, H, W, 3] in [0, 1] -> [F, H, 2W + gap, 3], a white bar between them
+    (left: without a LoRA, right: with it, in the trainer's samples, publish's previews and the demo)."""
+    import torch
+
+    bar = torch.ones(left.shape[0], left.shape[1], gap, 3)
+    return torch.cat([left.float().cpu(), bar, right.float().cpu()], dim=2)
+
+
 def write_video(frames: np.ndarray | "torch.Tensor", path: str | Path, fps: float,
                 audio: tuple[np.ndarray, int] | None = None) -> Path:
     """Write ``frames`` [F, H, W, 3] (uint8, or float in [0, 1]) as constant-frame-rate H.264

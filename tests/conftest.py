@@ -15,6 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process, and its mixed precision cannot change
+    once an Accelerator exists; each in-process run makes its own, so a bf16 run after an fp32 one
+    on the same xdist worker would fail depending on how tests are shared out. Clear it after each
+    test (as accelerate's own tests do), leaving the process group (PartialState) alone."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state()
+
+
 def synthetic_frames(frames: int, height: int, width: int, seed: int) -> np.ndarray:
     """[F, H, W, 3] uint8: a coloured square moving over a gradient, different per seed."""
     rng = np.random.default_rng(seed)

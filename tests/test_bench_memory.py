@@ -40,6 +40,8 @@ def test_tiny_run_prints_the_table_and_writes_each_row_as_it_finishes(tmp_path):
         assert [json.loads(m)["step"] for m in metrics] == [1, 2]
     for key in ("peak_allocated_gib", "peak_reserved_gib"):  # no CUDA allocator on a CPU
         assert base[key] is None
+    # the host memory block swap and activation offload held, as the trainer reports it
+    assert base["pinned_gib"] == 0 and budget["pinned_gib"] > 0
 
 
 def test_a_failed_or_cut_off_configuration_is_a_row_saying_why(tmp_path, monkeypatch):

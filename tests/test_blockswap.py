@@ -110,7 +110,7 @@ def test_gradients_equal_with_block_swap_and_activation_offload(name, checkpoint
 
 
 def test_fp8_block_weights_stream_too():
-    """torchao fp8 weights are streamed through their inner tensors (the quantised data and scales)."""
+    """fp8 weights are streamed through their inner tensors (the quantised data and scales)."""
     fam = load("wan", quantization="fp8")
     tr, batch = fam.components.transformer, batch_of(fam)
     tr.enable_gradient_checkpointing()

@@ -106,9 +106,10 @@ def test_attention_is_counted_as_a_fused_kernel():
 
 
 def test_checkpointing_keeps_less_than_saving_everything():
-    recipe = load_recipe(WAN_14B)
+    recipe = load_recipe(WAN_14B, ["memory.activation_offload=false"])
     on = planner.plan_recipe(recipe)
-    off = planner.plan_recipe(load_recipe(WAN_14B, ["memory.gradient_checkpointing=false"]))
+    off = planner.plan_recipe(load_recipe(WAN_14B, ["memory.activation_offload=false",
+                                                    "memory.gradient_checkpointing=false"]))
     assert on.peak < off.peak
 
 
@@ -209,8 +210,8 @@ def test_audio_targets_add_lora_parameters_on_the_tiny_model(family):
 def test_an_audio_video_recipe_plans_its_sound():
     """data.audio: more LoRA (the sound and cross-modal targets), more activations (the audio tokens
     traced requiring grad), the audio VAE while caching; the audio stream as long as the clip."""
-    video = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=false"]))
-    both = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=true"]))
+    video = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=false", "data.frames=49"]))
+    both = planner.plan_recipe(load_recipe(AV_24GB, ["data.audio=true", "data.frames=49"]))
 
     def item(plan, phase: str, start: str) -> int:
         return next(b for label, b in next(p for p in plan.phases if p.name == phase).items if label.startswith(start))
@@ -307,8 +308,8 @@ def test_a_plan_fits_only_with_its_margin_left_free(capsys):
 def test_a_4_bit_recipe_swaps_blocks_in_fp8_never_in_nf4():
     """Block swap streams fp8 weights, not bitsandbytes ones: an nf4 recipe that needs swapped
     blocks gets model.quantization=fp8 with them, and the trainer runs what is proposed."""
-    recipe = load_recipe(WAN_14B, ["data.frames=81"])
-    assert recipe.model.quantization == "nf4"
+    recipe = load_recipe(WAN_14B, ["data.frames=81", "model.quantization=nf4", "memory.blocks_to_swap=0",
+                                   "memory.activation_offload=false"])
     plan = planner.choose_overrides(recipe, 16)
     assert plan.overrides.get("memory.blocks_to_swap", 0) > 0
     assert plan.overrides["model.quantization"] == "fp8"
@@ -332,6 +333,13 @@ def test_every_proposal_replans_as_fitting_and_runs(recipe, vram):
 def test_host_memory_beyond_the_machine_is_a_named_error():
     recipe = load_recipe(WAN_14B, ["model.quantization=fp8", "memory.blocks_to_swap=30",
                                    "memory.activation_offload=true", "memory.host_gb=8"])
-    with pytest.raises(planner.HostMemoryShort, match=r"keeps \d+\.\d GiB in host memory .*swapped blocks.*"
+    with pytest.raises(planner.HostMemoryShort, match=r"keeps \d+\.\d GiB in host memory \(largest: .*\).*"
                                                      r"memory.host_gb"):
-        planner.run_planner(recipe, WAN_14B, vram=48)
+        planner.run_planner(recipe, WAN_14B, vram=48, apply=True)
+
+
+def test_plan_alone_warns_of_host_memory_it_may_be_run_elsewhere(capsys):
+    recipe = load_recipe(WAN_14B, ["model.quantization=fp8", "memory.blocks_to_swap=30",
+                                   "memory.activation_offload=true", "memory.host_gb=8"])
+    planner.run_planner(recipe, WAN_14B, vram=48)
+    assert "warning: wan Wan-AI/Wan2.1-T2V-14B-Diffusers: the run keeps" in capsys.readouterr().out

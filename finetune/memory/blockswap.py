@@ -20,10 +20,14 @@ signals the end of its backward, stays until backward ends, a third.
                    backward, evict it once the gradient of its inputs is computed (of every
                    forward of it, when the loss ran the model more than once)
   end of backward  evict what is left
-Frozen weights only travel host -> device: the pinned host copy made at install is the master and
-never changes, so evicting a block just drops its device copy (a 0-element placeholder takes its
-place). Trainable parameters (the LoRA weights, ``requires_grad``) and buffers stay on the device
-all the time and keep their identity (the optimizer holds them).
+Frozen weights only travel host -> device: the host copy made at install is the master and never
+changes, so evicting a block just drops its device copy (a 0-element placeholder takes its place).
+Each swapped block's frozen tensors (fp8 weights as their data and scales) are packed into one
+host buffer of exactly their size, page-locked on a GPU (:mod:`finetune.memory.pinned`; not the
+caching host allocator, which rounds each buffer up to a power of two), so a block travels as one
+copy into one device buffer whose views its parameters become. Trainable parameters (the LoRA
+weights, ``requires_grad``) and buffers stay on the device all the time and keep their identity
+(the optimizer holds them).
 
 The hooks: a forward pre-hook and forward hook on each swapped block (they run again when
 gradient checkpointing recomputes the block inside backward: recognised by the current autograd
@@ -46,6 +50,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from finetune.errors import UserError
 from finetune.memory.architecture import block_lists
+from finetune.memory.fp8 import inner_tensors
+from finetune.memory.pinned import Packed, layout, pack
 
 
 class BlockSwapError(UserError):
@@ -64,10 +70,12 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class Transfer:
-    """Host -> device copies. CUDA: pinned host memory, copies on a side stream, an event per
-    block that the compute stream waits on, and ``record_stream`` so the allocator does not hand
-    a block's memory to the next copy while the compute stream still reads it. Elsewhere (a CPU):
-    the same calls as plain synchronous copies. ``log``, if given, receives ``("copy", key)``."""
+    """Host -> device copies of packed blocks (:func:`finetune.memory.pinned.pack`: one host
+    buffer of exactly the block's size, page-locked on a GPU, so one copy per block). CUDA: the
+    copy on a side stream, an event per block that the compute stream waits on, and
+    ``record_stream`` so the allocator does not hand a block's memory to the next copy while the
+    compute stream still reads it. Elsewhere (a CPU): the same calls as plain synchronous copies.
+    ``log``, if given, receives ``("copy", key)``."""
 
     def __init__(self, device: torch.device | str, log: list | None = None):
         self.device = torch.device(device)
@@ -75,35 +83,37 @@ class Transfer:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.log = log
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A host master copy of ``t`` (pinned when the device is a GPU). Done once, at install."""
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-        host.copy_(t.detach())
-        return host
+    def pack(self, tensors: list[torch.Tensor]) -> Packed:
+        """The host master copy of ``tensors``, packed into one buffer. Done once, at install."""
+        return pack(tensors, pin=self.cuda)
 
-    def copy_in(self, hosts: list[torch.Tensor], key: Any = None) -> tuple[list[torch.Tensor], Any]:
-        """Start copying ``hosts`` to the device; returns the device tensors and what
-        :meth:`wait` needs (a CUDA event, or None)."""
+    def copy_in(self, packed: Packed, key: Any = None) -> tuple[torch.Tensor, Any]:
+        """Start copying ``packed``'s buffer to the device; returns the device buffer (uint8,
+        ``packed.views`` makes the tensors of it) and what :meth:`wait` needs (a CUDA event, or None)."""
         if self.log is not None:
             self.log.append(("copy", key))
         if not self.cuda:
-            return [h.clone() for h in hosts], None
-        # No wait for the compute stream: these tensors come from the side stream's own pool, and
-        # ``wait`` marks them used by the compute stream, so their memory is not reused early.
+            return packed.buffer.data.clone(), None
+        # No wait for the compute stream: the buffer comes from the side stream's own pool, and
+        # ``wait`` marks it used by the compute stream, so its memory is not reused early.
         with torch.cuda.stream(self.stream):
-            out = [h.to(self.device, non_blocking=True) for h in hosts]
+            data = packed.buffer.data.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.stream)
-        return out, event
+        return data, event
 
-    def wait(self, tensors: list[torch.Tensor], event: Any) -> None:
-        """Make the compute stream wait for the copy of ``tensors``."""
+    def wait(self, data: torch.Tensor, event: Any) -> None:
+        """Make the compute stream wait for the copy of ``data``."""
         if event is None:
             return
         current = torch.cuda.current_stream(self.device)
         current.wait_event(event)
-        for t in tensors:
-            t.record_stream(current)
+        data.record_stream(current)
+
+    def synchronize(self) -> None:
+        """Wait (on the host) for every copy started; before host buffers are freed."""
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def placeholder(self, t: torch.Tensor) -> torch.Tensor:
         """What an evicted tensor holds: 0 elements of its dtype on the device."""
@@ -113,20 +123,11 @@ class Transfer:
 # ---------------------------------------------------------------------------- slots
 
 
-def _inner_names(t: torch.Tensor) -> list[str] | None:
-    """Inner tensor attributes of a torchao weight (fp8: ``qdata``, ``scale``); None for a plain
-    tensor."""
-    if type(t) in (torch.Tensor, torch.nn.Parameter):
-        return None
-    names = list(getattr(type(t), "tensor_data_names", []) or [])
-    names += [n for n in getattr(type(t), "optional_tensor_data_names", []) or [] if getattr(t, n, None) is not None]
-    return names or []
-
-
 @dataclass
 class _Slot:
     """One frozen tensor that streams: ``owner.<attr>`` (``param.data``, or an inner tensor of a
-    torchao weight) and its host master."""
+    quantised weight, e.g. an Fp8Weight's ``qdata``) and its host master (a view into its block's
+    packed buffer)."""
 
     owner: torch.Tensor
     attr: str
@@ -136,30 +137,50 @@ class _Slot:
         setattr(self.owner, self.attr, value)
 
 
-def _slots(block: torch.nn.Module, transfer: Transfer, where: str) -> list[_Slot]:
-    """Host masters of the frozen parameters of ``block``; their device data become placeholders.
-    Raises BlockSwapError for weights that are neither plain nor torchao tensors (bitsandbytes)."""
-    out = []
+def _frozen(block: torch.nn.Module, where: str) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """(owner, attribute, tensor) of every frozen tensor of ``block`` that streams: ``param.data``
+    of plain parameters, the inner tensors of quantised ones. Raises BlockSwapError for weights
+    that are neither (bitsandbytes)."""
+    found = []
     for name, p in block.named_parameters():
         if p.requires_grad:
             continue  # LoRA: stays on the device, untouched
-        inner = _inner_names(p)
+        inner = inner_tensors(p)
         if inner is None:
-            out.append(_Slot(p, "data", transfer.to_host(p.data)))
+            found.append((p, "data", p.data))
         elif inner:
-            out += [_Slot(p, n, transfer.to_host(getattr(p, n))) for n in inner]
+            found += [(p, n, getattr(p, n)) for n in inner]
         else:
             raise BlockSwapError(f"memory.blocks_to_swap: {where}.{name} is a {type(p).__name__}, which block swap "
                                  f"cannot stream (model.quantization int8/nf4); use model.quantization=fp8 or none, "
                                  f"or set memory.blocks_to_swap=0")
-    for s in out:  # placeholders where the weights are now; they move with the model (accelerate's prepare)
-        s.set(torch.empty(0, dtype=s.host.dtype, device=getattr(s.owner, s.attr).device))
-    return out
+    return found
+
+
+def _slots(block: torch.nn.Module, transfer: Transfer, where: str) -> tuple[list[_Slot], Packed]:
+    """Host masters of the frozen tensors of ``block`` (:func:`_frozen`), packed into one buffer;
+    their device data become placeholders."""
+    found = _frozen(block, where)
+    packed = transfer.pack([t for _, _, t in found])
+    out = [_Slot(owner, attr, host) for (owner, attr, _), host in zip(found, packed.hosts)]
+    for s, (_, _, t) in zip(out, found):  # placeholders where the weights are now; they move with the model
+        s.set(torch.empty(0, dtype=t.dtype, device=t.device))
+    return out, packed
+
+
+def swap_host_bytes(model: torch.nn.Module, n: int) -> int:
+    """Host bytes (page-locked on a GPU) that swapping the last ``n`` blocks of ``model`` holds:
+    each block's packed buffer (:func:`finetune.memory.pinned.layout`). Reads only shapes and
+    dtypes, so ``model`` may be built on the meta device or hold fake tensors (the planner); build
+    it as it will train (fp8 applied, LoRA added: LoRA weights stay on the device)."""
+    blocks = transformer_blocks(model)
+    return sum(layout([t for _, _, t in _frozen(b, f"block {i}")])[1]
+               for i, b in enumerate(blocks[len(blocks) - n:] if n else []))
 
 
 @dataclass
 class _Loaded:
-    tensors: list[torch.Tensor]
+    data: torch.Tensor  # the block's packed buffer on the device
     event: Any
     ready: bool = False
 
@@ -208,6 +229,7 @@ class BlockSwap:
     indices: list[int]  # model block index of each swapped block, in execution order
     blocks: list[torch.nn.Module]
     slots: list[list[_Slot]]
+    packs: list[Packed]  # each swapped block's frozen tensors, packed into one host buffer
     transfer: Transfer
     log: list | None = None
     loaded: dict[int, _Loaded] = field(default_factory=dict)  # position in ``blocks`` -> device copy
@@ -224,16 +246,16 @@ class BlockSwap:
     def fetch(self, k: int) -> None:
         """Start copying swapped block ``k`` in (nothing if it is in or under way, or out of range)."""
         if 0 <= k < len(self.blocks) and k not in self.loaded:
-            tensors, event = self.transfer.copy_in([s.host for s in self.slots[k]], self.indices[k])
-            self.loaded[k] = _Loaded(tensors, event)
+            data, event = self.transfer.copy_in(self.packs[k], self.indices[k])
+            self.loaded[k] = _Loaded(data, event)
 
     def ready(self, k: int) -> None:
         """Block ``k``'s weights on the device, its copy finished for the compute stream."""
         self.fetch(k)
         entry = self.loaded[k]
         if not entry.ready:
-            self.transfer.wait(entry.tensors, entry.event)
-            for slot, t in zip(self.slots[k], entry.tensors):
+            self.transfer.wait(entry.data, entry.event)
+            for slot, t in zip(self.slots[k], self.packs[k].views(entry.data)):
                 slot.set(t)
             entry.ready = True
 
@@ -313,6 +335,14 @@ class BlockSwap:
         for slots in self.slots:
             for s in slots:
                 s.set(s.host.to(self.transfer.device, copy=True))
+        self.transfer.synchronize()
+        for p in self.packs:
+            p.buffer.release()
+
+    def pinned_bytes(self) -> int:
+        """Host bytes of the swapped blocks' packed buffers (page-locked on a GPU): the sum of
+        their tensors' sizes, each rounded up to ALIGN bytes."""
+        return sum(p.buffer.nbytes for p in self.packs)
 
 
 def install_block_swap(model: torch.nn.Module, n: int, device: torch.device | str, what: str = "transformer",
@@ -330,8 +360,8 @@ def install_block_swap(model: torch.nn.Module, n: int, device: torch.device | st
     first = len(blocks) - n
     swapped = blocks[first:]
     names = {id(b): f"{ln}.{i}" for ln in block_lists(model) for i, b in enumerate(getattr(model, ln))}
-    swap = BlockSwap(model, list(range(first, len(blocks))), swapped,
-                     [_slots(b, transfer, names[id(b)]) for b in swapped], transfer, log)
+    slots, packs = zip(*[_slots(b, transfer, names[id(b)]) for b in swapped]) if swapped else ((), ())
+    swap = BlockSwap(model, list(range(first, len(blocks))), swapped, list(slots), list(packs), transfer, log)
     model._block_swap = swap  # the model manages its own placement (finetune/memory/render.py leaves it be)
     swap.handles.append(model.register_forward_pre_hook(swap._model_pre))
     swap.handles.append(model.register_forward_hook(swap._model_post))

@@ -426,7 +426,7 @@ def _current(recipe: Recipe, key: str) -> Any:
 def _stages(recipe: Recipe) -> list[tuple[str, Any]]:
     """The fixed order of cost: each (key, value) is added to all before it."""
     out: list[tuple[str, Any]] = [("memory.gradient_checkpointing", True), ("optim.optimizer", "adamw8bit")]
-    if recipe.model.quantization == "none":  # int8/nf4 already store weights in <= 1 B
+    if recipe.model.quantization == "none" and recipe.family_cls().fp8_ok:  # int8/nf4 store <= 1 B already
         out.append(("model.quantization", "fp8"))
     return out
 
@@ -448,6 +448,8 @@ def _min_swap(recipe: Recipe, base: dict[str, Any], vram_gb: float) -> tuple[dic
     total = blocks_of(parts["transformer"], DTYPES[recipe.model.dtype], recipe.model.quantization).total
     swappable = dict(base)
     if _with(recipe, base).model.quantization in ("int8", "nf4"):
+        if not fam.fp8_ok:  # bitsandbytes weights do not stream, and this family has no fp8: no swap
+            return dict(base), plan_recipe(_with(recipe, base), vram_gb)
         swappable["model.quantization"] = "fp8"
     lo, hi = 0, max(total - 1, 0)
     best = None
@@ -607,10 +609,13 @@ def run_planner(recipe: Recipe, source: str, vram: Any = None, apply: bool = Fal
                          "--vram" if vram is not None else "memory.vram_gb")
     as_is = plan_recipe(recipe, vram_gb)
     print(format_plan(as_is, source))
-    if _ok(as_is, vram_gb):
-        check_host(as_is)
-        return recipe
-    plan = choose_overrides(recipe, vram_gb)  # raises DoesNotFit after the table is out
-    print(f"\nwith the overrides:\n{format_plan(plan, source)}")
-    check_host(plan)
+    plan = as_is if _ok(as_is, vram_gb) else choose_overrides(recipe, vram_gb)  # DoesNotFit after the table
+    if plan is not as_is:
+        print(f"\nwith the overrides:\n{format_plan(plan, source)}")
+    try:
+        check_host(plan)
+    except HostMemoryShort as e:
+        if apply:  # about to train here: stop before any weight loads
+            raise
+        print(f"warning: {e}")  # --plan may be run away from the training machine
     return apply_overrides(recipe, plan.overrides) if apply else recipe

@@ -24,6 +24,12 @@ class MemoryRuntime:
     swaps: dict[str, BlockSwap] = field(default_factory=dict)
     offloads: dict[str, ActivationOffload] = field(default_factory=dict)
 
+    def pinned_bytes(self) -> int:
+        """Host bytes held for the copies (page-locked on a GPU, plain memory on a CPU): every
+        swapped block's packed buffer and every activation-offload ring, each exactly the size
+        of what it holds (finetune/memory/pinned.py)."""
+        return sum(h.pinned_bytes() for h in [*self.swaps.values(), *self.offloads.values()])
+
     def remove(self) -> None:
         """Uninstall everything (swapped weights come back to the device)."""
         for h in [*self.swaps.values(), *self.offloads.values()]:

@@ -52,8 +52,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten, tree_map
 
+from finetune._quiet import held_back
 from finetune.families.base import Components, Family, FullSize, ModelSpec, Stream
 from finetune.memory.architecture import BLOCK_COUNT_KEYS, block_lists, build_meta, keeps_fp32
+from finetune.memory.lora import set_emulated_autocast
 
 # ---------------------------------------------------------------------------- CUDA autocast
 
@@ -114,13 +116,17 @@ class CudaAutocast(TorchFunctionMode):
         # nested regions (a checkpointed block inside the autocast forward) are one region, as in
         # autocast; the mode is on the stack once
         self._depth += 1
-        return super().__enter__() if self._depth == 1 else self
+        if self._depth > 1:
+            return self
+        set_emulated_autocast(True)  # the LoRA layers compute as under real autocast
+        return super().__enter__()
 
     def __exit__(self, *exc):
         self._depth -= 1
         if self._depth:
             return None
         self._cache.clear()  # autocast's cast cache lives as long as the outermost region
+        set_emulated_autocast(False)
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -146,6 +152,10 @@ class CudaAutocast(TorchFunctionMode):
                 widest = max(floats, key=lambda d: torch.finfo(d).bits)
                 args, kwargs = self._cast((args, kwargs), widest)
         return func(*args, **kwargs)
+
+    def cached_bytes(self) -> int:
+        """Device bytes of the casts held in the cast cache (freed when the region ends)."""
+        return sum(allocator_bytes(c.untyped_storage().nbytes()) for _, c in self._cache.values())
 
     def _cast(self, tree, dtype: torch.dtype):
         def cast(t):
@@ -395,10 +405,12 @@ def block_keys(full: FullSize) -> dict[str, int]:
 
 class _BlockMarks:
     """Forward hooks on every block of the model's block lists that note, when each block's first
-    forward ends (not its recomputation in backward), the live device bytes, the offloaded host
-    bytes and the FLOPs so far."""
+    forward ends (not its recomputation in backward), the live device bytes (less autocast's cached
+    weight casts, gone by backward), the offloaded host bytes and the FLOPs so far."""
 
-    def __init__(self, model: torch.nn.Module, live: "LiveBytes", offload: "_OffloadEmulation", flops: "FlopCount"):
+    def __init__(self, model: torch.nn.Module, live: "LiveBytes", offload: "_OffloadEmulation", flops: "FlopCount",
+                 autocast: CudaAutocast):
+        self.autocast = autocast
         self.marks: dict[str, list[tuple[int, int, int]]] = {}
         self.starts: dict[str, list[int]] = {}
         self.forward = True
@@ -415,8 +427,9 @@ class _BlockMarks:
             self.starts.setdefault(name, []).append(flops.total)
 
     def _end(self, name, live, offload, flops, *_):
-        if self.forward:
-            self.marks.setdefault(name, []).append((live.live, offload.host, flops.total))
+        if self.forward:  # what stays: the live bytes less the weight casts autocast drops at its end
+            self.marks.setdefault(name, []).append((live.live - self.autocast.cached_bytes(), offload.host,
+                                                    flops.total))
 
     def added_by_last(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
         """Per block list with two or more traced blocks: what its last block added to the live
@@ -438,37 +451,24 @@ class _BlockMarks:
 def _traced_model(full: FullSize, counts: dict[str, int], s: StepSettings,
                   mode: FakeTensorMode | None) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """``full`` with ``counts`` blocks, frozen parameters in the load dtype (float32 where the model
-    keeps it), the trainer's LoRA on it (attached on the meta device: peft cannot move fake
-    weights), then, given a fake ``mode``, fake parameters throughout (else they stay on the meta
-    device), the block linears quantised as ``s`` says. Returns the model and its LoRA parameters."""
-    from finetune.memory.fp8 import fp8_layer_names
+    keeps it), the block linears quantised as ``s`` says, the trainer's LoRA on it, in the order
+    training does them; then, given a fake ``mode``, fake parameters throughout (else they stay on
+    the meta device). Returns the model and its LoRA parameters."""
+    from finetune.memory.fp8 import quantize_fp8
 
     model = copy.deepcopy(build_meta(full, **counts))
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float32 if keeps_fp32(model, name, s.dtype) else s.dtype)
     model.requires_grad_(False)
-    fp8_names = fp8_layer_names(model) if s.quantization == "fp8" else []
+    if s.quantization == "fp8":
+        quantize_fp8(model, what="trace")
     with torch.device("meta"):  # peft makes its layers on the default device before moving them
         lora = _add_lora(model, s) if s.targets else []
     if mode is not None:
         with mode:
             model.to_empty(device="cpu")
     lora = [p for p in model.parameters() if p.requires_grad] if lora else []
-    _quantize(model, fp8_names, s, mode)
     return model, lora
-
-
-def _quantize(model: torch.nn.Module, names: list[str], s: StepSettings, mode: FakeTensorMode | None) -> None:
-    """fp8 block linears (``names``, found before LoRA wrapped them) as ``finetune.memory.fp8``
-    stores them, in the layers the LoRA wraps (their ``base_layer``)."""
-    if s.quantization != "fp8":
-        return
-    from finetune.memory.fp8 import quantize_linear
-
-    with mode or contextlib.nullcontext():
-        for name in names:
-            layer = model.get_submodule(name)
-            quantize_linear(getattr(layer, "base_layer", layer))
 
 
 def _meta_components(fam: type[Family], parts: dict[str, FullSize], transformer: torch.nn.Module) -> Components:
@@ -499,10 +499,12 @@ def trace_step(fam: type[Family], checkpoint: str, task: str, frames: int, heigh
     meta tensors when the family's code runs on them (several times faster), else on fake ones
     (code that reads a tensor back to the host, ``.cpu()``, runs only there); both count alike."""
     args = (fam, checkpoint, task, frames, height, width, fps, s, counts)
-    try:
-        return _trace(*args, fake=False)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return _trace(*args, fake=True)
+    # torch's notes about the CPU kernels of this trace say nothing about the user's run
+    with held_back(r"Mismatch dtype between input and weight", r"In CPU autocast, but the target dtype is not supported"):
+        try:
+            return _trace(*args, fake=False)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            return _trace(*args, fake=True)
 
 
 def _trace(fam: type[Family], checkpoint: str, task: str, frames: int, height: int, width: int, fps: float,
@@ -528,7 +530,7 @@ def _trace(fam: type[Family], checkpoint: str, task: str, frames: int, height: i
     hooks = torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack) \
         if s.offload and s.train else contextlib.nullcontext()
     b = s.batch
-    marks = _BlockMarks(model, live, offload, flops)
+    marks = _BlockMarks(model, live, offload, flops, autocast)
     try:
         with where, _ValueFree(), live, flops, grad:
             latents = torch.zeros((b, *latent_shape[1:]), dtype=s.dtype)
