@@ -156,6 +156,12 @@ def test_a_tiny_run_trains_from_data_dataset(prepared, dry_run, tmp_path):
     ours = load_manifest(prepared / "manifest.jsonl", "mystyle")
     pushed = load_clips(None, str(dry_run), "mystyle")
     assert [(c.path.name, c.caption, c.size) for c in pushed] == [(c.path.name, c.caption, c.size) for c in ours]
+    # publishing the run makes its previews from the same clips' captions
+    from finetune.export import RunInfo
+    from finetune.publish import caption_prompts
+
+    prompts = caption_prompts(RunInfo.read(result.run_dir))
+    assert prompts and all(p == ours[i].caption for p, i in prompts)
 
 
 def test_data_dataset_errors_are_named(tmp_path):

@@ -288,8 +288,7 @@ def test_upload_of_a_run_without_prompts_sends_its_previews(bare_run, bare_dry_r
     assert foreign_lines(done.stderr) == []
     commits = [r for r in requests if "/commit/" in r["path"]]
     assert len(commits) == 1
-    lines = [json.loads(x) for x in commits[0]["body"].decode().splitlines() if x.strip()]
-    sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines if v["key"] == "file"}
+    sent = committed_files(commits[0])
     for name in ("previews/preview-0.mp4", "previews/preview-0.webp", "previews/preview-1.mp4",
                  "previews/preview-1.webp"):
         assert sent[name] == (bare_dry_run / name).read_bytes(), name
