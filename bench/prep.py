@@ -7,8 +7,9 @@ with the same preset and CRF). The ffmpeg binary is the one inside the imageio-f
 
 The two are run interleaved (ours, then ffmpeg's, ``--repeat`` times) so a shared machine's load
 falls on both alike. Prints one table of medians: stage, seconds, clips/s, ratio (ffmpeg time /
-data_prep time; > 1 means data_prep is faster), the range of the ratio over the repeats, and the
-load average; then the cuts each found per video (ours must be the same in every repeat).
+data_prep time; > 1 means data_prep is faster), the range of the ratio over the repeats, the same
+ratio in CPU-seconds (ours: every thread of this process; ffmpeg's: its processes), and the load
+average; then the cuts each found per video (ours must be the same in every repeat).
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def ffmpeg_cut(exe: str, row: dict, src_start: float, out: Path, crf: int, prese
     subprocess.run(cmd, check=True)
 
 
+def clocks() -> tuple[float, float, float]:
+    """(wall, CPU seconds of this process, CPU seconds of its finished child processes)."""
+    import resource
+
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time(), kids.ru_utime + kids.ru_stime
+
+
+def _median(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", nargs="*", type=Path, default=None, help="videos (default: tests/assets samples, plus cityCC0.mpg if ../shared has it)")
@@ -76,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     exe = ffmpeg_exe()
     opts = PrepOptions(family=args.family, frames=args.frames, fps=args.fps, size=args.size, mode=args.mode, filter=False, progress=False)
     stages = ("split (probe + shots)", "cut (decode, resample, encode)", "total")
-    ours: dict[str, list[float]] = {k: [] for k in stages}
-    theirs: dict[str, list[float]] = {k: [] for k in stages}
+    # per stage and side: wall seconds and CPU seconds (ours: this process, all threads; ffmpeg: its
+    # child processes), one entry per repeat
+    ours: dict[str, list[tuple[float, float]]] = {k: [] for k in stages}
+    theirs: dict[str, list[tuple[float, float]]] = {k: [] for k in stages}
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -90,38 +105,40 @@ def main(argv: list[str] | None = None) -> int:
         cuts_seen = []
         for rep in range(args.repeat):
             ds = tmp / f"ds{rep}"
-            t0 = time.perf_counter()
+            t0 = clocks()
             split = prepare(footage, ds, opts, steps=("probe", "split"))
-            t1 = time.perf_counter()
+            t1 = clocks()
             cut = prepare(footage, ds, opts, steps=("probe", "split", "cut", "filter", "manifest"))
-            t2 = time.perf_counter()
+            t2 = clocks()
             rows = read_jsonl(ds / "manifest.jsonl")
             assert cut.clips_written == len(rows), "the split step should be reused, not redone"
             cuts_seen.append(split.cuts)
 
-            t3 = time.perf_counter()
+            t3 = clocks()
             scdet = {v.name: ffmpeg_scdet(exe, footage / v.name) for v in videos}
-            t4 = time.perf_counter()
+            t4 = clocks()
             ff = tmp / f"ff{rep}"
             ff.mkdir()
             for i, row in enumerate(rows):
                 ffmpeg_cut(exe, row, starts[row["source"]], ff / f"{i:04d}.mp4", opts.crf, opts.preset)
-            t5 = time.perf_counter()
-            for store, (a, b, c) in ((ours, (t0, t1, t2)), (theirs, (t3, t4, t5))):
-                store[stages[0]].append(b - a)
-                store[stages[1]].append(c - b)
-                store[stages[2]].append(c - a)
+            t5 = clocks()
+            for store, (a, b, c), side in ((ours, (t0, t1, t2), 1), (theirs, (t3, t4, t5), 2)):
+                for stage, (u, v) in zip(stages, ((a, b), (b, c), (a, c))):
+                    store[stage].append((v[0] - u[0], v[side] - u[side]))
     load1 = os.getloadavg()
 
     n = len(rows)
     print(f"\n{len(videos)} videos, {n} clips of {args.frames} frames at {args.fps:g} fps, {args.size} buckets, mode {args.mode}; "
           f"median of {args.repeat} interleaved runs; load average {load0[0]:.2f} before, {load1[0]:.2f} after ({os.cpu_count()} cores)")  # fmt: skip
-    print(f"{'stage':32} {'data_prep s':>12} {'ffmpeg CLI s':>13} {'clips/s ours':>13} {'ratio':>7} {'ratio range':>14}")
+    print("ratio: ffmpeg CLI time / data_prep time (> 1: data_prep is faster); cpu: CPU-seconds, all threads and processes")
+    print(f"{'stage':32} {'data_prep s':>12} {'cpu':>6} {'ffmpeg CLI s':>13} {'cpu':>6} {'clips/s ours':>13} {'ratio':>7} "
+          f"{'ratio range':>14} {'cpu ratio':>10}")  # fmt: skip
     for k in stages:
-        mine, base = statistics.median(ours[k]), statistics.median(theirs[k])
-        ratios = [b / a for a, b in zip(ours[k], theirs[k])]
+        (mine, mine_cpu), (base, base_cpu) = _median(ours[k]), _median(theirs[k])
+        ratios = [b[0] / a[0] for a, b in zip(ours[k], theirs[k])]
         rate = f"{n / mine:.2f}" if k != stages[0] else "-"
-        print(f"{k:32} {mine:12.2f} {base:13.2f} {rate:>13} {base / mine:6.2f}x {min(ratios):6.2f}-{max(ratios):.2f}x")
+        print(f"{k:32} {mine:12.2f} {mine_cpu:6.2f} {base:13.2f} {base_cpu:6.2f} {rate:>13} {base / mine:6.2f}x "
+              f"{min(ratios):6.2f}-{max(ratios):.2f}x {base_cpu / mine_cpu:9.2f}x")  # fmt: skip
     same = all(c == cuts_seen[0] for c in cuts_seen)
     print(f"\nshot cuts found (first frame of each new shot; ffmpeg scdet reports times); ours the same in every run: {same}")
     for v in videos:

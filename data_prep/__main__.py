@@ -24,6 +24,18 @@ examples:
   python -m data_prep prepare footage/ dataset/ --captioner Qwen/Qwen2.5-VL-7B-Instruct
   python -m data_prep prepare footage/ dataset/ --query "night street, neon" --query-top 20
   python -m data_prep report dataset/
+  python -m data_prep push dataset/ --repo me/my-clips --license cc-by-4.0
+"""
+
+PUSH_EPILOG = f"""\
+exit status:
+  {EXIT_OK}  uploaded (or, with --dry-run, the repo folder written)
+  {EXIT_FAILED}  not a prepared dataset folder, clips missing, no token, or the upload failed
+  {EXIT_USAGE}  bad arguments (a --repo the Hub does not accept); nothing was uploaded
+
+examples:
+  python -m data_prep push dataset/ --repo me/my-clips --dry-run repo_preview/
+  HF_TOKEN=hf_... python -m data_prep push dataset/ --repo me/my-clips --private --license cc-by-4.0
 """
 
 CLIP = ["family", "frames", "fps", "size", "buckets", "mode", "clips_per_shot", "stride", "crf", "preset", "audio"]
@@ -86,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("filter", "set aside duplicate, static, dark and blurred clips again with new thresholds", False, [(FILTER, "filter"), (["trigger"], "captions")])
     cmd("caption", "caption the kept clips and rewrite the manifest", False, [(CAPTION, "captions")])
     cmd("report", "contact_sheet.png and report.html to review the dataset", False, [])
+    push = sub.add_parser(
+        "push", help="upload the dataset to the Hugging Face Hub as a dataset repo (one commit)",
+        description="Upload the clips the manifest lists, metadata.jsonl, a contact sheet and a dataset card to the "
+                    "Hugging Face Hub in one commit; datasets.load_dataset('USER/NAME') and a recipe's "
+                    "data.dataset: USER/NAME then read it. The token comes from HF_TOKEN or `hf auth login`.",
+        epilog=PUSH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    push.add_argument("dataset", help="a prepared dataset folder")
+    push.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub dataset repo to create or update")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--dry-run", metavar="DIR", help="write the repo folder to DIR and upload nothing")
+    push.add_argument("--license", help="licence id of the footage for the card (default: other, with a note to check the sources)")
     return parser
 
 
@@ -107,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_prep.pipeline import on_dataset, prepare
 
     args = vars(build_parser().parse_args(argv))
+    if args["command"] == "push":
+        return _push(args)
     command, as_json = args.pop("command"), args.pop("json")
     args.pop("verbose")
     footage, dataset = args.pop("footage", None), args.pop("dataset")
@@ -126,13 +152,32 @@ def main(argv: list[str] | None = None) -> int:
         _print_probe(dataset)
     elif command == "split":
         for src, cuts in summary.cuts.items():
-            print(f"{src}: {len(cuts) + 1} shots, cuts at frames {cuts}")
+            left = ", ".join(f"{a}-{b - 1} ({kind})" for a, b, kind in summary.transitions.get(src, []))
+            print(f"{src}: {len(cuts) + 1} shots, cuts at frames {cuts}"
+                  + (f"; in no shot (fades, dissolves): frames {left}" if left else ""))
     print(summary.text())
     if command == "report":
         print(f"review: {dataset}/report.html and {dataset}/contact_sheet.png")
     if as_json:
         print(json.dumps({**summary.__dict__, "exit_code": summary.exit_code}, indent=1))
     return summary.exit_code
+
+
+def _push(args: dict) -> int:
+    from finetune.errors import UserError
+
+    from data_prep.hub import push
+    from data_prep.options import OptionsError
+
+    try:
+        print(push(args["dataset"], args["repo"], args["private"], args["dry_run"], args["license"]))
+    except OptionsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _print_probe(dataset: str) -> None:

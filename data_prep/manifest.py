@@ -1,5 +1,5 @@
-"""manifest: the JSONL file the trainer's ``data.manifest`` reads, the rejected list, and a short
-dataset card.
+"""manifest: the JSONL file the trainer's ``data.manifest`` reads, the rejected list, a short
+dataset card, and ``metadata.jsonl``, which makes the folder a Hugging Face video dataset.
 
 One clip per line with exactly the keys in ``MANIFEST_KEYS``. ``path`` is relative to the
 manifest's folder; ``start_time``/``end_time`` are seconds in the source (end = start + frames/fps);
@@ -17,6 +17,31 @@ MANIFEST_KEYS = (
     "path", "caption", "frames", "fps", "width", "height", "source", "shot",
     "start_time", "end_time", "start_frame", "end_frame", "audio",
 )  # fmt: skip
+
+
+# metadata.jsonl: one kept clip per line, ``file_name`` (the clip, relative to the folder) first, as
+# the ``videofolder`` builder of ``datasets`` reads it; every other key becomes a column.
+METADATA_KEYS = (
+    "file_name", "caption", "trigger", "source", "shot", "fps", "frames", "width", "height",
+    "start_time", "end_time", "audio", "query_score",
+)  # fmt: skip
+
+
+def metadata_row(row: dict, trigger: str) -> dict:
+    """The metadata.jsonl line of manifest row ``row``: the source by file name only (a dataset
+    shared on the Hub should not carry the folders of the machine it was made on), the trigger
+    word its caption carries, the --query score (null without a query)."""
+    out = {"file_name": row["path"], "caption": row["caption"], "trigger": trigger, "source": Path(row["source"]).name}
+    out.update({k: row[k] for k in METADATA_KEYS[4:-1]})
+    out["query_score"] = row.get("query_score")
+    return out
+
+
+def caption_trigger(state: dict, given: str = "") -> str:
+    """The trigger word the captions carry: ``given`` (this run's), else the one the last caption
+    run of the dataset (run state ``state``) applied; empty if none."""
+    last = state.get("caption_settings", {}).get("trigger", "-")
+    return given or ("" if last == "-" else last)
 
 
 def manifest_row(plan: dict, caption: str, clip_rel: str, audio: bool = False) -> dict:
@@ -71,11 +96,15 @@ def dataset_card(rows: list[dict], rejected: list[dict], settings: dict, skipped
         "",
         "## Use",
         "",
-        "Train on it with `data.manifest: <this folder>/manifest.jsonl` in a recipe, or load it with",
-        "`datasets.load_dataset(\"json\", data_files=\"manifest.jsonl\")`. Each line: "
-        + ", ".join(f"`{k}`" for k in MANIFEST_KEYS)
+        "Train on it with `data.manifest: <this folder>/manifest.jsonl` (or `data.dataset: <this folder>`) in a "
+        "recipe. Each line: " + ", ".join(f"`{k}`" for k in MANIFEST_KEYS)
         + ". Clips are constant-frame-rate H.264 MP4 (yuv420p) with exactly `frames` frames; "
         "those with `audio: true` carry their source's sound as 48 kHz stereo AAC.",
+        "",
+        "It is a Hugging Face video dataset too: `datasets.load_dataset(\"videofolder\", data_dir=\"<this folder>\")` "
+        "reads `metadata.jsonl` (columns " + ", ".join(f"`{k}`" for k in ("video",) + METADATA_KEYS[1:]) + "; "
+        "decoding the `video` column needs `torchcodec`, or cast it to `Video(decode=False)` for paths). "
+        "Share it with `python -m data_prep push <this folder> --repo USER/NAME`.",
         "",
         "Edit a caption by writing `clips/<clip>.txt`; later caption runs keep it unless `--overwrite`.",
         "",

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.caption import CaptionItem, apply_trigger, make_captioner
-from data_prep.manifest import dataset_card, jsonl, manifest_row, write_if_changed
+from data_prep.manifest import caption_trigger, dataset_card, jsonl, manifest_row, metadata_row, write_if_changed
 from data_prep.options import PrepOptions, family_facts, resolve_clip_settings
 from data_prep.probe import ProbeResult, list_videos, probe_file
-from data_prep.split import ShotList, default_threshold, detect_shots
+from data_prep.split import SPLIT_VERSION, ShotList, default_threshold, detect_shots
 
 STATE_FILE = "prep_state.json"
 STATE_VERSION = 1
@@ -53,6 +53,8 @@ class Summary:
     query_kept: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): inputs with no clips
     cuts: dict[str, list[int]] = field(default_factory=dict)  # source -> first frame of each new shot
+    # source -> [start, end, kind] of each fade and dissolve left out of every shot
+    transitions: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)
     dataset: str = ""
     makes_clips: bool = True  # False for probe/split alone: success then means usable files, not clips
 
@@ -158,7 +160,8 @@ def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary
     good = [p for p in probes if p.ok]
     todo: list[ProbeResult] = []
     for pr in good:
-        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len, opts.transitions)
+        fp = fingerprint(ds.state["probe"][pr.path]["fp"], opts.detector, threshold, opts.min_shot_len, opts.transitions,
+                         SPLIT_VERSION)
         shot_file = ds.shot_dir / f"{source_key(pr.path, footage)}.json"
         old = ds.state["split"].get(pr.path)
         if old and old["fp"] == fp and shot_file.is_file():
@@ -166,13 +169,17 @@ def run_split(ds: Dataset, probes: list[ProbeResult], opts: PrepOptions, summary
         else:
             todo.append(pr)
         state[pr.path] = {"fp": fp, "file": shot_file.name}
-    detect = lambda pr: detect_shots(pr, opts.detector, threshold, opts.min_shot_len, opts.transitions)  # noqa: E731
+    at_once = min(len(todo), opts.workers or os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // max(1, at_once))  # the cores, shared by the files decoded at once
+    detect = lambda pr: detect_shots(pr, opts.detector, threshold, opts.min_shot_len, opts.transitions, threads)  # noqa: E731
     for pr, shots in zip(todo, parallel_map(detect, todo, opts.workers, desc="split", progress=opts.progress)):
         (ds.shot_dir / state[pr.path]["file"]).write_text(json.dumps(shots.to_dict()))
         summary.files_split += 1
         out[pr.path] = shots
     out = {pr.path: out[pr.path] for pr in good}
     summary.cuts.update({path: shots.cuts for path, shots in out.items()})
+    summary.transitions.update({path: [(a, b, kind) for (a, b), kind in zip(shots.transitions, shots.transition_kinds)]
+                                for path, shots in out.items()})
     ds.state["split"] = state
     return out
 
@@ -416,7 +423,8 @@ def _set_caption(ds: Dataset, name: str, body: str, by: str, fp: str, trigger: s
 
 
 def run_manifest(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
-    """manifest.jsonl (kept clips), rejected.jsonl (with reasons) and README.md."""
+    """manifest.jsonl (kept clips), rejected.jsonl (with reasons), README.md, and metadata.jsonl
+    (the kept clips again, as the ``videofolder`` builder of Hugging Face ``datasets`` reads them)."""
     rows, rejected = [], []
     rej = ds.state.get("rejected", {})
     caps = ds.state["captions"]
@@ -434,6 +442,8 @@ def run_manifest(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
     summary.human_captions = sum(1 for n in caps if caps[n].get("by") == "human" and n not in rej)
     skipped = _skipped(ds)
     summary.manifest_written = write_if_changed(ds.root / "manifest.jsonl", jsonl(rows))
+    trigger = caption_trigger(ds.state, opts.trigger)
+    write_if_changed(ds.root / "metadata.jsonl", jsonl([metadata_row(r, trigger) for r in rows]))
     write_if_changed(ds.root / "rejected.jsonl", jsonl(rejected))
     settings = dict(ds.state.get("cut_settings", {}))
     settings.update(ds.state.get("caption_settings", {}))
@@ -448,15 +458,31 @@ def _skipped(ds: Dataset) -> list[tuple[str, str]]:
 
 
 def run_report(ds: Dataset, opts: PrepOptions, summary: Summary) -> None:
-    from data_prep.report import write_report
+    from data_prep.report import write_report, write_transition_strips
 
     query = ds.state.get("query", {})
-    fp = fingerprint((ds.root / "manifest.jsonl").read_text(), (ds.root / "rejected.jsonl").read_text(), _skipped(ds), query)
+    sources = _saved_shots(ds)
+    spans = [(s["source"], s.get("transitions", [])) for s, _, _ in sources]
+    fp = fingerprint((ds.root / "manifest.jsonl").read_text(), (ds.root / "rejected.jsonl").read_text(), _skipped(ds), query,
+                     spans)  # fmt: skip
     if ds.state.get("report_fp") == fp and (ds.root / "report.html").is_file():
         return
-    write_report(ds.root, _skipped(ds), progress=opts.progress, query=query)
+    strips = write_transition_strips(ds.root, sources, progress=opts.progress)
+    write_report(ds.root, _skipped(ds), progress=opts.progress, query=query, transitions=strips)
     ds.state["report_fp"] = fp
     summary.report_written = True
+
+
+def _saved_shots(ds: Dataset) -> list[tuple[dict, int, str]]:
+    """(shot list as split saved it, display rotation, file-name key) of every source split for
+    this dataset."""
+    out = []
+    for path, entry in sorted(ds.state.get("split", {}).items()):
+        file = ds.shot_dir / entry["file"]
+        if file.is_file():
+            rotation = ds.state["probe"].get(path, {}).get("result", {}).get("rotation", 0)
+            out.append((json.loads(file.read_text()), rotation, file.stem))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

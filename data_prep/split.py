@@ -9,7 +9,6 @@ decode order, so a shot boundary and a clip boundary always agree.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import asdict, dataclass, field
 
 import av
@@ -17,14 +16,16 @@ import av
 from data_prep.probe import ProbeResult
 
 # Detect on frames about 128 px wide (PySceneDetect's SceneManager uses 256; at 128 the detectors
-# do a quarter of the work and every sample video's cuts and transitions are the same). swscale
-# does the resize during the colour conversion, which saves converting full-size frames; its
-# bilinear filter costs 0.18 ms a 720p frame against area's 0.47 with the same results here
-# (fast_bilinear aliases: a false dissolve in the synthetic sample). One VideoReformatter per file
-# keeps swscale's context between frames (VideoFrame.to_ndarray with a size builds a new one per
-# frame, which cost as much as decoding the frame).
+# do a quarter of the work and every sample video's cuts are the same). swscale does the resize
+# during the colour conversion, which saves converting full-size frames. Its area filter costs
+# 0.29 ms of CPU a 720p frame (bilinear 0.35, point 0.11) with the same cuts in every sample;
+# point sampling aliases (the content detector then finds a false cut in the synthetic sample's
+# Game of Life). One VideoReformatter per file keeps swscale's context between frames
+# (VideoFrame.to_ndarray with a size builds a new one per frame, which cost as much as decoding).
 _DETECT_WIDTH = 128
-_DETECT_INTERP = "BILINEAR"
+_DETECT_INTERP = "AREA"
+# Bumped when detection changes what it finds, so datasets split by an older version re-split.
+SPLIT_VERSION = 2
 
 
 def detect_size(width: int, height: int) -> tuple[int, int]:
@@ -61,9 +62,11 @@ class ShotList:
     frame_times: list[float] = field(repr=False)
     decode_error: str = ""
     transitions: list[tuple[int, int]] = field(default_factory=list)  # fades, dissolves: [start, end)
+    transition_kinds: list[str] = field(default_factory=list)  # "dissolve" or "fade", one per transition
 
     @property
     def cuts(self) -> list[int]:
+        """First frame of every shot after the first (after a hard cut or a transition)."""
         return [s.start_frame for s in self.shots[1:]]
 
     def to_dict(self) -> dict:
@@ -89,86 +92,6 @@ def make_detector(detector: str, threshold: float, min_shot_len: int):
     if detector == "content":
         return ContentDetector(threshold=threshold, min_scene_len=min_shot_len)
     raise ValueError(f"detector={detector!r} must be 'adaptive' or 'content'")
-
-
-class GradualTransitions:
-    """Fades to or from black and cross-dissolves, found with PySceneDetect's own detectors.
-
-    - Fades: a ThresholdDetector (mean level under ``fade_level`` of 255: true black; a dark
-      shot such as the sample's Mandelbrot sits at 11-15) marks each stretch of black; the fade
-      is that stretch plus the steady ramp of brightness into and out of it.
-    - Dissolves: a HistogramDetector and a HashDetector fed every ``span``-th frame (``span``
-      instances of each, one per phase, so frame i is compared with frame i - span, half a
-      second earlier). Over that distance a dissolve looks like a hard cut to them. A stretch
-      of such hits counts when both detectors hit (camera motion moves the hash alone, light the
-      histogram alone), hits follow and precede quiet frames, and it is at most 3 s long. Frames
-      i - span .. i of every hit are the transition, so its edges are found to within ``span``
-      frames, always on the safe side.
-
-    Feed every frame to :meth:`add`, then call :meth:`finish` with the hard cuts.
-    """
-
-    def __init__(self, rate: float, span_s: float = 0.5, fade_level: float = 4.0,
-                 hist_threshold: float = 0.4, hash_threshold: float = 0.4):  # fmt: skip
-        from scenedetect import HashDetector, HistogramDetector, ThresholdDetector
-
-        self.span = max(2, round(span_s * rate))
-        self.min_run = max(2, self.span // 3)
-        self.fade_level = fade_level
-        self.fade = ThresholdDetector(threshold=fade_level, min_scene_len=0, add_final_scene=True)
-        self.hist = [HistogramDetector(threshold=hist_threshold, min_scene_len=1) for _ in range(self.span)]
-        self.hash = [HashDetector(threshold=hash_threshold, min_scene_len=1) for _ in range(self.span)]
-        self.levels: list[float] = []
-        self.fade_marks: list[int] = []
-        self.hist_hits: set[int] = set()
-        self.hash_hits: set[int] = set()
-
-    def add(self, i: int, timecode, img) -> None:
-        """img: the detection frame [h, w, 3] uint8 BGR of frame ``i``."""
-        self.levels.append(float(img.mean()))
-        self.fade_marks += [tc.frame_num for tc in self.fade.process_frame(timecode, img)]
-        phase = i % self.span
-        self.hist_hits.update(tc.frame_num for tc in self.hist[phase].process_frame(timecode, img))
-        self.hash_hits.update(tc.frame_num for tc in self.hash[phase].process_frame(timecode, img))
-
-    def finish(self, end_timecode, hard_cuts: list[int]) -> list[tuple[int, int]]:
-        """Transitions as sorted, disjoint frame ranges [start, end) (end exclusive)."""
-        n = len(self.levels)
-        self.fade_marks += [tc.frame_num for tc in self.fade.post_process(end_timecode)]
-        ranges = [self._fade_range(m) for m in self.fade_marks if 0 <= m < n]
-        cuts = sorted(hard_cuts)
-        # a hard cut explains the hits of the `span` frames after it
-        hist, hsh = ([i for i in sorted(hits) if not _cut_in(cuts, i - self.span, i)] for hits in (self.hist_hits, self.hash_hits))
-        for a, b in merge_ranges([(i - self.span, i + 1) for i in hist + hsh], n):
-            n_hist, n_hash = (sum(a + self.span <= i < b for i in hits) for hits in (hist, hsh))
-            # both detectors, several times: motion moves the hash alone, light the histogram alone
-            both = n_hist and n_hash and n_hist + n_hash >= self.min_run
-            # a transition is a bump between two steadier stretches: seen quiet for a while on
-            # both sides (continuous motion at the start or end of a file is not), and not long
-            settled = a >= self.min_run and b <= n - self.min_run and b - a <= 6 * self.span
-            if both and settled:
-                ranges.append((a, b))
-        return merge_ranges(ranges, n)
-
-    def _fade_range(self, mark: int) -> tuple[int, int]:
-        """The black stretch around frame ``mark`` plus the brightness ramps on either side."""
-        lv, dark = self.levels, self.fade_level
-        a = b = mark
-        while a > 0 and lv[a - 1] < dark:
-            a -= 1
-        while b + 1 < len(lv) and lv[b + 1] < dark:
-            b += 1
-        while a > 0 and lv[a - 1] > lv[a] + 0.5:  # fading out: each earlier frame brighter
-            a -= 1
-        while b + 1 < len(lv) and lv[b + 1] > lv[b] + 0.5:  # fading in
-            b += 1
-        return a, b + 1
-
-
-def _cut_in(sorted_cuts: list[int], lo: int, hi: int) -> bool:
-    """Whether a cut c with lo < c <= hi is in ``sorted_cuts``."""
-    k = bisect.bisect_right(sorted_cuts, lo)
-    return k < len(sorted_cuts) and sorted_cuts[k] <= hi
 
 
 def merge_ranges(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -207,51 +130,65 @@ def detect_shots(
     threshold: float | None = None,
     min_shot_len: int = 15,
     transitions: bool = True,
+    threads: int = 0,
 ) -> ShotList:
     """Decode ``probe.path`` once and split it into shots; with ``transitions``, fades and dissolves
-    (:class:`GradualTransitions`) are boundaries too and their frames belong to no shot.
+    (:func:`data_prep.transitions.find_transitions`, on a 32 px thumbnail of every frame) are
+    boundaries too and their frames belong to no shot.
 
     A decode error part-way (a truncated file) ends the scan; the frames before it are kept and
-    ``decode_error`` says what happened.
+    ``decode_error`` says what happened. ``threads``: decoder threads (0: FFmpeg's choice; with as
+    many files decoded at once as there are cores, 1 each saves the threads' overhead, 8% of CPU).
     """
+    import cv2
+    import numpy as np
     from av.video.reformatter import VideoReformatter
     from scenedetect import FrameTimecode
+
+    from data_prep.transitions import THUMB_WIDTH, find_transitions
 
     threshold = default_threshold(detector) if threshold is None else threshold
     det = make_detector(detector, threshold, min_shot_len)
     rate = probe.fps or 25.0
-    gradual = GradualTransitions(rate) if transitions else None
     cuts: list[int] = []
     times: list[float] = []
+    thumbs: list[np.ndarray] = []
     error = ""
     with av.open(probe.path, metadata_errors="ignore") as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
         t0 = None
         reformatter = VideoReformatter()
+        size = None
         try:
             for i, frame in enumerate(container.decode(stream)):
                 t = float(frame.time) if frame.time is not None else i / rate
                 t0 = t if t0 is None else t0
                 times.append(round(t - t0, 6))
-                w, h = detect_size(frame.width, frame.height)
+                if size is None:  # from the first frame: a stream that changes size mid-way is scaled to it
+                    w, h = detect_size(frame.width, frame.height)
+                    size = (w, h, (THUMB_WIDTH, max(1, round(THUMB_WIDTH * h / w))))
+                w, h, thumb_size = size
                 img = reformatter.reformat(frame, w, h, "bgr24", interpolation=_DETECT_INTERP).to_ndarray()
-                tc = FrameTimecode(i, rate)
-                cuts += [c.frame_num for c in det.process_frame(tc, img)]
-                if gradual:
-                    gradual.add(i, tc, img)
+                cuts += [c.frame_num for c in det.process_frame(FrameTimecode(i, rate), img)]
+                if transitions:
+                    thumbs.append(cv2.resize(img, thumb_size, interpolation=cv2.INTER_AREA))
         except av.FFmpegError as err:
             error = f"decoding stopped after {len(times)} frames: {err}"
     n = len(times)
     cuts += [tc.frame_num for tc in det.post_process(FrameTimecode(n, rate))]
-    found = gradual.finish(FrameTimecode(max(0, n - 1), rate), cuts) if gradual and n else []
+    found = find_transitions(np.stack(thumbs), rate, cuts) if thumbs and len(thumbs) == n else []
     times = _monotonic(times, rate)
     step = (times[-1] - times[-2]) if n > 1 else 1.0 / rate
+    spans = [(t.start, t.end) for t in found]
     shots = [
         Shot(k, a, b, times[a], times[b] if b < n else times[-1] + step)
-        for k, (a, b) in enumerate(shot_ranges(n, cuts, found))
+        for k, (a, b) in enumerate(shot_ranges(n, cuts, spans))
     ]
-    return ShotList(probe.path, detector, threshold, min_shot_len, n, probe.fps, shots, times, error, found)
+    return ShotList(probe.path, detector, threshold, min_shot_len, n, probe.fps, shots, times, error, spans,
+                    [t.kind for t in found])
 
 
 def _monotonic(times: list[float], rate: float) -> list[float]:

@@ -60,6 +60,11 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     manifest: str | None = Field(None, description="JSONL manifest of clips (path, caption), e.g. from data_prep.")
+    dataset: str | None = Field(
+        None, description="Instead of a manifest: a Hugging Face dataset id (USER/NAME, downloaded once into "
+                          "huggingface_hub's cache) or a local folder of clips: a data_prep dataset folder or the "
+                          "videofolder layout (metadata.jsonl with file_name and caption per clip)."
+    )
     frames: int = Field(..., ge=1, le=1025, description="Frames per training clip; must fit the family rule.")
     height: int = Field(..., ge=16, le=4096, description="Clip height in pixels; a multiple of the family factor.")
     width: int = Field(..., ge=16, le=4096, description="Clip width in pixels; a multiple of the family factor.")
@@ -167,7 +172,8 @@ class MemoryConfig(_Section):
 
 
 class CacheConfig(_Section):
-    dir: str | None = Field(None, description="Latent/embedding cache folder; null = <manifest folder>/.cache.")
+    dir: str | None = Field(None, description="Latent/embedding cache folder; null = <manifest or data.dataset "
+                                              "folder>/.cache (a Hub dataset: huggingface_hub's assets folder).")
 
 
 class ValidationConfig(_Section):
@@ -270,6 +276,9 @@ def family_problems(data: dict) -> list[str]:
     if dat.get("buckets") is True and isinstance(optim.get("batch_size"), int) and optim["batch_size"] > 1:
         out.append(f"data.buckets=true trains clips of different sizes, so optim.batch_size={optim['batch_size']} "
                    f"must be 1 (raise optim.grad_accum instead)")
+    if dat.get("manifest") and dat.get("dataset"):
+        out.append(f"data.manifest={dat['manifest']!r} and data.dataset={dat['dataset']!r}: train from one of them "
+                   f"(set the other to null)")
     split, val_manifest = dat.get("validation_split"), dat.get("validation_manifest")
     if isinstance(split, (int, float)) and split > 0 and val_manifest:
         out.append(f"data.validation_split={split} and data.validation_manifest={val_manifest!r}: held-out clips come "

@@ -1,11 +1,17 @@
 """The clip manifest the trainer reads: JSONL, one clip per line, ``path`` (relative to the
 manifest's folder, or absolute) and ``caption`` required. ``data_prep`` writes it; other keys
-(frames, fps, width, height, source, shot, start/end) are kept for people and checks."""
+(frames, fps, width, height, source, shot, start/end) are kept for people and checks.
+
+``data.dataset`` names a folder of clips instead (or a Hugging Face dataset id, downloaded once into
+huggingface_hub's cache): its ``manifest.jsonl`` (a ``data_prep`` folder), else its
+``metadata.jsonl`` (the ``videofolder`` layout: ``file_name`` and ``caption`` per clip) is read the
+same way, so both reach the same cache and trainer."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from finetune.errors import DataError
@@ -41,15 +47,17 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
-    """Clips listed in ``manifest``, captions carrying ``trigger``.
+def load_manifest(manifest: str | Path | None, trigger: str = "", path_key: str = "path") -> list[Clip]:
+    """Clips listed in ``manifest``, captions carrying ``trigger``; ``path_key`` names the key that
+    holds each clip's file ("file_name" in a videofolder metadata.jsonl).
 
     Raises DataError naming the manifest and, for bad lines or missing clip files, how many
     there are and the first few, so all can be fixed in one pass.
     """
     if manifest is None:
         raise DataError("data.manifest is not set: pass data.manifest=path/to/manifest.jsonl "
-                        "(python -m data_prep prepare footage/ dataset/ writes one)")
+                        "(python -m data_prep prepare footage/ dataset/ writes one) or data.dataset=USER/NAME "
+                        "(a Hugging Face dataset) or data.dataset=path/to/clip/folder")
     manifest = Path(manifest)
     if not manifest.is_file():
         raise DataError(f"data.manifest={manifest}: file not found (python -m data_prep prepare footage/ dataset/ "
@@ -68,10 +76,11 @@ def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
         except json.JSONDecodeError as e:
             problems.append(f"line {n}: not JSON ({e.msg})")
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("caption"), str):
-            problems.append(f"line {n}: needs string keys 'path' and 'caption'")
+        if not isinstance(row, dict) or not isinstance(row.get(path_key), str) or not isinstance(row.get("caption"), str):
+            found = f" (has {', '.join(sorted(row)[:8])})" if isinstance(row, dict) else ""
+            problems.append(f"line {n}: needs string keys '{path_key}' and 'caption'{found}")
             continue
-        path = Path(row["path"])
+        path = Path(row[path_key])
         path = path if path.is_absolute() else manifest.parent / path
         if not _is_file(path):
             problems.append(f"line {n}: clip {path} not found")
@@ -83,8 +92,71 @@ def load_manifest(manifest: str | Path | None, trigger: str = "") -> list[Clip]:
         head = ", ".join(problems[:3]) + (", ..." if len(problems) > 3 else "")
         raise DataError(f"{manifest}: {len(problems)} of {len(problems) + len(clips)} entries unusable: {head}")
     if not clips:
-        raise DataError(f"{manifest}: no clips listed (one JSON object per line with 'path' and 'caption')")
+        raise DataError(f"{manifest}: no clips listed (one JSON object per line with '{path_key}' and 'caption')")
     return clips
+
+
+@lru_cache(maxsize=8)
+def resolve_dataset(dataset: str) -> tuple[Path, bool]:
+    """(local folder, whether it came from the Hub) of ``data.dataset``: an existing folder as it
+    is, else a Hub dataset id downloaded with ``huggingface_hub.snapshot_download`` (once: later
+    runs find it in the cache; HF_HUB_OFFLINE=1 uses the cache alone). Raises DataError naming
+    the value and the fix."""
+    from finetune.hub import repo_id_problem
+
+    folder = Path(dataset).expanduser()
+    if folder.is_dir():
+        return folder, False
+    if folder.exists() or repo_id_problem(dataset):
+        raise DataError(f"data.dataset={dataset!r}: not a folder of clips and not a Hub dataset id USER/NAME "
+                        f"(python -m data_prep prepare footage/ dataset/ makes a folder; push shares it)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(dataset, repo_type="dataset")), True
+    except RepositoryNotFoundError:
+        raise DataError(f"data.dataset={dataset}: no such dataset on the Hub, or it is private (log in with "
+                        f"`hf auth login` or set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise DataError(f"data.dataset={dataset}: not in the local cache and the Hub cannot be reached (offline?); "
+                        f"connect once to download it, or point data.dataset at a local folder") from None
+    except HfHubHTTPError as e:
+        raise DataError(f"data.dataset={dataset}: download failed ({str(e).splitlines()[0]})") from None
+
+
+def dataset_index(dataset: str) -> tuple[Path, str]:
+    """(file listing the clips, the key naming each clip's file) of ``data.dataset``: its
+    manifest.jsonl (data_prep's), else its metadata.jsonl (videofolder). Raises DataError."""
+    folder, _ = resolve_dataset(dataset)
+    for name, key in (("manifest.jsonl", "path"), ("metadata.jsonl", "file_name")):
+        if (folder / name).is_file():
+            return folder / name, key
+    raise DataError(f"data.dataset={dataset}: {folder} has neither manifest.jsonl (python -m data_prep prepare "
+                    f"writes one) nor metadata.jsonl (a videofolder dataset: file_name and caption per clip)")
+
+
+def load_clips(manifest: str | None, dataset: str | None, trigger: str = "") -> list[Clip]:
+    """The training clips of a recipe's ``data.manifest`` or ``data.dataset`` (see
+    :func:`load_manifest`, :func:`dataset_index`). Raises DataError."""
+    if dataset and not manifest:
+        index, key = dataset_index(dataset)
+        return load_manifest(index, trigger, key)
+    return load_manifest(manifest, trigger)
+
+
+def clips_cache_dir(manifest: str | None, dataset: str | None) -> Path:
+    """Where the latent cache goes unless cache.dir says: beside the manifest or in the dataset
+    folder (``.cache``); for a Hub dataset, huggingface_hub's assets folder, not its read-only
+    download cache."""
+    if dataset and not manifest:
+        folder, from_hub = resolve_dataset(dataset)
+        if from_hub:
+            from huggingface_hub import cached_assets_path
+
+            return cached_assets_path("video-lora-studio", namespace=dataset.replace("/", "--"), subfolder="latents")
+        return folder / ".cache"
+    return Path(manifest).parent / ".cache"
 
 
 def split_validation(clips: list[Clip], fraction: float, seed: int) -> tuple[list[Clip], list[Clip]]:

@@ -59,17 +59,9 @@ class Preview:
 
 def check_repo_id(repo_id: str) -> str:
     """``USER/NAME`` as the Hub accepts it. Raises PublishError naming the fix."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from finetune.hub import repo_id_problem
 
-    problem = None
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        problem = "must be USER/NAME (or ORG/NAME)"
-    else:
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as e:
-            problem = str(e).split("\n")[0]
+    problem = repo_id_problem(repo_id)
     if problem:
         raise PublishError(f"--repo {repo_id!r}: {problem}; e.g. --repo me/my-style")
     return repo_id
@@ -141,20 +133,27 @@ def run_recipe(info: RunInfo):
 
 
 def caption_prompts(info: RunInfo, n: int = PREVIEW_PROMPTS) -> list[tuple[str, int]]:
-    """``n`` preview prompts made of the trigger word and captions of the run's training manifest:
-    (prompt, clip index) of clips with distinct captions, spread over the manifest. Raises
+    """``n`` preview prompts made of the trigger word and captions of the run's training manifest
+    (or data.dataset): (prompt, clip index) of clips with distinct captions, spread over it. Raises
     DataError if the manifest is gone or unreadable."""
-    from finetune.data import load_manifest
-    from finetune.errors import DataError
-
-    manifest = info.recipe.get("data", {}).get("manifest")
-    if not manifest or not Path(manifest).is_file():
-        raise DataError(f"data.manifest={manifest} is not there (moved or deleted since training)")
     first: dict[str, int] = {}  # caption -> first clip with it
-    for i, clip in enumerate(load_manifest(manifest, info.trigger)):
+    for i, clip in enumerate(training_clips(info)):
         first.setdefault(clip.caption, i)
     distinct = list(first.items())
     return [distinct[j * len(distinct) // n] for j in range(min(n, len(distinct)))]
+
+
+def training_clips(info: RunInfo) -> list:
+    """The run's training clips, from its data.manifest or data.dataset. Raises DataError if they
+    are gone (moved or deleted since training) or unreadable."""
+    from finetune.data import load_clips
+    from finetune.errors import DataError
+
+    d = info.recipe.get("data", {})
+    manifest, dataset = d.get("manifest"), d.get("dataset")
+    if not dataset and (not manifest or not Path(manifest).is_file()):
+        raise DataError(f"data.manifest={manifest} is not there (moved or deleted since training)")
+    return load_clips(manifest, dataset, info.trigger)
 
 
 def preview_steps(info: RunInfo, device_type: str) -> int:
@@ -203,14 +202,13 @@ def conditioning_clips(info: RunInfo, jobs: list[PreviewJob]) -> list | None:
     """The training clips the renders of an i2v or continue run start from, one per job (None when
     it needs none: t2v, or i2v with ``validation.images``). Raises DataError if the manifest or its
     clips are gone."""
-    from finetune.data import load_manifest
     from finetune.families import get_family
 
     kind = get_family(info.family).task_input(info.task)
-    v, d = info.recipe.get("validation", {}), info.recipe.get("data", {})
+    v = info.recipe.get("validation", {})
     if kind is None or (kind == "image" and v.get("images")):
         return None
-    clips = load_manifest(d.get("manifest"), info.trigger)
+    clips = training_clips(info)
     return [clips[j.clip % len(clips)] for j in jobs]
 
 
@@ -445,10 +443,11 @@ def build_folder(run_dir: str | Path, out_dir: str | Path, repo_id: str, license
 
 def require_token() -> None:
     """Raises PublishError if huggingface_hub finds no token (HF_TOKEN or a saved login)."""
-    from huggingface_hub import get_token
+    from finetune.hub import token_missing
 
-    if get_token() is None:
-        raise PublishError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a write token), then retry")
+    missing = token_missing()
+    if missing:
+        raise PublishError(missing)
 
 
 def upload(folder: Path, repo_id: str, private: bool, info: RunInfo) -> str:

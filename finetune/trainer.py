@@ -25,7 +25,7 @@ from finetune import checkpoint as ckpt
 from finetune import skips
 from finetune.cache import CacheKey, CachedDataset, build_cache, collate
 from finetune.config import Recipe
-from finetune.data import Clip, aspect_mismatches, load_manifest, split_validation
+from finetune.data import Clip, aspect_mismatches, clips_cache_dir, load_clips, load_manifest, split_validation
 from finetune.errors import DataError, TrainingDiverged
 from finetune.export import RunInfo, adapter_file_name, save_adapters, write_text_atomic
 from finetune.families.base import Expert, Family, ModelSpec
@@ -87,7 +87,7 @@ def trained_experts(recipe: Recipe, family: Family) -> list[Expert]:
 
 
 def default_cache_dir(recipe: Recipe) -> Path:
-    return Path(recipe.cache.dir) if recipe.cache.dir else Path(recipe.data.manifest).parent / ".cache"
+    return Path(recipe.cache.dir) if recipe.cache.dir else clips_cache_dir(recipe.data.manifest, recipe.data.dataset)
 
 
 def add_lora(transformer: torch.nn.Module, recipe: Recipe) -> list[torch.nn.Parameter]:
@@ -355,7 +355,7 @@ def bucket_keys(recipe: Recipe, family: Family, clips: list[Clip]) -> list[Cache
 def training_and_held_out(recipe: Recipe) -> tuple[list[Clip], list[Clip]]:
     """The clips to train on and those held out for val_loss (``data.validation_manifest``, or a
     seeded ``data.validation_split`` of the manifest). Raises DataError (manifests, split)."""
-    clips = load_manifest(recipe.data.manifest, recipe.data.trigger)
+    clips = load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)
     if recipe.data.validation_manifest:
         return clips, load_manifest(recipe.data.validation_manifest, recipe.data.trigger)
     return split_validation(clips, recipe.data.validation_split, recipe.optim.seed)
@@ -388,7 +388,7 @@ def prepare_data(recipe: Recipe, family: Family, accelerator: Accelerator) -> tu
               f"{stats.text_computed} prompts encoded, {stats.text_reused} reused"
               + (f"; {stats.damaged} damaged entries recomputed" if stats.damaged else ""))
     skipped = misfits + stats.skipped
-    warning = skips.report_skipped(skipped, total, Path(recipe.output.dir), recipe.data.manifest,
+    warning = skips.report_skipped(skipped, total, Path(recipe.output.dir), recipe.data.manifest or recipe.data.dataset,
                                    recipe.data.strict, write=accelerator.is_main_process)
     if warning:
         accelerator.print(warning)
@@ -663,10 +663,10 @@ def validation_inputs(recipe: Recipe, family: Family, clips: list[Clip] | None =
     """What each validation render of the family's task conditions on: images for i2v (see
     :func:`validation_images`); for video-conditioned tasks (continue) the first
     ``family.cond_frames`` frames of each of ``clips``, as lists of PIL images. ``clips``: the
-    training clips to start from, by default the manifest's first, one per validation prompt
+    training clips to start from, by default the first of the manifest (or data.dataset), one per validation prompt
     (publish passes those its previews' captions came from)."""
     if clips is None and not (family.task_input(family.task) == "image" and recipe.validation.images):
-        clips = load_manifest(recipe.data.manifest, recipe.data.trigger)[:len(recipe.validation.prompts)]
+        clips = load_clips(recipe.data.manifest, recipe.data.dataset, recipe.data.trigger)[:len(recipe.validation.prompts)]
     if family.task_input(family.task) == "image":
         return validation_images(recipe, clips or [])
     from finetune.video import pil_frames, read_clip

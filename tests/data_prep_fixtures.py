@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -161,25 +162,127 @@ def copy_synth(dst: Path) -> Path:
     return dst
 
 
-# Gradual transitions between two real sample clips (2 s each at 24 fps, 160x90): the frames
-# [start, end) of the transition in the output file.
-TRANSITIONS = {"dissolve.mp4": (36, 48), "fade_black.mp4": (36, 60)}
+# ---------------------------------------------------------------------------------------------
+# Footage with gradual transitions at frames known exactly: real sample shots joined with ffmpeg's
+# xfade (cross-dissolves) and fade (to black and back) filters, and the same edit made of solid
+# colours, whose frames say exactly which frames mix two shots.
+
+COMPOSE_FPS = 24
+COMPOSE_SIZE = (320, 180)
+# Shots of the sample videos: (file in tests/assets, first frame, frames available at 24 fps).
+SHOTS = {
+    "bunny": ("bigbuckbunny.mp4", 0, 126),
+    "pad": ("oa4_launch.webm", 0, 74),
+    "rocket": ("oa4_launch.webm", 74, 120),
+    "city": ("city_cc0.mp4", 0, 111),
+    "towers": ("city_cc0.mp4", 116, 70),
+}
+_COLOURS = ["0xC83C28", "0x28B45A", "0x3250DC", "0xDCC832", "0xB432C8", "0x32C8C8"]
 
 
-def write_transition(path: Path, kind: str) -> Path:
-    """Big Buck Bunny (2 s) then the rocket launch (2 s) joined by an ffmpeg ``xfade`` dissolve of
-    12 frames starting at frame 36 ("dissolve"), or by ``fade`` out to black over frames 36-47 and
-    in from black over 48-59 ("fade"). Made with the imageio-ffmpeg binary."""
+def _segment(i: int, shot: str, n: int, colour: str | None) -> str:
+    """Filter chain making input ``i`` into ``n`` frames of ``shot`` (or of a solid colour)."""
+    w, h = COMPOSE_SIZE
+    if colour is not None:
+        return f"color=c={colour}:s={w}x{h}:r={COMPOSE_FPS},trim=end_frame={n},setpts=PTS-STARTPTS,settb=1/{COMPOSE_FPS},format=yuv444p"
+    first = SHOTS[shot][1]
+    # fps first: 25 fps sources are resampled before the frames are counted
+    return (f"[{i}:v]fps={COMPOSE_FPS},trim=start_frame={first}:end_frame={first + n},setpts=PTS-STARTPTS,"
+            f"settb=1/{COMPOSE_FPS},scale={w}:{h},setsar=1,format=yuv444p")
+
+
+def compose_graph(parts: list, solid: bool = False) -> tuple[str, list[str]]:
+    """An ffmpeg filter graph for ``parts``: ``[(shot, frames), join, (shot, frames), join, ...]``
+    where a join is ``("cut",)``, ``("dissolve", L)`` (xfade over L frames, the two shots
+    overlapping by L) or ``("fade", out, black, in)`` (fade to black over ``out`` frames,
+    ``black`` frames of black, fade in over ``in``). Returns (graph, input files)."""
+    shots = parts[0::2]
+    joins = parts[1::2]
+    files = sorted({SHOTS[s][0] for s, _ in shots})
+    chains = [_segment(files.index(SHOTS[s][0]), s, n, _COLOURS[k] if solid else None) + f"[s{k}]"
+              for k, (s, n) in enumerate(shots)]
+    cur, length = "s0", shots[0][1]
+    w, h = COMPOSE_SIZE
+    for k, (join, (_, n)) in enumerate(zip(joins, shots[1:]), start=1):
+        nxt, out = f"s{k}", f"j{k}"
+        if join[0] == "cut":
+            chains.append(f"[{cur}][{nxt}]concat=n=2:v=1,settb=1/{COMPOSE_FPS}[{out}]")
+            length += n
+        elif join[0] == "dissolve":
+            lap = join[1]
+            chains.append(f"[{cur}][{nxt}]xfade=transition=fade:duration={lap / COMPOSE_FPS}:"
+                          f"offset={(length - lap) / COMPOSE_FPS}[{out}]")
+            length += n - lap
+        elif join[0] == "fade":
+            n_out, black, n_in = join[1:]
+            chains.append(f"[{cur}]fade=t=out:s={length - n_out}:n={n_out}[o{k}]")
+            chains.append(f"color=c=black:s={w}x{h}:r={COMPOSE_FPS},trim=end_frame={max(black, 1)},"
+                          f"setpts=PTS-STARTPTS,settb=1/{COMPOSE_FPS},format=yuv444p[b{k}]")
+            chains.append(f"[{nxt}]fade=t=in:s=0:n={n_in}[i{k}]")
+            if black:
+                chains.append(f"[o{k}][b{k}][i{k}]concat=n=3:v=1,settb=1/{COMPOSE_FPS}[{out}]")
+            else:
+                chains.append(f"[b{k}]nullsink;[o{k}][i{k}]concat=n=2:v=1,settb=1/{COMPOSE_FPS}[{out}]")
+            length += black + n
+        else:
+            raise ValueError(f"join {join!r} must be cut, dissolve or fade")
+        cur = out
+    chains.append(f"[{cur}]format=yuv420p" if not solid else f"[{cur}]null")
+    return ";".join(chains), [] if solid else [str(ASSETS / f) for f in files]
+
+
+def _ffmpeg(graph: str, inputs: list[str], out: Path, lossless: bool) -> None:
     import imageio_ffmpeg
 
-    prep = "fps=24,scale=160:90,setsar=1,trim=end_frame=48,setpts=PTS-STARTPTS"
-    if kind == "dissolve":
-        graph = f"[0:v]{prep}[a];[1:v]{prep}[b];[a][b]xfade=transition=fade:duration=0.5:offset=1.5,format=yuv420p"
-    elif kind == "fade":
-        graph = f"[0:v]{prep},fade=t=out:s=36:n=12[a];[1:v]{prep},fade=t=in:s=0:n=12[b];[a][b]concat=n=2:v=1,format=yuv420p"
-    else:
-        raise ValueError(f"kind={kind!r} must be 'dissolve' or 'fade'")
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", str(ASSETS / "bigbuckbunny.mp4"),
-           "-i", str(ASSETS / "oa4_launch.webm"), "-filter_complex", graph, "-c:v", "libx264", "-crf", "18", str(path)]  # fmt: skip
-    subprocess.run(cmd, check=True)
-    return path
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y"]
+    for f in inputs:
+        cmd += ["-i", f]
+    codec = ["-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p"] if lossless else ["-c:v", "libx264", "-crf", "18"]
+    subprocess.run(cmd + ["-filter_complex", graph, "-an", *codec, str(out)], check=True)
+
+
+def _decode_rgb(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@dataclass
+class Edit:
+    """A composed video and what is known about it: ``shots`` [start, end) of the clean frames of
+    each shot, ``transitions`` [start, end) of the frames in between (mixed or black)."""
+
+    path: Path
+    frames: int
+    shots: list[tuple[int, int]]
+    transitions: list[tuple[int, int]]
+
+
+def compose(path: Path, parts: list) -> Edit:
+    """Write the edit ``parts`` (see :func:`compose_graph`) of real sample shots to ``path`` and
+    find its exact shot and transition frames from the same edit of solid colours: a frame that
+    is exactly one shot's colour is clean, any other frame is part of a transition."""
+    _ffmpeg(*compose_graph(parts), path, lossless=False)
+    solid = path.with_name(path.stem + "_solid.mp4")
+    _ffmpeg(*compose_graph(parts, solid=True), solid, lossless=True)
+    truth = _decode_rgb(solid).astype(np.int16)
+    solid.unlink()
+    n = len(truth)
+    with av.open(str(path)) as c:
+        real = sum(1 for _ in c.decode(video=0))
+    assert real == n, f"{path.name}: {real} frames, its solid-colour twin {n}"
+    colours = [np.array([int(c[2:4], 16), int(c[4:6], 16), int(c[6:8], 16)]) for c in _COLOURS]
+    label = np.full(n, -1)
+    for i, f in enumerate(truth):
+        d = [np.abs(f - c).max() for c in colours]
+        k = int(np.argmin(d))
+        if d[k] <= 2:
+            label[i] = k
+    shots, transitions = [], []
+    i = 0
+    while i < n:
+        j = i
+        while j < n and label[j] == label[i]:
+            j += 1
+        (transitions if label[i] < 0 else shots).append((i, j))
+        i = j
+    return Edit(path, n, shots, transitions)

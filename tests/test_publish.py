@@ -1,17 +1,14 @@
 """Publishing a run folder: the dry-run repo folder (files, card metadata, previews that decode),
 named errors before any upload, and the upload itself against a local HTTP endpoint that records
-what it receives (the Hub is never contacted). CPU, offline, tiny models."""
+what it receives (tests/hub_server.py; the Hub is never contacted). CPU, offline, tiny models."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -21,12 +18,12 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from conftest import ROOT, tiny_recipe, write_clips
+from hub_server import committed_files, serve
 from finetune import trainer
 from finetune.publish import PublishError, build_folder, main
 
 TOKEN = "hf_test_DoNotLeakThis0123456789"
 PROMPTS = ["mystyle, a square", "mystyle, two squares"]
-MAX_BODY = 64 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -94,58 +91,10 @@ def test_unfinished_run_and_bad_repo_id_are_named_errors(run_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    """Answers the few Hub endpoints create_repo and upload_folder call; records every request."""
-
-    requests: list[dict] = []
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def _reply(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _record(self, body: bytes) -> None:
-        headers = {k.lower(): v for k, v in self.headers.items()}  # httpx sends lower-case names
-        self.requests.append({"method": self.command, "path": self.path, "headers": headers, "body": body})
-
-    def do_GET(self) -> None:
-        self._record(b"")
-        self._reply(404, {"error": "not found"})
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(min(length, MAX_BODY))
-        self._record(body)
-        if self.path == "/api/repos/create":
-            self._reply(200, {"url": f"http://127.0.0.1/{json.loads(body)['organization']}/x", "name": "x"})
-        elif self.path == "/api/validate-yaml":
-            self._reply(200, {"errors": [], "warnings": []})
-        elif "/preupload/" in self.path:
-            files = json.loads(body)["files"]
-            self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                        for f in files]})
-        elif "/commit/" in self.path:
-            self._reply(200, {"commitUrl": "http://127.0.0.1/me/my-style/commit/0", "commitOid": "0" * 40})
-        else:
-            self._reply(404, {"error": "not found"})
-
-
 @pytest.fixture
 def hub():
-    _Recorder.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Recorder.requests
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with serve() as (endpoint, requests):
+        yield endpoint, requests
 
 
 def test_upload_sends_the_folder_in_one_commit_and_the_token_only_as_authorization(run_dir, dry_run, hub, tmp_path):
@@ -162,8 +111,7 @@ def test_upload_sends_the_folder_in_one_commit_and_the_token_only_as_authorizati
     assert len(create) == 1 and json.loads(create[0]["body"])["visibility"] == "private"
     commits = [r for r in requests if "/commit/" in r["path"]]
     assert len(commits) == 1 and commits[0]["path"].startswith("/api/models/me/my-style/commit/")
-    lines = [json.loads(x) for x in commits[0]["body"].decode().splitlines() if x.strip()]
-    sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines if v["key"] == "file"}
+    sent = committed_files(commits[0])
     expected = {p.relative_to(dry_run).as_posix(): p for p in dry_run.rglob("*") if p.is_file()}
     assert set(sent) == set(expected)
     for name in ("pytorch_lora_weights.safetensors", "comfyui_lora.safetensors", "video_lora.json"):
@@ -340,8 +288,7 @@ def test_upload_of_a_run_without_prompts_sends_its_previews(bare_run, bare_dry_r
     assert foreign_lines(done.stderr) == []
     commits = [r for r in requests if "/commit/" in r["path"]]
     assert len(commits) == 1
-    lines = [json.loads(x) for x in commits[0]["body"].decode().splitlines() if x.strip()]
-    sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines if v["key"] == "file"}
+    sent = committed_files(commits[0])
     for name in ("previews/preview-0.mp4", "previews/preview-0.webp", "previews/preview-1.mp4",
                  "previews/preview-1.webp"):
         assert sent[name] == (bare_dry_run / name).read_bytes(), name
