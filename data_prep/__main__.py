@@ -125,9 +125,6 @@ STEPS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.errors import UserError
-
-    from data_prep.options import OptionsError
     from data_prep.pipeline import on_dataset, prepare
 
     args = vars(build_parser().parse_args(argv))
@@ -136,18 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     command, as_json = args.pop("command"), args.pop("json")
     args.pop("verbose")
     footage, dataset = args.pop("footage", None), args.pop("dataset")
-    try:
+
+    def run():
         opts = PrepOptions(**args)
         if footage is not None:
-            summary = prepare(footage, dataset, opts, steps=STEPS[command])
-        else:
-            summary = on_dataset(dataset, opts, steps=STEPS[command])
-    except OptionsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+            return prepare(footage, dataset, opts, steps=STEPS[command])
+        return on_dataset(dataset, opts, steps=STEPS[command])
+
+    summary, code = _reported(run)
+    if summary is None:
+        return code
     if command == "probe":
         _print_probe(dataset)
     elif command == "split":
@@ -163,21 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     return summary.exit_code
 
 
-def _push(args: dict) -> int:
+def _reported(work):
+    """(``work()``, EXIT_OK), or (None, the exit code) after printing a bad option or a user error
+    as one ``error:`` line."""
     from finetune.errors import UserError
 
-    from data_prep.hub import push
     from data_prep.options import OptionsError
 
     try:
-        print(push(args["dataset"], args["repo"], args["private"], args["dry_run"], args["license"]))
+        return work(), EXIT_OK
     except OptionsError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return None, EXIT_USAGE
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+        return None, EXIT_FAILED
+
+
+def _push(args: dict) -> int:
+    from data_prep.hub import push
+
+    text, code = _reported(lambda: push(args["dataset"], args["repo"], args["private"], args["dry_run"],
+                                        args["license"]))
+    if text is not None:
+        print(text)
+    return code
 
 
 def _print_probe(dataset: str) -> None:

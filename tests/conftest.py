@@ -16,6 +16,12 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread in every test, also after a test whose code set more (the demo does)."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_accelerator_state():
     """accelerate keeps one AcceleratorState per process, and its mixed precision cannot change
     once an Accelerator exists; each in-process run makes its own, so a bf16 run after an fp32 one

@@ -23,15 +23,6 @@ def clip_frames(cls) -> int:
     return cls.frame_rule.floor(FRAMES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are far too small to gain from intra-op threads, and on a shared 2-core
-    machine (``pytest -n 2``) spinning OpenMP threads can slow them down tenfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def load(case: str, seed: int = 0):
     """The tiny model of ``case`` ("family" or "family:task")."""

@@ -20,13 +20,6 @@ CLS = get_family("opensora2")
 PROMPT = "a red ball bouncing"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(task: str = "t2v", **kw):
     return CLS.load(ModelSpec("tiny", tiny=True, task=task, **kw))

@@ -15,13 +15,6 @@ from finetune.families import ModelSpec, get_family
 from finetune.families.opensora2_pipeline import describe_prompt, resolution_shift
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(task: str = "t2v"):
     fam = get_family("opensora2").load(ModelSpec("tiny", tiny=True, task=task))

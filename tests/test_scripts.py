@@ -49,17 +49,36 @@ def manifest(tmp_path_factory):
     return write_clips(tmp_path_factory.mktemp("clips"), n=2, frames=12, height=64, width=64)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", registry_cases())
-def test_accelerate_launch_then_infer(family, manifest, tmp_path):
+def in_process(script: str, argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """``script``'s main(argv) in this process, as its ``__main__`` calls it (run_main: a user error is
+    an exit code and one ``error:`` line): the same parsing and code as the command line, without a
+    new interpreter's imports."""
+    import importlib.util
+
+    from finetune.cli import run_main
+
+    name = f"_script_{Path(script).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / script)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    capsys.readouterr()
+    code = run_main(sys.modules[name].main, argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *argv], code, out, err)
+
+
+def train_then_infer(family: str, manifest: Path, tmp_path: Path, train, infer, steps: int, every: int) -> None:
+    """Train the tiny recipe of ``family`` ("family:task") for ``steps`` steps with a checkpoint every
+    ``every`` through ``train`` (argv -> CompletedProcess), check the run folder, then render through
+    ``infer`` (the task's input missing or a wrong one first: a named error)."""
     import yaml
 
     data = yaml.safe_load(tiny_recipe_path(family).read_text())["data"]
     frames, size = data["frames"], data["height"]
     assert data["width"] == size
     out = tmp_path / "run"
-    res = run([*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", *tiny_args(family, manifest, out, "optim.steps=12", "checkpoint.every=5")])
+    res = train(tiny_args(family, manifest, out, f"optim.steps={steps}", f"checkpoint.every={every}")[1:])
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("pytorch_lora_weights.safetensors", "comfyui_lora.safetensors", "video_lora.json", "recipe.yaml"):
         assert (out / name).is_file(), name
@@ -69,11 +88,12 @@ def test_accelerate_launch_then_infer(family, manifest, tmp_path):
 
     scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"loss", "lr", "grad_norm", "seconds_per_step", "peak_memory_gb"} <= set(scalars)
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000005", "step-00000010"]
+    saved = [f"step-{s:08d}" for s in range(every, steps, every)][-3:]  # checkpoint.keep_last: 3
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == saved
     info = json.loads((out / "video_lora.json").read_text())
     name, task = family.split(":")
     assert info["family"] == name and info["task"] == task and info["tiny"] and info["trigger"] == "mystyle"
-    assert info["recipe"]["optim"]["steps"] == 12
+    assert info["recipe"]["optim"]["steps"] == steps
     assert all((out / f).is_file() for f in info["adapters"].values())
 
     video = tmp_path / "lora.mp4"
@@ -82,19 +102,37 @@ def test_accelerate_launch_then_infer(family, manifest, tmp_path):
     kind = get_family(name).task_input(task)  # what the task renders from: None, "image" or "video"
     given = {"image": str(first_frame_png(manifest, tmp_path)), "video": str(manifest.parent / "clip000.mp4")}
     inputs = [f"--{kind}", given[kind]] if kind else []
-    cmd = [sys.executable, "infer.py", "--lora", f"{out}:0.8", "--prompt", "mystyle, a square", "--steps", "2",
-           "--out", str(video)]
+    args = ["--lora", f"{out}:0.8", "--prompt", "mystyle, a square", "--steps", "2", "--out", str(video)]
     if kind:  # an i2v / continuation adapter without its input is a named error, not a traceback
-        res = run(cmd)
+        res = infer(args)
         assert res.returncode == USER_ERROR_EXIT and f"--{kind} PATH is required" in res.stderr, res.stderr[-2000:]
     else:  # and a t2v one given an image
-        res = run([*cmd, "--image", given["image"]])
+        res = infer([*args, "--image", given["image"]])
         assert res.returncode == USER_ERROR_EXIT and "takes no conditioning image" in res.stderr, res.stderr[-2000:]
-    res = run([*cmd, *inputs])
+    res = infer([*args, *inputs])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"video: {video}" in res.stdout
     n, h, w, fps = probe_frames(video)
     assert (n, h, w) == (frames, size, size) and fps == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["wan:t2v", "wan:i2v"])
+def test_accelerate_launch_then_infer(family, manifest, tmp_path):
+    """The documented commands, each in its own interpreter: accelerate launch train_lora.py, then
+    python infer.py. The same for every family in-process below."""
+    launch = [*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "train_lora.py"]
+    train_then_infer(family, manifest, tmp_path, lambda argv: run([*launch, *argv]),
+                     lambda argv: run([sys.executable, "infer.py", *argv]), steps=12, every=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", registry_cases())
+def test_train_lora_then_infer_every_family(family, manifest, tmp_path, capsys):
+    """train_lora.py's and infer.py's main for every family and task, in this process."""
+    train_then_infer(family, manifest, tmp_path, lambda argv: in_process("train_lora.py", argv, capsys),
+                     lambda argv: in_process("infer.py", argv, capsys), steps=5, every=2)
 
 
 def first_frame_png(manifest: Path, folder: Path) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import zlib
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -18,6 +20,12 @@ from finetune.weights.fp8 import Fp8Unsupported, fill, fp8_layer_names, load_fp8
 
 class QuantizationUnavailable(UserError, RuntimeError):
     """Quantised frozen weights were asked for where bitsandbytes cannot run them."""
+
+
+def cache_root(family: str) -> Path:
+    """Where ``family`` keeps files it converts once (an official checkpoint as a diffusers
+    folder): ``$FINETUNE_CACHE/<family>``, default ``~/.cache/finetune/<family>``."""
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / family
 
 
 def bnb_quantization_config(spec: ModelSpec) -> diffusers.BitsAndBytesConfig | None:

@@ -42,7 +42,6 @@ is two unmasked self-attention calls, not a mask.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,7 +52,7 @@ import transformers
 from finetune.errors import UserError
 from finetune.families import register
 from finetune.families._encoders import UMT5_XXL
-from finetune.families._loading import bnb_quantization_config, from_subfolders
+from finetune.families._loading import bnb_quantization_config, cache_root, from_subfolders
 from finetune.families._tiny import refill_zero_params, tiny_t5_text
 from finetune.families._wan import WanBase
 from finetune.families.base import COND_FRAMES_KEY, Components, Family, FrameRule, FullSize, ModelSpec, Noised
@@ -82,10 +81,6 @@ KEY_MAP = KeyMap((
       for official, targets in _BLOCK_MAP.items()),
     *(Rule(targets, official) for official, targets in _TOP_LEVEL_MAP.items()),
 ))
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
 @register
@@ -162,7 +157,7 @@ class LongCatFamily(Family):
         ``spec.dtype``) under the finetune cache, so bitsandbytes can quantise it while loading.
         Returns the folder; reuses it when already there."""
         digest = hashlib.sha256(f"{spec.pretrained}@{spec.revision}:{subfolder}:{spec.dtype}".encode()).hexdigest()[:16]
-        folder = _cache_root() / "longcat" / digest
+        folder = cache_root("longcat") / digest
         if not (folder / "config.json").is_file():
             model = LongCatVideoTransformer3DModel.from_official(spec.pretrained, subfolder=subfolder,
                                                                  torch_dtype=spec.dtype, revision=spec.revision)

@@ -44,7 +44,6 @@ class; loading it is a named error.
 from __future__ import annotations
 
 import hashlib
-import os
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -57,7 +56,7 @@ import transformers
 from finetune.errors import UserError
 from finetune.families import register
 from finetune.families._encoders import CLIP_L_TEXT, T5_XXL
-from finetune.families._loading import check_quantization, load_transformer
+from finetune.families._loading import cache_root, check_quantization, load_transformer
 from finetune.families._tiny import (
     calibration_videos,
     refill_zero_params,
@@ -88,10 +87,6 @@ OFFICIAL_TRANSFORMER, OFFICIAL_VAE = "Open_Sora_v2.safetensors", "hunyuan_vae.sa
 OFFICIAL_T5, OFFICIAL_CLIP = "google/t5-v1_1-xxl", "openai/clip-vit-large-patch14"
 # official training: x_t = (1 - t) x0 + (1 - (1 - SIGMA_MIN)(1 - t)) noise
 SIGMA_MIN = 1e-5
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
 @register
@@ -154,7 +149,7 @@ class OpenSora2Family(Family):
             return OpenSora2Transformer3DModel.from_official(path, spec.dtype, fp8=spec.quantization == "fp8",
                                                              config=config)
         digest = hashlib.sha256(f"{spec.pretrained}@{spec.revision}:{spec.dtype}".encode()).hexdigest()[:16]
-        folder = _cache_root() / "opensora2" / digest
+        folder = cache_root("opensora2") / digest
         if not (folder / "config.json").is_file():
             OpenSora2Transformer3DModel.from_official(path, spec.dtype, config=config).save_pretrained(str(folder))
         return load_transformer(OpenSora2Transformer3DModel, replace(spec, pretrained=str(folder), revision=None),

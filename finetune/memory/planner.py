@@ -22,8 +22,9 @@ Phases (batch ``optim.batch_size``, the recipe's frames x height x width):
   validation  only with ``validation.prompts``: the optimizer state, which stays on the card,
               plus the largest of the models the render brings in one at a time
               (finetune/memory/render.py): each text or image encoder (none for
-              ``memory.text_encoder=cpu``, which runs in host memory), each transformer with its
-              LoRA and the traced peak of one denoising forward per classifier-free-guidance
+              ``memory.text_encoder=cpu``, which runs in host memory), each transformer's
+              frozen weights on the card (block swap stays on while rendering) with its LoRA and
+              the traced peak of one denoising forward per classifier-free-guidance
               branch, or the VAE with its decode working memory (the encode estimate, tiled as for
               caching)
 Each phase adds :data:`RUNTIME_OVERHEAD` (CUDA context, cuBLAS workspace). A plan fits a card of
@@ -301,6 +302,21 @@ def check_host(plan: Plan) -> None:
                               f"memory.activation_offload, or set memory.host_gb to the training machine's memory")
 
 
+def resident_weight_bytes(recipe: Recipe, name: str) -> int:
+    """The frozen weights of transformer ``name`` on the card: all of them, or under block swap
+    (which stays on through validation renders) all but the last N blocks, two of which come
+    back at a time (computing, prefetched)."""
+    _, _, parts = checkpoint_parts(recipe)
+    dtype, quant = DTYPES[recipe.model.dtype], recipe.model.quantization
+    wb = weight_bytes(build_meta(parts[name]), dtype, quant)
+    blocks = blocks_of(parts["transformer"], dtype, quant)
+    swap = min(recipe.memory.blocks_to_swap, blocks.total)
+    if swap:
+        out, largest = blocks.swapped(swap)
+        wb += min(2, swap) * largest - out
+    return wb
+
+
 def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], vae_work: int) -> Phase:
     """A validation render (module docstring): the optimizer state plus the largest model in
     use, each model coming to the card only while it runs."""
@@ -312,7 +328,7 @@ def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], va
     stages = {n: b for n, b in enc_bytes.items() if n != "vae" and b}
     for n in (n for n in ("transformer", "transformer_2") if n in parts):
         stages[f"{n} + LoRA + denoising ({branches} guidance branch{'es' if branches > 1 else ''}, traced)"] = \
-            weight_bytes(build_meta(parts[n]), dtype, quant) + lora + denoise
+            resident_weight_bytes(recipe, n) + lora + denoise
     if "vae" in parts:
         stages["vae + decode working memory"] = enc_bytes["vae"] + vae_work
     largest = max(stages, key=stages.get)
@@ -334,14 +350,10 @@ def training_phase(recipe: Recipe) -> tuple[Phase, StepEstimate]:
     on_card = trained[:1] if (mem.offload_idle_expert and len(names) > 1) else names
     train = Phase("training")
     blocks = blocks_of(parts["transformer"], dtype, quant)
+    swap = min(mem.blocks_to_swap, blocks.total)
     for n in on_card:
-        wb = weight_bytes(build_meta(parts[n]), dtype, quant)
-        swap = min(mem.blocks_to_swap, blocks.total)
-        if swap:  # the last N blocks leave; two of them at a time come back (computing, prefetched)
-            out, largest = blocks.swapped(swap)
-            wb += min(2, swap) * largest - out
         label = f"{n} frozen weights ({quant if quant != 'none' else _label(dtype)}"
-        train.items.append((label + (f", {swap} blocks swapped)" if swap else ")"), wb))
+        train.items.append((label + (f", {swap} blocks swapped)" if swap else ")"), resident_weight_bytes(recipe, n)))
     lora_each = {n: lora_param_count(build_meta(parts[n]), recipe.lora_targets, recipe.lora.rank) for n in trained}
     lora_params = sum(lora_each.values())
     train.items += [
