@@ -39,6 +39,9 @@ LOG_NOISE: tuple[Noise, ...] = (
     Noise("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community",
           "bitsandbytes tries to fetch an optional faster CPU 4-bit kernel from the Hub when it is imported "
           "(diffusers imports it); it falls back to its own kernel, and only AdamW8bit and nf4 on a GPU use it"),
+    Noise("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/",
+          "the same optional bitsandbytes CPU kernel, looked up with the Hub in offline mode: the kernels package "
+          "notes that it cannot check the publisher; nothing is downloaded or run because of it"),
     Noise("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `torchao` Tensor objects",
           "diffusers' torchao quantizer registers torchao classes for torch.load; this tool neither uses that "
           "quantizer (fp8 is finetune.weights.fp8) nor torch.loads torchao checkpoints"),
