@@ -343,3 +343,13 @@ def test_plan_alone_warns_of_host_memory_it_may_be_run_elsewhere(capsys):
                                    "memory.activation_offload=true", "memory.host_gb=8"])
     planner.run_planner(recipe, WAN_14B, vram=48)
     assert "warning: wan Wan-AI/Wan2.1-T2V-14B-Diffusers: the run keeps" in capsys.readouterr().out
+
+
+def test_the_frames_search_stops_at_the_tasks_shortest_clip():
+    """Shorter clips are the planner's last lever; it never tries one the task cannot train on
+    (LongCat's i2v needs a latent frame after the image: it raised ValueError from the trace)."""
+    longcat, wan = get_family("longcat"), get_family("wan")
+    assert (wan.min_frames("t2v"), wan.min_frames("i2v")) == (1, 5)
+    assert (longcat.min_frames("continue"), longcat.min_frames("continue", 5)) == (17, 9)
+    with pytest.raises(planner.DoesNotFit, match=r"the closest is .*data\.frames=5, predicted"):
+        planner.choose_overrides(load_recipe("recipes/longcat/i2v-13.6b_24gb.yaml"), 12)

@@ -284,6 +284,14 @@ class Family(ABC):
         ``"video"`` (frames to continue) or None (t2v)."""
         return TASK_INPUTS.get(task)
 
+    @classmethod
+    def min_frames(cls, task: str, cond_frames: int | None = None) -> int:
+        """The shortest clip ``task`` trains on: one frame for t2v; for i2v and continue, their
+        conditioning frames (the image; ``cond_frames``, else :attr:`default_cond_frames`) and one
+        latent frame more to generate."""
+        given = {None: 0, "image": 1}.get(cls.task_input(task), cond_frames or cls.default_cond_frames)
+        return given + cls.frame_rule.temporal_factor if given else 1
+
     @property
     def cond_frames(self) -> int:
         """Pixel frames of the conditioning video of a ``"video"``-input task: ``spec.cond_frames``,

@@ -529,8 +529,8 @@ def choose_overrides(recipe: Recipe, vram_gb: float) -> Plan:
             plan.overrides = _changed(recipe, trial)
             return plan
     rule, frames = recipe.family_cls().frame_rule, recipe.data.frames
-    floor = (recipe.model.cond_frames or 0) + rule.temporal_factor if recipe.model.task == "continue" else 1
-    shorter = list(range(frames - rule.temporal_factor, max(floor, 1) - 1, -rule.temporal_factor))
+    floor = recipe.family_cls().min_frames(recipe.model.task, recipe.model.cond_frames)
+    shorter = list(range(frames - rule.temporal_factor, floor - 1, -rule.temporal_factor))
     found = None
     lo, hi = 0, len(shorter) - 1
     while lo <= hi:  # the longest clip that fits: the peak grows with the frames, so bisect
