@@ -41,7 +41,7 @@ def tiny_as_full(monkeypatch, cls, task: str) -> dict[str, FullSize]:
     torch.manual_seed(0)
     real = cls.full_size_configs(task)[cls.model_id_for(task)]
     tiny = cls.build_tiny(task)
-    parts = {n: FullSize(type(m), _full_size_of(m).config, real[n].dtype if n in real else None)
+    parts = {n: FullSize(type(m), _full_size_of(m).config, *((real[n].dtype, real[n].block_keys) if n in real else ()))
              for n, m in _modules(tiny).items()}
     monkeypatch.setattr(cls, "full_size_configs", classmethod(lambda c, t: {c.model_id_for(t): parts}))
     # the facts a tiny build shrinks through extra are then the "full-size" facts (a learned position

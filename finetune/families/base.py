@@ -180,11 +180,18 @@ class FullSize:
     """One component of a released checkpoint as data, for the memory planner: the class the
     checkpoint loads into and the values of its ``config.json`` (the model is then built from
     them on the meta device, never with weights). ``dtype``: the dtype the family loads it in
-    when that is not the recipe's (the Wan VAE in float32); None = the recipe's."""
+    when that is not the recipe's (the Wan VAE in float32); None = the recipe's. ``block_keys``:
+    the config keys that count a transformer's repeated blocks (the planner builds it with each set
+    to 1 or 2); diffusers' names by default, a family whose transformer names them otherwise says so."""
 
     cls: type
     config: dict[str, Any]
     dtype: torch.dtype | None = None
+    block_keys: tuple[str, ...] = ("num_layers", "num_single_layers", "depth")
+
+    def block_counts(self) -> dict[str, int]:
+        """The :attr:`block_keys` this config sets to more than one block, with their values."""
+        return {k: self.config[k] for k in self.block_keys if isinstance(self.config.get(k), int) and self.config[k] > 1}
 
 
 # components.extra key of a tiny build's prompt length

@@ -181,7 +181,8 @@ class Kandinsky5Family(Family):
         Qwen2_5_VLForConditionalGeneration: text model, lm_head and vision tower) and CLIP ViT-L/14
         text."""
         return {cls.model_id_for(task): {
-            "transformer": FullSize(diffusers.Kandinsky5Transformer3DModel, dict(cls._LITE_TRANSFORMER)),
+            "transformer": FullSize(diffusers.Kandinsky5Transformer3DModel, dict(cls._LITE_TRANSFORMER),
+                                    block_keys=("num_text_blocks", "num_visual_blocks")),
             "vae": FullSize(diffusers.AutoencoderKLHunyuanVideo, {}),
             "text_encoder": FullSize(transformers.Qwen2_5_VLForConditionalGeneration, dict(
                 text_config=QWEN25_VL_7B_TEXT, vision_config=QWEN25_VL_7B_VISION, tie_word_embeddings=False)),

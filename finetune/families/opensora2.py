@@ -212,7 +212,8 @@ class OpenSora2Family(Family):
         channels, scaling 0.476986), T5-v1.1-XXL's encoder and CLIP ViT-L/14's text model (their
         well-known configs, not re-read from the hub). One checkpoint for both tasks."""
         return {cls.default_model_id: {
-            "transformer": FullSize(OpenSora2Transformer3DModel, dict(OPEN_SORA_V2_CONFIG)),
+            "transformer": FullSize(OpenSora2Transformer3DModel, dict(OPEN_SORA_V2_CONFIG),
+                                  block_keys=("depth", "depth_single_blocks")),
             "vae": FullSize(diffusers.AutoencoderKLHunyuanVideo, {}),
             "text_encoder": FullSize(transformers.T5EncoderModel, T5_XXL),
             "text_encoder_2": FullSize(transformers.CLIPTextModel, CLIP_L_TEXT)}}

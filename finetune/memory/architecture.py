@@ -30,11 +30,6 @@ QUANT_BYTES: dict[str, tuple[float, float, float]] = {
     "nf4": (0.5, 0.0, 4.0 / NF4_BLOCK),
     "fp8": (1.0, 4.0, 0.0),
 }
-# config keys that count repeated transformer blocks; the trace builds the model with each set to 1
-# (Kandinsky 5 counts its text and visual blocks as num_text_blocks / num_visual_blocks, Open-Sora 2.0
-# its double- and single-stream blocks as depth / depth_single_blocks)
-BLOCK_COUNT_KEYS = ("num_layers", "num_single_layers", "depth", "num_text_blocks", "num_visual_blocks",
-                    "depth_single_blocks")
 
 
 def _freeze(config: dict) -> str:
@@ -146,7 +141,7 @@ def blocks_of(full: FullSize, dtype: torch.dtype, quantization: str) -> Blocks:
     """The block lists that the config's block-count keys set (those that shrink to one block
     when the keys are 1), with the frozen bytes of one block of each."""
     model = build_meta(full)
-    ones = {k: 1 for k in BLOCK_COUNT_KEYS if isinstance(full.config.get(k), int) and full.config[k] > 1}
+    ones = {k: 1 for k in full.block_counts()}
     small = block_lists(build_meta(full, **ones)) if ones else {}
     counts = {n: c for n, c in block_lists(model).items() if small.get(n) == 1 and c > 1}
     each = {n: weight_bytes(model, dtype, quantization, prefix=f"{n}.0.") for n in counts}

@@ -2,7 +2,7 @@
 without memory or weights.
 
 What is traced: the family's full-size transformer config with each repeated block list cut to a
-few blocks (:data:`BLOCK_COUNT_KEYS` set to 1, then to 2 for each list in turn), built on the meta
+few blocks (``FullSize.block_keys`` set to 1, then to 2 for each list in turn), built on the meta
 device and given fake parameters in the load dtype under ``FakeTensorMode``, quantised as the
 recipe says (``finetune.weights.fp8`` on the fake weights), with the trainer's own LoRA
 (``trainer.add_lora``: fp32 masters, the recipe's targets and rank) and gradient checkpointing as
@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from finetune._quiet import held_back
 from finetune.families.base import Components, Family, FullSize, ModelSpec, Stream
-from finetune.memory.architecture import BLOCK_COUNT_KEYS, block_lists, build_meta
+from finetune.memory.architecture import block_lists, build_meta
 from finetune.memory.lora import set_emulated_autocast
 from finetune.weights.dtypes import keeps_fp32
 
@@ -399,11 +399,6 @@ class StepTrace:
     block_flops: dict[str, int]
 
 
-def block_keys(full: FullSize) -> dict[str, int]:
-    """The config keys that count repeated blocks, with their full-size values."""
-    return {k: full.config[k] for k in BLOCK_COUNT_KEYS if isinstance(full.config.get(k), int) and full.config[k] > 1}
-
-
 class _BlockMarks:
     """Forward hooks on every block of the model's block lists that note, when each block's first
     forward ends (not its recomputation in backward), the live device bytes (less autocast's cached
@@ -581,7 +576,7 @@ def step_peak(fam: type[Family], checkpoint: str, task: str, frames: int, height
     computes no gradient for frozen weights included, as they ran). ``blocks``: other block counts
     per key than the checkpoint's."""
     full = fam.full_size_configs(task)[checkpoint]["transformer"]
-    keys = {**block_keys(full), **(blocks or {})}
+    keys = {**full.block_counts(), **(blocks or {})}
     traced = {k: min(2, n) for k, n in keys.items()}
     base = trace_step(fam, checkpoint, task, frames, height, width, fps, s, tuple(sorted(traced.items())))
     full_lists = block_lists(build_meta(full, **(blocks or {})))
