@@ -94,19 +94,6 @@ def make_detector(detector: str, threshold: float, min_shot_len: int):
     raise ValueError(f"detector={detector!r} must be 'adaptive' or 'content'")
 
 
-def merge_ranges(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    """Overlapping or touching [start, end) ranges joined, clipped to [0, n), sorted."""
-    out: list[tuple[int, int]] = []
-    for a, b in sorted((max(0, a), min(n, b)) for a, b in ranges):
-        if b <= a:
-            continue
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
 def shot_ranges(n: int, cuts: list[int], transitions: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Frames [0, n) split at the hard ``cuts`` with the ``transitions`` ranges left out: the
     [start, end) range of every shot, in order."""

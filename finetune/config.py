@@ -295,8 +295,8 @@ def family_problems(data: dict) -> list[str]:
         out.append("model.weights='random' builds the full-size model from its config, model.tiny=true a tiny one "
                    "(set one of them)")
     if model.get("weights") == "random" and model.get("quantization") in ("int8", "nf4"):
-        out.append(f"model.weights='random' quantises while loading with fp8 only; int8/nf4 load through "
-                   f"bitsandbytes from the checkpoint's files (use model.quantization=fp8 or none)")
+        out.append("model.weights='random' quantises while loading with fp8 only; int8/nf4 load through "
+                   "bitsandbytes from the checkpoint's files (use model.quantization=fp8 or none)")
     if model.get("quantization", "none") not in ("none", "fp8") and model.get("tiny"):
         out.append(
             f"model.quantization={model['quantization']!r} needs real weights on a GPU (set it to none for tiny models)"

@@ -17,7 +17,7 @@ from data_prep import PrepOptions, prepare
 from data_prep.manifest import read_jsonl
 from data_prep.probe import probe_file
 from data_prep.report import strip_frames
-from data_prep.split import detect_shots, merge_ranges, shot_ranges
+from data_prep.split import detect_shots, shot_ranges
 from data_prep.transitions import find_transitions, fit_ramp, mix_weights
 
 TOL = 2  # frames, at each end
@@ -191,4 +191,3 @@ def test_shot_ranges_leave_transitions_out():
     assert shot_ranges(100, [], [(30, 40)]) == [(0, 30), (40, 100)]
     assert shot_ranges(100, [50], [(45, 55)]) == [(0, 45), (55, 100)]
     assert shot_ranges(100, [], [(0, 10), (90, 100)]) == [(10, 90)]
-    assert merge_ranges([(5, 10), (8, 12), (12, 14), (-3, 1), (99, 120)], 100) == [(0, 1), (5, 14), (99, 100)]

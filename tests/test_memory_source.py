@@ -24,9 +24,10 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from conftest import ROOT, tiny_recipe
 from finetune.config import MemoryConfig
 from finetune.families import get_family
-from finetune.families.base import ModelSpec
+from finetune.families.base import FullSize, ModelSpec
+from finetune.memory.architecture import blocks_of
 from finetune.memory import pinned, runtime
-from finetune.memory.blockswap import install_block_swap, swap_host_bytes, transformer_blocks
+from finetune.memory.blockswap import install_block_swap, transformer_blocks
 from finetune.weights.fp8 import Fp8Weight, quantize_fp8, quantize_linear
 from finetune.memory.lora import train_in_fp32
 
@@ -289,7 +290,8 @@ def test_each_swapped_block_is_one_packed_buffer_of_aligned_views():
     tr.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"]))
     originals = {n: (p.qdata.clone(), p.scale.clone()) if isinstance(p, Fp8Weight) else p.detach().clone()
                  for n, p in tr.named_parameters() if not p.requires_grad}
-    planned = swap_host_bytes(meta_wan(), 2)  # the planner's figure, from a meta-built model
+    # the planner's host line for the same config, dtype and fp8, from shapes alone
+    planned = blocks_of(FullSize(type(tr), dict(tr.config)), torch.float32, "fp8").swapped(2)[0]
     swap = install_block_swap(tr, 2, "cpu")
     total = 0
     for slots, packed in zip(swap.slots, swap.packs):

@@ -3,8 +3,6 @@ offline, overrides are deterministic and fit, and bad input gives named errors."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from finetune.families import family_names, get_family
 from finetune.families.base import Components, FullSize, ModelSpec
 from finetune.memory import planner
 from finetune.memory.architecture import build_meta, lora_param_count, weight_bytes
-from finetune.memory.trace import StepSettings, step_peak, trace_step
+from finetune.memory.trace import StepSettings, trace_step
 
 SHIPPED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*/*.yaml") if p.parent.name != "tiny")
 WAN_14B = "recipes/wan/t2v-14b_24gb.yaml"

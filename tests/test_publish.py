@@ -13,7 +13,6 @@ from pathlib import Path
 
 import av
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 

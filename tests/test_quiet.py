@@ -71,7 +71,7 @@ def test_verbose_brings_the_held_back_warnings_back(plan_quiet):
     extra = foreign_lines(loud.stderr)
     assert extra, "-v showed no third-party warning that the quiet run held back"
     known = [n for n in _quiet.LOG_NOISE if any(re.search(n.message, line) for line in extra)]
-    assert known, f"-v showed none of the held-back messages:\n" + "\n".join(extra)
+    assert known, "-v showed none of the held-back messages:\n" + "\n".join(extra)
     assert loud.stdout == plan_quiet.stdout
 
 

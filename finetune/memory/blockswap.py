@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from finetune.errors import UserError
 from finetune.memory.architecture import block_lists
 from finetune.weights.fp8 import inner_tensors
-from finetune.memory.pinned import Packed, layout, pack
+from finetune.memory.pinned import Packed, pack
 
 
 class BlockSwapError(UserError):
@@ -166,16 +166,6 @@ def _slots(block: torch.nn.Module, transfer: Transfer, where: str) -> tuple[list
     for s, (_, _, t) in zip(out, found):  # placeholders where the weights are now; they move with the model
         s.set(torch.empty(0, dtype=t.dtype, device=t.device))
     return out, packed
-
-
-def swap_host_bytes(model: torch.nn.Module, n: int) -> int:
-    """Host bytes (page-locked on a GPU) that swapping the last ``n`` blocks of ``model`` holds:
-    each block's packed buffer (:func:`finetune.memory.pinned.layout`). Reads only shapes and
-    dtypes, so ``model`` may be built on the meta device or hold fake tensors (the planner); build
-    it as it will train (fp8 applied, LoRA added: LoRA weights stay on the device)."""
-    blocks = transformer_blocks(model)
-    return sum(layout([t for _, _, t in _frozen(b, f"block {i}")])[1]
-               for i, b in enumerate(blocks[len(blocks) - n:] if n else []))
 
 
 @dataclass

@@ -104,7 +104,7 @@ class Packed:
 
 def layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
     """Offsets (multiples of :data:`ALIGN`) of ``tensors`` packed one after another, and the
-    total bytes: the exact size of their buffer. Works on meta and fake tensors (the planner)."""
+    total bytes: the exact size of their buffer."""
     offsets, total = [], 0
     for t in tensors:
         offsets.append(total)

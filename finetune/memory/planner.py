@@ -321,7 +321,7 @@ def validation_phase(recipe: Recipe, train: Phase, enc_bytes: dict[str, int], va
     """A validation render (module docstring): the optimizer state plus the largest model in
     use, each model coming to the card only while it runs."""
     fam, _, parts = checkpoint_parts(recipe)
-    dtype, quant, v = DTYPES[recipe.model.dtype], recipe.model.quantization, recipe.validation
+    v = recipe.validation
     branches = 2 if v.guidance > 1 else 1
     denoise = traced_step(recipe, train=False, batch=branches).peak
     lora = next(b for label, b in train.items if label.startswith("LoRA param"))
