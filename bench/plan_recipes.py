@@ -12,7 +12,7 @@ applied to the recipe and checked as the trainer checks it before loading (``che
 if a proposal does not re-plan as fitting or would be refused.
 
 Replan: each ``*_16gb`` / ``*_24gb`` recipe is planned from its model's native clip length
-(:data:`NATIVE_FRAMES`, or the recipe's own frames if longer) with full-precision frozen weights,
+(``Family.native_frames``, or the recipe's own frames if longer) with full-precision frozen weights,
 so the planner picks the cheapest settings that fit its card (fp8 weights, block swap, activation
 offload before fewer frames); ``--write`` puts the result into the recipe file (frames, weights,
 optimizer, memory settings; comments kept) and its description line.
@@ -28,10 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The clip lengths the released models generate by default (their pipelines' num_frames).
-NATIVE_FRAMES = {"wan": 81, "wan22": 81, "wan22_5b": 121, "hunyuanvideo15": 121, "hunyuanvideo": 129, "ltx": 121,
-                 "ltxv095": 121, "ltx2": 121, "cogvideox": 49, "cogvideox15": 81, "longcat": 93, "mochi": 163,
-                 "kandinsky5": 121, "opensora2": 129}
 CHANGED_KEYS = ("data.frames", "model.quantization", "optim.optimizer", "memory.text_encoder",
                 "memory.gradient_checkpointing", "memory.blocks_to_swap", "memory.activation_offload")
 
@@ -83,7 +79,7 @@ def replanned(path: Path):
         return None
     card = float(m.group(1))
     recipe = load_recipe(path)
-    frames = max(recipe.data.frames, NATIVE_FRAMES.get(recipe.model.family, recipe.data.frames))
+    frames = max(recipe.data.frames, recipe.family_cls().native_frames or recipe.data.frames)
     # from full-precision weights where fp8 can take over; a family without fp8 keeps its int8/nf4
     quant = "none" if recipe.family_cls().fp8_ok else recipe.model.quantization
     start = planner.apply_overrides(recipe, {"data.frames": frames, "model.quantization": quant,

@@ -155,3 +155,12 @@ def test_expert_names_are_the_familys():
     d = {"model": {"family": "wan22", "experts": ["high", "mid"]}, "data": {"frames": 9, "height": 32, "width": 32}}
     with pytest.raises(RecipeError, match=re.escape("model.experts=['high', 'mid']: list each of high, low")):
         recipe_from_dict(d)
+
+
+def test_every_family_states_a_native_clip_length_its_frame_rule_takes():
+    """The length the shipped recipes are planned at (bench/plan_recipes.py --replan)."""
+    from finetune.families import family_names, get_family
+
+    for name in family_names():
+        cls = get_family(name)
+        assert cls.native_frames and cls.frame_rule.is_valid(cls.native_frames), name

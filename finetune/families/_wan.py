@@ -121,6 +121,7 @@ class WanBase(Family):
     pipeline_class = diffusers.WanPipeline
     task_pipeline_classes: ClassVar[dict[str, type]] = {"i2v": diffusers.WanImageToVideoPipeline}
     default_fps = 16  # Wan 2.1 and the 2.2 A14B models are trained and sampled at 16 fps
+    native_frames = 81
     # umT5 context Wan was trained with (text_len=512); the pipelines pad every prompt to it.
     max_sequence_length: ClassVar[int] = 512
     # Flow shift of training noise levels (sampling shift of the model at LoRA clip sizes).

@@ -248,6 +248,9 @@ class Family(ABC):
     # expert names a recipe may list in model.experts (empty: one transformer, nothing to pick)
     expert_names: ClassVar[tuple[str, ...]] = ()
     default_fps: ClassVar[int]
+    # the clip length the released pipeline generates by default (its num_frames): what the
+    # shipped recipes are planned at (bench/plan_recipes.py --replan)
+    native_frames: ClassVar[int | None] = None
     # fewest sampling steps the family's scheduler accepts
     min_inference_steps: ClassVar[int] = 1
     # text tokens per prompt with the real text encoder; tiny builds use the shorter length they

@@ -33,6 +33,7 @@ class CogVideoXFamily(CogVideoXBase):
     default_model_id = "THUDM/CogVideoX-2b"
     task_model_ids: ClassVar[dict[str, str]] = {"i2v": "THUDM/CogVideoX-5b-I2V"}
     default_fps = 8  # CogVideoX 1.0 generates 49 frames at 8 fps (model cards)
+    native_frames = 49
     patch_size_t = None
     other_generation = ("cogvideox15", "THUDM/CogVideoX1.5-5B")
 

@@ -31,6 +31,7 @@ class CogVideoX15Family(CogVideoXBase):
     default_model_id = "THUDM/CogVideoX1.5-5B"
     task_model_ids: ClassVar[dict[str, str]] = {"i2v": "THUDM/CogVideoX1.5-5B-I2V"}
     default_fps = 16  # CogVideoX 1.5 generates 81 frames at 16 fps (model card)
+    native_frames = 81
     patch_size_t = 2
     other_generation = ("cogvideox", "THUDM/CogVideoX-5b")
 

@@ -128,6 +128,7 @@ class HunyuanVideoFamily(HunyuanVideoBase):
     task_model_ids: ClassVar[dict[str, str]] = {"i2v": "hunyuanvideo-community/HunyuanVideo-I2V"}
     task_pipeline_classes: ClassVar[dict[str, type]] = {"i2v": diffusers.HunyuanVideoImageToVideoPipeline}
     default_fps = 24  # HunyuanVideo is trained on and generates 24 fps video (model card, pipeline docs)
+    native_frames = 129
     # Llama tokens per prompt (after the template is cropped): the pipelines' default.
     max_sequence_length: ClassVar[int] = 256
     # Embedded guidance strength during training (module docstring); the pipeline multiplies by 1000 too.

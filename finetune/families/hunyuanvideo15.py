@@ -178,6 +178,7 @@ class HunyuanVideo15Family(HunyuanVideoBase):
     pipeline_class = HunyuanVideo15Pipeline
     task_pipeline_classes: ClassVar[dict[str, type]] = {"i2v": HunyuanVideo15ImageToVideoPipeline}
     default_fps = 24  # the model card and the official scripts write 24 fps videos
+    native_frames = 121
     # Qwen tokens per prompt after the system prompt is cropped: the pipelines' tokenizer_max_length.
     max_sequence_length: ClassVar[int] = 1000
     tiny_extras: ClassVar[tuple[str, ...]] = (*Family.tiny_extras, BYT5_LEN_KEY, VISION_TOKENS_KEY)

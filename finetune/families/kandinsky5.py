@@ -136,6 +136,7 @@ class Kandinsky5Family(Family):
     pipeline_class = diffusers.Kandinsky5T2VPipeline
     task_pipeline_classes: ClassVar[dict[str, type]] = {"i2v": Kandinsky5I2VPipeline}
     default_fps = 24  # the official pipelines write 24 fps videos
+    native_frames = 121
     # Qwen tokens after the system prompt: text_embedder.qwen.max_length of the official configs.
     max_sequence_length: ClassVar[int] = 256
     tiny_max_sequence_length: ClassVar[int] = 32

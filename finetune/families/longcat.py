@@ -99,6 +99,7 @@ class LongCatFamily(Family):
     tasks = ("t2v", "i2v", "continue")
     # The official demos sample and save at 15 fps (run_demo_*.py: target_fps = 15).
     default_fps = 15
+    native_frames = 93
     # umT5 tokens per prompt, padded with a mask (the official pipeline's max_sequence_length).
     max_sequence_length: ClassVar[int] = 512
     # Conditioning frames of the official continuation demo (run_demo_video_continuation.py):

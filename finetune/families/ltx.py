@@ -36,6 +36,7 @@ class LTXFamily(LTXBase):
     # LTX-Video is trained on and generates 24 fps video (model card); LTXPipeline's frame_rate
     # default is 25, so the family always passes the rate explicitly (pipeline_call_kwargs).
     default_fps = 24
+    native_frames = 121
     # The scheduler's shift_terminal stretch divides by (1 - last sigma): one step is a zero division.
     min_inference_steps = 2
 

@@ -153,6 +153,7 @@ class LTX2Family(LTXBase):
     task_pipeline_classes = {"i2v": diffusers.LTX2ImageToVideoPipeline}
     # ltx-trainer's DEFAULT_FPS and the pipeline's frame_rate default.
     default_fps = 24
+    native_frames = 121
     # The scheduler's shift_terminal stretch divides by (1 - last sigma): one step is a zero division.
     min_inference_steps = 2
     # Gemma tokens per prompt: LTX2Pipeline's max_sequence_length default.

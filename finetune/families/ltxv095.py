@@ -57,6 +57,7 @@ class LTXV095Family(LTXBase):
     tasks = ("t2v", "i2v")
     # LTX-Video-Trainer's frame rate for clips without one, and the rate it writes samples at.
     default_fps = 24
+    native_frames = 121
     # T5 tokens per prompt: LTXConditionPipeline's default and LTX-Video-Trainer's encode_prompt.
     max_sequence_length: ClassVar[int] = 256
     # --- loading ---

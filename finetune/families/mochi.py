@@ -87,6 +87,7 @@ class MochiFamily(Family):
     default_model_id = "genmo/mochi-1-preview"
     pipeline_class = diffusers.MochiPipeline
     default_fps = 30  # Mochi 1 is trained on and generates 30 fps video (model card, genmo demos)
+    native_frames = 163
     # linear_quadratic_schedule splits the steps into a linear and a quadratic half; one step
     # leaves the linear half empty (a zero division).
     min_inference_steps = 2

@@ -105,6 +105,7 @@ class OpenSora2Family(Family):
     tasks = ("t2v", "i2v")
     # The release trains at up to 24 fps (dataset fps_max) and renders at 24 (fps_save).
     default_fps = 24
+    native_frames = 129
     # T5 tokens per prompt (the official text embedder's max_length).
     max_sequence_length: ClassVar[int] = 512
 

@@ -26,6 +26,7 @@ class Wan22TI2V5BFamily(WanBase):
     default_model_id = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # one checkpoint for both tasks
     tasks = ("t2v", "i2v")
     default_fps = 24  # TI2V-5B generates 121 frames at 24 fps (5 s) at 1280x704
+    native_frames = 121
     # sample_shift of the official ti2v-5B config, also its diffusers scheduler's flow_shift
     train_flow_shift: ClassVar[float] = 5.0
     i2v_kind = "first_frame"
